@@ -1,0 +1,290 @@
+//! Tensor-op implementations of the Mamba operations: the semantics every kernel must reproduce.
+//!
+//! They follow `selective_scan_ref` (state-spaces/mamba) and `causal_conv1d_ref`
+//! (Dao-AILab/causal-conv1d) literally, with the state and all accumulation in f32 whatever the
+//! input dtype. They run on any backend, including `Autodiff<B>`, which differentiates them.
+
+use burn::tensor::{activation, backend::Backend, DType, Tensor};
+
+use crate::{CausalConv1dInput, SelectiveScanInput, SelectiveScanOutput};
+
+/// Positions whose `[batch, d_inner, chunk, d_state]` discretised terms are built at once.
+///
+/// Bounds the scan's scratch memory by the chunk instead of the sequence length.
+const SCAN_CHUNK: usize = 128;
+
+/// `softplus` with PyTorch's threshold: `x` above 20, `log1p(exp(x))` below.
+///
+/// Burn's `softplus` has no threshold and overflows to infinity for large inputs.
+pub fn softplus<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let above = x.clone().greater_elem(20.0);
+    let soft = x.clone().clamp_max(20.0).exp().log1p();
+    soft.mask_where(above, x)
+}
+
+/// Sequential selective scan: `h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t`, `y_t = C_t . h_t + D u_t`,
+/// gated by `silu(z)`.
+pub fn selective_scan<B: Backend>(input: SelectiveScanInput<B>) -> SelectiveScanOutput<B> {
+    let SelectiveScanInput {
+        u,
+        delta,
+        a,
+        b,
+        c,
+        d,
+        z,
+        delta_bias,
+        delta_softplus,
+        initial_state,
+    } = input;
+    let out_dtype = u.dtype();
+    let [batch, d_inner, len] = u.dims();
+    let d_state = a.dims()[1];
+    let device = u.device();
+    let f32 = DType::F32;
+
+    let u = u.cast(f32);
+    let mut delta = delta.cast(f32);
+    if let Some(bias) = delta_bias {
+        delta = delta + bias.cast(f32).reshape([1, d_inner, 1]);
+    }
+    if delta_softplus {
+        delta = softplus(delta);
+    }
+    let a = a.cast(f32).reshape([1, d_inner, 1, d_state]);
+    let b = b.cast(f32);
+    let c = c.cast(f32);
+
+    let mut state = match initial_state {
+        Some(s) => s.cast(f32),
+        None => Tensor::zeros([batch, d_inner, d_state], (&device, f32)),
+    };
+    let delta_u = delta.clone() * u.clone();
+    let mut ys = Vec::with_capacity(len);
+    let mut start = 0;
+    while start < len {
+        let n = SCAN_CHUNK.min(len - start);
+        // [batch, d_inner, n, d_state]
+        let delta_a = (delta.clone().narrow(2, start, n).unsqueeze_dim::<4>(3) * a.clone()).exp();
+        // [batch, n, d_state] -> broadcast over d_inner later
+        let b_chunk = b.clone().narrow(2, start, n).swap_dims(1, 2);
+        let c_chunk = c.clone().narrow(2, start, n).swap_dims(1, 2);
+        let du_chunk = delta_u.clone().narrow(2, start, n);
+        for t in 0..n {
+            let da = delta_a.clone().narrow(2, t, 1).reshape([batch, d_inner, d_state]);
+            let bt = b_chunk.clone().narrow(1, t, 1); // [batch, 1, d_state]
+            let ct = c_chunk.clone().narrow(1, t, 1);
+            let dut = du_chunk.clone().narrow(2, t, 1); // [batch, d_inner, 1]
+            state = state * da + dut * bt;
+            ys.push((state.clone() * ct).sum_dim(2)); // [batch, d_inner, 1]
+        }
+        start += n;
+    }
+    let mut y = Tensor::cat(ys, 2) + u.clone() * d.cast(f32).reshape([1, d_inner, 1]);
+    if let Some(z) = z {
+        y = y * activation::silu(z.cast(f32));
+    }
+    SelectiveScanOutput {
+        y: y.cast(out_dtype),
+        last_state: state,
+    }
+}
+
+/// Depthwise causal convolution: `y[t] = bias + sum_k w[k] * x[t - (K-1) + k]`, with the inputs
+/// before `x` taken from `initial_state` (zeros when absent), then optional SiLU.
+pub fn causal_conv1d<B: Backend>(input: CausalConv1dInput<B>) -> Tensor<B, 3> {
+    let CausalConv1dInput {
+        x,
+        weight,
+        bias,
+        initial_state,
+        silu,
+    } = input;
+    let [batch, channels, len] = x.dims();
+    let width = weight.dims()[1];
+    let dtype = x.dtype();
+    let f32 = DType::F32;
+    let x = x.cast(f32);
+    let padded = if width > 1 {
+        let prefix = match initial_state {
+            Some(s) => s.cast(f32),
+            None => Tensor::zeros([batch, channels, width - 1], (&x.device(), f32)),
+        };
+        Tensor::cat(vec![prefix, x], 2)
+    } else {
+        x
+    };
+    let weight = weight.cast(f32);
+    let mut y = padded.clone().narrow(2, 0, len) * weight.clone().narrow(1, 0, 1).reshape([1, channels, 1]);
+    for k in 1..width {
+        y = y + padded.clone().narrow(2, k, len) * weight.clone().narrow(1, k, 1).reshape([1, channels, 1]);
+    }
+    if let Some(bias) = bias {
+        y = y + bias.cast(f32).reshape([1, channels, 1]);
+    }
+    if silu {
+        y = activation::silu(y);
+    }
+    y.cast(dtype)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+    use burn::tensor::{Distribution, TensorData, Tolerance};
+
+    type B = NdArray<f32>;
+
+    /// A scalar, loop-by-loop implementation to check the tensor-op one against.
+    fn naive_scan(
+        u: &[f32],
+        delta: &[f32],
+        a: &[f32],
+        b: &[f32],
+        c: &[f32],
+        d: &[f32],
+        (bs, di, l, n): (usize, usize, usize, usize),
+    ) -> Vec<f32> {
+        let mut y = vec![0.0; bs * di * l];
+        for bi in 0..bs {
+            for ch in 0..di {
+                let mut h = vec![0.0f32; n];
+                for t in 0..l {
+                    let x = u[(bi * di + ch) * l + t];
+                    let dt_raw = delta[(bi * di + ch) * l + t];
+                    let dt = if dt_raw > 20.0 { dt_raw } else { dt_raw.exp().ln_1p() };
+                    let mut acc = 0.0;
+                    for s in 0..n {
+                        h[s] = (dt * a[ch * n + s]).exp() * h[s] + dt * b[(bi * n + s) * l + t] * x;
+                        acc += h[s] * c[(bi * n + s) * l + t];
+                    }
+                    y[(bi * di + ch) * l + t] = acc + d[ch] * x;
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn scan_matches_scalar_loop_and_continues_from_state() {
+        let dev = Default::default();
+        let (bs, di, l, n) = (3, 5, 137, 4);
+        let r = |s: [usize; 3]| Tensor::<B, 3>::random(s, Distribution::Normal(0.0, 1.0), &dev);
+        let u = r([bs, di, l]);
+        let delta = r([bs, di, l]);
+        let b = r([bs, n, l]);
+        let c = r([bs, n, l]);
+        let a = Tensor::<B, 2>::random([di, n], Distribution::Uniform(-3.0, -0.1), &dev);
+        let d = Tensor::<B, 1>::random([di], Distribution::Normal(1.0, 0.3), &dev);
+        let v = |t: &Tensor<B, 3>| t.to_data().to_vec::<f32>().unwrap();
+        let want = naive_scan(
+            &v(&u),
+            &v(&delta),
+            &a.to_data().to_vec::<f32>().unwrap(),
+            &v(&b),
+            &v(&c),
+            &d.to_data().to_vec::<f32>().unwrap(),
+            (bs, di, l, n),
+        );
+        let input = SelectiveScanInput {
+            u: u.clone(),
+            delta: delta.clone(),
+            a: a.clone(),
+            b: b.clone(),
+            c: c.clone(),
+            d: d.clone(),
+            z: None,
+            delta_bias: None,
+            delta_softplus: true,
+            initial_state: None,
+        };
+        let full = selective_scan(input.clone());
+        full.y
+            .to_data()
+            .assert_approx_eq::<f32>(&TensorData::new(want, [bs, di, l]), Tolerance::rel_abs(1e-5, 1e-5));
+
+        // Two halves, the second continuing from the first's state, equal the whole.
+        let split = 60;
+        let part = |t: &Tensor<B, 3>, s: usize, len: usize| t.clone().narrow(2, s, len);
+        let first = selective_scan(SelectiveScanInput {
+            u: part(&u, 0, split),
+            delta: part(&delta, 0, split),
+            b: part(&b, 0, split),
+            c: part(&c, 0, split),
+            ..input.clone()
+        });
+        let rest = l - split;
+        let second = selective_scan(SelectiveScanInput {
+            u: part(&u, split, rest),
+            delta: part(&delta, split, rest),
+            b: part(&b, split, rest),
+            c: part(&c, split, rest),
+            initial_state: Some(first.last_state),
+            ..input
+        });
+        Tensor::cat(vec![first.y, second.y], 2)
+            .to_data()
+            .assert_approx_eq::<f32>(&full.y.to_data(), Tolerance::rel_abs(1e-5, 1e-6));
+        second
+            .last_state
+            .to_data()
+            .assert_approx_eq::<f32>(&full.last_state.to_data(), Tolerance::rel_abs(1e-5, 1e-6));
+    }
+
+    #[test]
+    fn softplus_has_threshold() {
+        let dev = Default::default();
+        let x = Tensor::<B, 1>::from_floats([-30.0, 0.0, 19.0, 25.0, 1.0e4], &dev);
+        let y = softplus(x).to_data().to_vec::<f32>().unwrap();
+        assert!(y.iter().all(|v| v.is_finite()));
+        assert!((y[1] - 2f32.ln()).abs() < 1e-6);
+        assert_eq!(y[3], 25.0);
+        assert_eq!(y[4], 1.0e4);
+    }
+
+    #[test]
+    fn conv_matches_definition_and_continues_from_state() {
+        let dev = Default::default();
+        let (bs, ch, l, k) = (2, 3, 9, 4);
+        let x = Tensor::<B, 3>::random([bs, ch, l], Distribution::Normal(0.0, 1.0), &dev);
+        let w = Tensor::<B, 2>::random([ch, k], Distribution::Normal(0.0, 1.0), &dev);
+        let bias = Tensor::<B, 1>::random([ch], Distribution::Normal(0.0, 1.0), &dev);
+        let full = causal_conv1d(CausalConv1dInput {
+            x: x.clone(),
+            weight: w.clone(),
+            bias: Some(bias.clone()),
+            initial_state: None,
+            silu: false,
+        });
+        let xv = x.to_data().to_vec::<f32>().unwrap();
+        let wv = w.to_data().to_vec::<f32>().unwrap();
+        let bv = bias.to_data().to_vec::<f32>().unwrap();
+        let got = full.to_data().to_vec::<f32>().unwrap();
+        for bi in 0..bs {
+            for c in 0..ch {
+                for t in 0..l {
+                    let mut want = bv[c];
+                    for j in 0..k {
+                        let src = t as isize - (k as isize - 1) + j as isize;
+                        if src >= 0 {
+                            want += wv[c * k + j] * xv[(bi * ch + c) * l + src as usize];
+                        }
+                    }
+                    let g = got[(bi * ch + c) * l + t];
+                    assert!((g - want).abs() < 1e-5, "({bi},{c},{t}): {g} vs {want}");
+                }
+            }
+        }
+        // The second part, given the K-1 preceding inputs, equals the tail of the whole.
+        let tail = causal_conv1d(CausalConv1dInput {
+            x: x.clone().narrow(2, 5, 4),
+            weight: w,
+            bias: Some(bias),
+            initial_state: Some(x.narrow(2, 2, 3)),
+            silu: false,
+        });
+        tail.to_data()
+            .assert_approx_eq::<f32>(&full.narrow(2, 5, 4).to_data(), Tolerance::rel_abs(1e-6, 1e-6));
+    }
+}

@@ -1,0 +1,130 @@
+//! Jamba's attention (`JambaAttention`): grouped-query attention with no positional encoding
+//! (the Mamba layers before it provide position), scale `head_dim^-0.5`, softmax in f32.
+
+use burn::module::Module;
+use burn::tensor::{activation, backend::Backend, DType, Tensor};
+
+use crate::config::JambaConfig;
+use crate::error::Result;
+use crate::nn::{Export, Linear};
+use crate::weights::Weights;
+
+/// Keys and values of the positions seen so far, `[batch, kv_heads, len, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct KvCache<B: Backend> {
+    pub keys: Tensor<B, 4>,
+    pub values: Tensor<B, 4>,
+}
+
+impl<B: Backend> KvCache<B> {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.keys.dims()[2]
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// `JambaAttention`: q/k/v/o projections without bias.
+#[derive(Module, Debug)]
+pub struct JambaAttention<B: Backend> {
+    pub q_proj: Linear<B>,
+    pub k_proj: Linear<B>,
+    pub v_proj: Linear<B>,
+    pub o_proj: Linear<B>,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<B: Backend> JambaAttention<B> {
+    pub fn new(cfg: &JambaConfig, w: &mut Weights<B>, prefix: &str) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());
+        let p = |name: &str| format!("{prefix}.{name}");
+        Ok(Self {
+            q_proj: Linear::new(w, &p("q_proj"), h, nh * hd, false)?,
+            k_proj: Linear::new(w, &p("k_proj"), h, nkv * hd, false)?,
+            v_proj: Linear::new(w, &p("v_proj"), h, nkv * hd, false)?,
+            o_proj: Linear::new(w, &p("o_proj"), nh * hd, h, false)?,
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        })
+    }
+
+    /// `hidden` `[batch, len, hidden]`. `mask` `[batch, 1, len, past + len]` is true where a query may
+    /// not look (future or padding). With `cache`, the new keys and values are appended to it and the
+    /// queries attend to everything cached.
+    pub fn forward(
+        &self,
+        hidden: Tensor<B, 3>,
+        mask: Option<&Tensor<B, 4, burn::tensor::Bool>>,
+        cache: Option<&mut KvCache<B>>,
+    ) -> Tensor<B, 3> {
+        let [batch, len, _] = hidden.dims();
+        let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, len, n, hd]).swap_dims(1, 2);
+        let q = heads(self.q_proj.forward(hidden.clone()), nh);
+        let mut k = heads(self.k_proj.forward(hidden.clone()), nkv);
+        let mut v = heads(self.v_proj.forward(hidden), nkv);
+        if let Some(cache) = cache {
+            if !cache.is_empty() {
+                k = Tensor::cat(vec![cache.keys.clone(), k], 2);
+                v = Tensor::cat(vec![cache.values.clone(), v], 2);
+            }
+            cache.keys = k.clone();
+            cache.values = v.clone();
+        }
+        let out = attend(q, repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv), mask, hd);
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([batch, len, nh * hd]))
+    }
+
+    pub(crate) fn export(&self, prefix: &str, out: &mut Export) {
+        self.q_proj.export(&format!("{prefix}.q_proj"), out);
+        self.k_proj.export(&format!("{prefix}.k_proj"), out);
+        self.v_proj.export(&format!("{prefix}.v_proj"), out);
+        self.o_proj.export(&format!("{prefix}.o_proj"), out);
+    }
+}
+
+/// Query head `j` uses KV head `j / groups` (`repeat_interleave`, as transformers' `repeat_kv`).
+fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
+    if groups == 1 {
+        return x;
+    }
+    let [b, nkv, t, hd] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, nkv, groups, t, hd])
+        .reshape([b, nkv * groups, t, hd])
+}
+
+/// Scaled dot-product attention with the softmax in f32. A query row with every key masked (a
+/// padding position) gets a zero output, as PyTorch's SDPA gives.
+fn attend<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<&Tensor<B, 4, burn::tensor::Bool>>,
+    head_dim: usize,
+) -> Tensor<B, 4> {
+    let dtype = q.dtype();
+    let scale = (head_dim as f64).powf(-0.5);
+    let scores = q.matmul(k.swap_dims(2, 3)).cast(DType::F32).mul_scalar(scale);
+    let probs = match mask {
+        Some(mask) => {
+            let [b, h, tq, tk] = scores.dims();
+            let mask = mask.clone().expand([b, h, tq, tk]);
+            // A finite fill keeps fully masked rows (and their gradients) free of NaN.
+            let probs = activation::softmax(scores.mask_fill(mask.clone(), f32::MIN), 3);
+            let empty_rows = mask.all_dim(3);
+            probs.mask_fill(empty_rows.expand([b, h, tq, tk]), 0.0)
+        }
+        None => activation::softmax(scores, 3),
+    };
+    probs.cast(dtype).matmul(v)
+}

@@ -1,0 +1,114 @@
+//! One decoder layer: pre-norm mixer (attention or Mamba) and pre-norm feed-forward (MLP or MoE),
+//! each with a residual connection (`JambaAttentionDecoderLayer` / `JambaMambaDecoderLayer`).
+
+use burn::module::Module;
+use burn::tensor::{backend::Backend, Bool, Tensor};
+use jamba_kernels::JambaBackend;
+
+use crate::attention::{JambaAttention, KvCache};
+use crate::config::{FeedForwardKind, JambaConfig, MixerKind};
+use crate::error::Result;
+use crate::mamba::{JambaMambaMixer, MambaState};
+use crate::moe::{JambaMlp, JambaSparseMoeBlock};
+use crate::nn::{Export, RmsNorm};
+use crate::weights::Weights;
+
+/// The sequence mixer of a layer.
+#[derive(Module, Debug)]
+pub enum Mixer<B: Backend> {
+    /// `self_attn` in HF names.
+    Attention(JambaAttention<B>),
+    /// `mamba` in HF names.
+    Mamba(JambaMambaMixer<B>),
+}
+
+/// The feed-forward block of a layer (`feed_forward` in HF names).
+#[derive(Module, Debug)]
+pub enum FeedForward<B: Backend> {
+    Mlp(JambaMlp<B>),
+    Moe(JambaSparseMoeBlock<B>),
+}
+
+/// Per-layer state carried across calls.
+#[derive(Debug, Clone)]
+pub enum LayerState<B: Backend> {
+    Attention(KvCache<B>),
+    Mamba(MambaState<B>),
+}
+
+/// Masks prepared once per forward and shared by every layer.
+#[derive(Debug, Clone)]
+pub struct LayerMasks<B: Backend> {
+    /// `[batch, 1, len, past + len]`, true where attention may not look; `None` when nothing is masked.
+    pub attention: Option<Tensor<B, 4, Bool>>,
+    /// `[batch, len]` of 0/1 in the hidden dtype, for Mamba layers; `None` without padding.
+    pub padding: Option<Tensor<B, 2>>,
+}
+
+/// `JambaAttentionDecoderLayer` or `JambaMambaDecoderLayer`.
+#[derive(Module, Debug)]
+pub struct JambaDecoderLayer<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub mixer: Mixer<B>,
+    pub pre_ff_layernorm: RmsNorm<B>,
+    pub feed_forward: FeedForward<B>,
+}
+
+impl<B: JambaBackend> JambaDecoderLayer<B> {
+    pub fn new(cfg: &JambaConfig, w: &mut Weights<B>, prefix: &str, index: usize) -> Result<Self> {
+        let p = |name: &str| format!("{prefix}.{name}");
+        let (h, eps) = (cfg.hidden_size, cfg.rms_norm_eps);
+        Ok(Self {
+            input_layernorm: RmsNorm::new(w, &p("input_layernorm"), h, eps)?,
+            mixer: match cfg.mixer_kind(index) {
+                MixerKind::Attention => Mixer::Attention(JambaAttention::new(cfg, w, &p("self_attn"))?),
+                MixerKind::Mamba => Mixer::Mamba(JambaMambaMixer::new(cfg, w, &p("mamba"))?),
+            },
+            pre_ff_layernorm: RmsNorm::new(w, &p("pre_ff_layernorm"), h, eps)?,
+            feed_forward: match cfg.feed_forward_kind(index) {
+                FeedForwardKind::Dense => FeedForward::Mlp(JambaMlp::new(cfg, w, &p("feed_forward"))?),
+                FeedForwardKind::Moe => FeedForward::Moe(JambaSparseMoeBlock::new(cfg, w, &p("feed_forward"))?),
+            },
+        })
+    }
+
+    /// Returns the layer output and, for MoE layers, the router logits.
+    pub fn forward(
+        &self,
+        x: Tensor<B, 3>,
+        masks: &LayerMasks<B>,
+        state: Option<&mut LayerState<B>>,
+    ) -> (Tensor<B, 3>, Option<Tensor<B, 2>>) {
+        let h = self.input_layernorm.forward(x.clone());
+        let h = match (&self.mixer, state) {
+            (Mixer::Attention(attn), Some(LayerState::Attention(kv))) => attn.forward(h, masks.attention.as_ref(), Some(kv)),
+            (Mixer::Attention(attn), None) => attn.forward(h, masks.attention.as_ref(), None),
+            (Mixer::Mamba(mamba), Some(LayerState::Mamba(s))) => mamba.forward(h, masks.padding.as_ref(), Some(s)),
+            (Mixer::Mamba(mamba), None) => mamba.forward(h, masks.padding.as_ref(), None),
+            _ => unreachable!("a layer's state always matches its mixer (the cache is built from the model)"),
+        };
+        let x = x + h;
+        let h = self.pre_ff_layernorm.forward(x.clone());
+        let (h, router_logits) = match &self.feed_forward {
+            FeedForward::Mlp(mlp) => (mlp.forward(h), None),
+            FeedForward::Moe(moe) => {
+                let (out, logits) = moe.forward(h);
+                (out, Some(logits))
+            }
+        };
+        (x + h, router_logits)
+    }
+
+    pub(crate) fn export(&self, prefix: &str, out: &mut Export) {
+        self.input_layernorm.export(&format!("{prefix}.input_layernorm"), out);
+        match &self.mixer {
+            Mixer::Attention(a) => a.export(&format!("{prefix}.self_attn"), out),
+            Mixer::Mamba(m) => m.export(&format!("{prefix}.mamba"), out),
+        }
+        self.pre_ff_layernorm.export(&format!("{prefix}.pre_ff_layernorm"), out);
+        match &self.feed_forward {
+            FeedForward::Mlp(m) => m.export(&format!("{prefix}.feed_forward"), out),
+            FeedForward::Moe(m) => m.export(&format!("{prefix}.feed_forward"), out),
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The Mamba mixer of Jamba (`JambaMambaMixer`): Mamba-1 with RMSNorms on dt, B and C.
+//!
+//! ```text
+//! x, z  = in_proj(h)                      (split in two halves of d_inner)
+//! x     = silu(causal_conv1d(x))          (depthwise, width d_conv)
+//! dt, B, C = x_proj(x)                    (split [dt_rank | d_state | d_state])
+//! dt, B, C = rmsnorm(dt), rmsnorm(B), rmsnorm(C)      (the paper's stabilising norms)
+//! dt    = dt_proj.weight @ dt             (its bias is added inside the scan, before softplus)
+//! y     = selective_scan(x, dt, A = -exp(A_log), B, C, D, z)
+//! out   = out_proj(y)
+//! ```
+
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, DType, Tensor};
+use jamba_kernels::{CausalConv1dInput, JambaBackend, SelectiveScanInput};
+
+use crate::config::JambaConfig;
+use crate::error::Result;
+use crate::nn::{export_param, Export, Linear, RmsNorm};
+use crate::weights::{Init, Weights};
+
+/// What a Mamba layer carries from one call to the next: the last `d_conv - 1` conv inputs and the
+/// SSM state (always f32).
+#[derive(Debug, Clone)]
+pub struct MambaState<B: Backend> {
+    /// `[batch, d_inner, d_conv - 1]`, the pre-conv inputs preceding the next position.
+    pub conv: Tensor<B, 3>,
+    /// `[batch, d_inner, d_state]`, f32.
+    pub ssm: Tensor<B, 3>,
+}
+
+/// Depthwise causal conv1d weights, `conv1d.weight` `[d_inner, 1, d_conv]` as in PyTorch.
+#[derive(Module, Debug)]
+pub struct DepthwiseConv1d<B: Backend> {
+    pub weight: Param<Tensor<B, 3>>,
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+/// `JambaMambaMixer`. Field names are the HF parameter names (`A_log` -> `a_log`, `D` -> `d`).
+#[derive(Module, Debug)]
+pub struct JambaMambaMixer<B: Backend> {
+    pub in_proj: Linear<B>,
+    pub conv1d: DepthwiseConv1d<B>,
+    pub x_proj: Linear<B>,
+    pub dt_proj: Linear<B>,
+    pub a_log: Param<Tensor<B, 2>>,
+    pub d: Param<Tensor<B, 1>>,
+    pub out_proj: Linear<B>,
+    pub dt_layernorm: RmsNorm<B>,
+    pub b_layernorm: RmsNorm<B>,
+    pub c_layernorm: RmsNorm<B>,
+    pub d_inner: usize,
+    pub d_state: usize,
+    pub d_conv: usize,
+    pub dt_rank: usize,
+}
+
+impl<B: JambaBackend> JambaMambaMixer<B> {
+    pub fn new(cfg: &JambaConfig, w: &mut Weights<B>, prefix: &str) -> Result<Self> {
+        let h = cfg.hidden_size;
+        let di = cfg.mamba_d_inner();
+        let n = cfg.mamba_d_state;
+        let r = cfg.dt_rank();
+        let k = cfg.mamba_d_conv;
+        let eps = cfg.rms_norm_eps;
+        let p = |name: &str| format!("{prefix}.{name}");
+        Ok(Self {
+            in_proj: Linear::new(w, &p("in_proj"), h, 2 * di, cfg.mamba_proj_bias)?,
+            conv1d: DepthwiseConv1d {
+                weight: w.param(&p("conv1d.weight"), [di, 1, k], Init::Normal)?,
+                bias: if cfg.mamba_conv_bias {
+                    Some(w.param(&p("conv1d.bias"), [di], Init::Zeros)?)
+                } else {
+                    None
+                },
+            },
+            x_proj: Linear::new(w, &p("x_proj"), di, r + 2 * n, false)?,
+            dt_proj: Linear::new(w, &p("dt_proj"), r, di, true)?,
+            a_log: w.param(&p("A_log"), [di, n], Init::ALog)?,
+            d: w.param(&p("D"), [di], Init::Ones)?,
+            out_proj: Linear::new(w, &p("out_proj"), di, h, cfg.mamba_proj_bias)?,
+            dt_layernorm: RmsNorm::new(w, &p("dt_layernorm"), r, eps)?,
+            b_layernorm: RmsNorm::new(w, &p("b_layernorm"), n, eps)?,
+            c_layernorm: RmsNorm::new(w, &p("c_layernorm"), n, eps)?,
+            d_inner: di,
+            d_state: n,
+            d_conv: k,
+            dt_rank: r,
+        })
+    }
+
+    /// An empty state (zeros) for `batch` sequences.
+    pub fn empty_state(&self, batch: usize, dtype: DType, device: &B::Device) -> MambaState<B> {
+        MambaState {
+            conv: Tensor::zeros([batch, self.d_inner, self.d_conv - 1], (device, dtype)),
+            ssm: Tensor::zeros([batch, self.d_inner, self.d_state], (device, DType::F32)),
+        }
+    }
+
+    /// `hidden` `[batch, len, hidden]`; `mask` `[batch, len]` of 0/1 in the hidden dtype (padded
+    /// positions are zeroed before in_proj and after the conv, as in transformers). With `state`,
+    /// the call continues from it and leaves the state after its last position there.
+    pub fn forward(
+        &self,
+        hidden: Tensor<B, 3>,
+        mask: Option<&Tensor<B, 2>>,
+        state: Option<&mut MambaState<B>>,
+    ) -> Tensor<B, 3> {
+        let [batch, len, _] = hidden.dims();
+        let (di, n, r, k) = (self.d_inner, self.d_state, self.dt_rank, self.d_conv);
+        let hidden = match mask {
+            Some(m) => hidden * m.clone().unsqueeze_dim::<3>(2),
+            None => hidden,
+        };
+        let xz = self.in_proj.forward(hidden).swap_dims(1, 2); // [batch, 2*di, len]
+        let x = xz.clone().narrow(1, 0, di);
+        let z = xz.narrow(1, di, di);
+
+        let (conv_state, ssm_state) = match &state {
+            Some(s) => (Some(s.conv.clone()), Some(s.ssm.clone())),
+            None => (None, None),
+        };
+        let next_conv = state.as_ref().map(|_| last_inputs(conv_state.clone(), x.clone(), k - 1));
+        let x = B::causal_conv1d(CausalConv1dInput {
+            x,
+            weight: self.conv1d.weight.val().reshape([di, k]),
+            bias: self.conv1d.bias.as_ref().map(|b| b.val()),
+            initial_state: conv_state,
+            silu: true,
+        });
+        let x = match mask {
+            Some(m) => x * m.clone().unsqueeze_dim::<3>(1),
+            None => x,
+        };
+
+        let ssm_params = self.x_proj.forward(x.clone().swap_dims(1, 2)); // [batch, len, r + 2n]
+        let dt = self.dt_layernorm.forward(ssm_params.clone().narrow(2, 0, r));
+        let b = self.b_layernorm.forward(ssm_params.clone().narrow(2, r, n));
+        let c = self.c_layernorm.forward(ssm_params.narrow(2, r + n, n));
+        let dt = burn::tensor::module::linear(dt, self.dt_proj.weight.val().transpose(), None);
+
+        let a = self.a_log.val().cast(DType::F32).exp().neg();
+        let out = B::selective_scan(SelectiveScanInput {
+            u: x,
+            delta: dt.swap_dims(1, 2),
+            a,
+            b: b.swap_dims(1, 2),
+            c: c.swap_dims(1, 2),
+            d: self.d.val().cast(DType::F32),
+            z: Some(z),
+            delta_bias: self.dt_proj.bias.as_ref().map(|b| b.val().cast(DType::F32)),
+            delta_softplus: true,
+            initial_state: ssm_state,
+        });
+        if let (Some(s), Some(conv)) = (state, next_conv) {
+            s.conv = conv;
+            s.ssm = out.last_state;
+        }
+        debug_assert_eq!(out.y.dims(), [batch, di, len]);
+        self.out_proj.forward(out.y.swap_dims(1, 2))
+    }
+
+    pub(crate) fn export(&self, prefix: &str, out: &mut Export) {
+        self.in_proj.export(&format!("{prefix}.in_proj"), out);
+        export_param(out, format!("{prefix}.conv1d.weight"), &self.conv1d.weight);
+        if let Some(b) = &self.conv1d.bias {
+            export_param(out, format!("{prefix}.conv1d.bias"), b);
+        }
+        self.x_proj.export(&format!("{prefix}.x_proj"), out);
+        self.dt_proj.export(&format!("{prefix}.dt_proj"), out);
+        export_param(out, format!("{prefix}.A_log"), &self.a_log);
+        export_param(out, format!("{prefix}.D"), &self.d);
+        self.out_proj.export(&format!("{prefix}.out_proj"), out);
+        self.dt_layernorm.export(&format!("{prefix}.dt_layernorm"), out);
+        self.b_layernorm.export(&format!("{prefix}.b_layernorm"), out);
+        self.c_layernorm.export(&format!("{prefix}.c_layernorm"), out);
+    }
+}
+
+/// The last `keep` positions of `previous ++ x` along time (`previous` being zeros when absent).
+fn last_inputs<B: Backend>(previous: Option<Tensor<B, 3>>, x: Tensor<B, 3>, keep: usize) -> Tensor<B, 3> {
+    let [batch, channels, len] = x.dims();
+    let previous = previous.unwrap_or_else(|| Tensor::zeros([batch, channels, keep], (&x.device(), x.dtype())));
+    let joined = Tensor::cat(vec![previous, x], 2);
+    joined.narrow(2, len, keep)
+}

@@ -1,0 +1,387 @@
+//! The whole model: `JambaModel` (embeddings, decoder layers, final norm) and `JambaForCausalLM`
+//! (plus the LM head), with checkpoint loading and saving in the Hugging Face layout.
+
+use std::path::Path;
+
+use burn::module::{Module, Param};
+use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
+use jamba_kernels::JambaBackend;
+
+use crate::attention::KvCache;
+use crate::checkpoint::{write_atomic, write_safetensors, Checkpoint, WEIGHTS_FILE};
+use crate::config::JambaConfig;
+use crate::error::{JambaError, Result};
+use crate::layer::{JambaDecoderLayer, LayerMasks, LayerState, Mixer};
+use crate::nn::{export_param, Export, Linear, RmsNorm};
+use crate::weights::{Init, Weights};
+
+/// A batch of token ids on the host, row-major `[batch, len]`, with an optional 0/1 attention mask
+/// (0 marks padding, which Jamba expects on the left).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenBatch {
+    pub ids: Vec<i64>,
+    pub batch: usize,
+    pub len: usize,
+    pub attention_mask: Option<Vec<i64>>,
+}
+
+impl TokenBatch {
+    /// One unpadded sequence.
+    pub fn single(ids: &[i64]) -> Self {
+        Self {
+            ids: ids.to_vec(),
+            batch: 1,
+            len: ids.len(),
+            attention_mask: None,
+        }
+    }
+
+    /// A `[batch, len]` batch; fails if the sizes disagree.
+    pub fn new(ids: Vec<i64>, batch: usize, len: usize, attention_mask: Option<Vec<i64>>) -> Result<Self> {
+        if ids.len() != batch * len {
+            return Err(JambaError::bad_input(
+                "input_ids",
+                format!("{} ids do not make a [{batch}, {len}] batch", ids.len()),
+            ));
+        }
+        if let Some(m) = &attention_mask {
+            if m.len() != ids.len() {
+                return Err(JambaError::bad_input(
+                    "attention_mask",
+                    format!("{} values for {} ids", m.len(), ids.len()),
+                ));
+            }
+            if let Some(v) = m.iter().find(|v| **v != 0 && **v != 1) {
+                return Err(JambaError::bad_input("attention_mask", format!("values must be 0 or 1, found {v}")));
+            }
+        }
+        Ok(Self {
+            ids,
+            batch,
+            len,
+            attention_mask,
+        })
+    }
+
+    /// Whether any position is masked.
+    pub fn has_padding(&self) -> bool {
+        self.attention_mask.as_ref().is_some_and(|m| m.contains(&0))
+    }
+}
+
+/// What a forward pass returns.
+#[derive(Debug, Clone)]
+pub struct JambaOutput<B: Backend> {
+    /// `[batch, len, vocab]`.
+    pub logits: Tensor<B, 3>,
+    /// With `output_hidden_states`: the input of each layer, then the output of the final norm.
+    pub hidden_states: Vec<Tensor<B, 3>>,
+    /// The router logits `[batch * len, experts]` of each MoE layer, in layer order.
+    pub router_logits: Vec<Tensor<B, 2>>,
+}
+
+/// Per-layer state of a generation: KV caches for attention layers, conv and SSM states for Mamba
+/// layers (only the attention caches grow with the length).
+#[derive(Debug, Clone)]
+pub struct HybridCache<B: Backend> {
+    pub layers: Vec<LayerState<B>>,
+    /// `[batch, past]`, true at padded positions already consumed.
+    pub padding: Option<Tensor<B, 2, Bool>>,
+    /// Positions consumed so far.
+    pub seq_len: usize,
+    pub batch: usize,
+}
+
+/// `JambaModel`: embeddings, the decoder layers and the final norm.
+#[derive(Module, Debug)]
+pub struct JambaModel<B: Backend> {
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<JambaDecoderLayer<B>>,
+    pub final_layernorm: RmsNorm<B>,
+}
+
+/// `JambaForCausalLM`: the model and its LM head (`None` when tied to the embeddings).
+#[derive(Module, Debug)]
+pub struct JambaForCausalLM<B: Backend> {
+    pub model: JambaModel<B>,
+    pub lm_head: Option<Linear<B>>,
+    pub config: JambaConfig,
+}
+
+impl<B: JambaBackend> JambaForCausalLM<B> {
+    /// A fresh model with transformers' initialisation, parameters in `dtype`.
+    pub fn init(config: &JambaConfig, device: &B::Device, dtype: DType) -> Result<Self> {
+        config.validate()?;
+        check_dtype::<B>(device, dtype)?;
+        let mut w = Weights::random(config.initializer_range, device, dtype);
+        Self::build(config, &mut w)
+    }
+
+    /// Loads `dir/config.json` and the safetensors weights (single file or sharded), in `dtype`.
+    pub fn from_pretrained(dir: impl AsRef<Path>, device: &B::Device, dtype: DType) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = JambaConfig::from_file(dir.join("config.json"))?;
+        let ckpt = Checkpoint::open_dir(dir)?;
+        Self::from_checkpoint(&config, &ckpt, device, dtype)
+    }
+
+    /// Builds the model from an open checkpoint, reading one tensor at a time.
+    pub fn from_checkpoint(config: &JambaConfig, ckpt: &Checkpoint, device: &B::Device, dtype: DType) -> Result<Self> {
+        config.validate()?;
+        check_dtype::<B>(device, dtype)?;
+        let mut w = Weights::checkpoint(ckpt, device, dtype);
+        let model = Self::build(config, &mut w)?;
+        w.finish()?;
+        Ok(model)
+    }
+
+    /// Builds every module from `w` (random or checkpoint), in HF's parameter order.
+    pub fn build(config: &JambaConfig, w: &mut Weights<B>) -> Result<Self> {
+        let (v, h) = (config.vocab_size, config.hidden_size);
+        let embed_tokens = w.param(
+            "model.embed_tokens.weight",
+            [v, h],
+            Init::Embedding {
+                pad_row: config.pad_token_id.map(|p| p as usize),
+            },
+        )?;
+        let layers = (0..config.num_hidden_layers)
+            .map(|i| JambaDecoderLayer::new(config, w, &format!("model.layers.{i}"), i))
+            .collect::<Result<Vec<_>>>()?;
+        let final_layernorm = RmsNorm::new(w, "model.final_layernorm", h, config.rms_norm_eps)?;
+        let lm_head = if config.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear::new(w, "lm_head", h, v, false)?)
+        };
+        Ok(Self {
+            model: JambaModel {
+                embed_tokens,
+                layers,
+                final_layernorm,
+            },
+            lm_head,
+            config: config.clone(),
+        })
+    }
+
+    /// The model's config.
+    pub fn config(&self) -> &JambaConfig {
+        &self.config
+    }
+
+    /// The device the parameters live on.
+    pub fn device(&self) -> B::Device {
+        self.model.embed_tokens.val().device()
+    }
+
+    /// The float dtype of the parameters.
+    pub fn dtype(&self) -> DType {
+        self.model.embed_tokens.val().dtype()
+    }
+
+    /// Every parameter under its Hub name (experts split per expert), as host data.
+    pub fn export_tensors(&self) -> Vec<(String, TensorData)> {
+        let mut out: Export = Vec::new();
+        export_param(&mut out, "model.embed_tokens.weight".into(), &self.model.embed_tokens);
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            layer.export(&format!("model.layers.{i}"), &mut out);
+        }
+        self.model.final_layernorm.export("model.final_layernorm", &mut out);
+        if let Some(head) = &self.lm_head {
+            head.export("lm_head", &mut out);
+        }
+        out
+    }
+
+    /// Writes `config.json` and `model.safetensors` (Hub layout) into `dir`, each atomically.
+    pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
+        let dir = dir.as_ref();
+        std::fs::create_dir_all(dir).map_err(|e| JambaError::io(dir, e))?;
+        let metadata = [("format".to_string(), "pt".to_string())].into_iter().collect();
+        write_safetensors(dir.join(WEIGHTS_FILE), self.export_tensors(), Some(metadata))?;
+        let mut cfg = self.config.clone();
+        cfg.torch_dtype = Some(
+            match self.dtype() {
+                DType::BF16 => "bfloat16",
+                DType::F16 => "float16",
+                _ => "float32",
+            }
+            .into(),
+        );
+        write_atomic(&dir.join("config.json"), cfg.to_json().as_bytes())
+    }
+
+    /// An empty cache for `batch` sequences.
+    pub fn new_cache(&self, batch: usize) -> HybridCache<B> {
+        let device = self.device();
+        let dtype = self.dtype();
+        let layers = self
+            .model
+            .layers
+            .iter()
+            .map(|l| match &l.mixer {
+                Mixer::Attention(a) => LayerState::Attention(KvCache {
+                    keys: Tensor::zeros([batch, a.num_kv_heads, 0, a.head_dim], (&device, dtype)),
+                    values: Tensor::zeros([batch, a.num_kv_heads, 0, a.head_dim], (&device, dtype)),
+                }),
+                Mixer::Mamba(m) => LayerState::Mamba(m.empty_state(batch, dtype, &device)),
+            })
+            .collect();
+        HybridCache {
+            layers,
+            padding: None,
+            seq_len: 0,
+            batch,
+        }
+    }
+
+    /// Checks token ids and lengths, then runs the model on host tokens.
+    ///
+    /// With `cache`, the tokens continue the sequences it holds (any number of tokens: a prefill
+    /// chunk or one decode step) and the cache is advanced.
+    pub fn forward(
+        &self,
+        tokens: &TokenBatch,
+        cache: Option<&mut HybridCache<B>>,
+        output_hidden_states: bool,
+    ) -> Result<JambaOutput<B>> {
+        self.check_tokens(tokens, cache.as_ref().map_or(0, |c| c.seq_len))?;
+        if let Some(c) = &cache {
+            if c.batch != tokens.batch {
+                return Err(JambaError::bad_input(
+                    "input_ids",
+                    format!("batch of {} for a cache of {} sequences", tokens.batch, c.batch),
+                ));
+            }
+        }
+        let device = self.device();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens.ids.clone(), [tokens.batch, tokens.len]), &device);
+        let mask = tokens
+            .attention_mask
+            .as_ref()
+            .filter(|_| tokens.has_padding())
+            .map(|m| Tensor::<B, 2, Int>::from_data(TensorData::new(m.clone(), [tokens.batch, tokens.len]), &device));
+        Ok(self.forward_tensors(ids, mask, cache, output_hidden_states))
+    }
+
+    fn check_tokens(&self, tokens: &TokenBatch, past: usize) -> Result<()> {
+        if tokens.ids.len() != tokens.batch * tokens.len || tokens.len == 0 || tokens.batch == 0 {
+            return Err(JambaError::bad_input(
+                "input_ids",
+                format!("expected a non-empty [batch, len] batch, got {} ids for [{}, {}]", tokens.ids.len(), tokens.batch, tokens.len),
+            ));
+        }
+        let vocab = self.config.vocab_size;
+        if let Some((position, &id)) = tokens.ids.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= vocab) {
+            return Err(JambaError::TokenOutOfRange {
+                id,
+                position,
+                vocab_size: vocab,
+            });
+        }
+        let max = self.config.max_position_embeddings;
+        if past + tokens.len > max {
+            return Err(JambaError::ContextExceeded {
+                length: past + tokens.len,
+                max,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs the model on device tensors without checks: `input_ids` `[batch, len]`, optional 0/1
+    /// `attention_mask` `[batch, len]` for the new positions.
+    pub fn forward_tensors(
+        &self,
+        input_ids: Tensor<B, 2, Int>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
+        mut cache: Option<&mut HybridCache<B>>,
+        output_hidden_states: bool,
+    ) -> JambaOutput<B> {
+        let [batch, len] = input_ids.dims();
+        let device = input_ids.device();
+        let dtype = self.dtype();
+        let past = cache.as_ref().map_or(0, |c| c.seq_len);
+
+        // Padding of all keys (past and new), true where padded.
+        let new_pad = attention_mask.as_ref().map(|m| m.clone().equal_elem(0));
+        let past_pad = cache.as_ref().and_then(|c| c.padding.clone());
+        let key_pad = match (past_pad, new_pad.clone()) {
+            (None, None) => None,
+            (Some(p), None) => Some(Tensor::cat(vec![p, Tensor::<B, 2, Bool>::from_data(TensorData::new(vec![false; batch * len], [batch, len]), &device)], 1)),
+            (None, Some(n)) if past == 0 => Some(n),
+            (None, Some(n)) => Some(Tensor::cat(vec![Tensor::<B, 2, Bool>::from_data(TensorData::new(vec![false; batch * past], [batch, past]), &device), n], 1)),
+            (Some(p), Some(n)) => Some(Tensor::cat(vec![p, n], 1)),
+        };
+        let masks = LayerMasks {
+            attention: attention_mask_for(len, past, key_pad.clone(), batch, &device),
+            padding: attention_mask.map(|m| m.float().cast(dtype)),
+        };
+
+        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.val(), input_ids);
+        let mut hidden_states = Vec::new();
+        let mut router_logits = Vec::new();
+        for (i, layer) in self.model.layers.iter().enumerate() {
+            if output_hidden_states {
+                hidden_states.push(x.clone());
+            }
+            let state = cache.as_mut().map(|c| &mut c.layers[i]);
+            let (out, logits) = layer.forward(x, &masks, state);
+            x = out;
+            router_logits.extend(logits);
+        }
+        let x = self.model.final_layernorm.forward(x);
+        if output_hidden_states {
+            hidden_states.push(x.clone());
+        }
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(x),
+            None => burn::tensor::module::linear(x, self.model.embed_tokens.val().transpose(), None),
+        };
+        if let Some(c) = cache {
+            c.seq_len += len;
+            c.padding = key_pad;
+        }
+        JambaOutput {
+            logits,
+            hidden_states,
+            router_logits,
+        }
+    }
+}
+
+/// `[batch, 1, len, past + len]`, true where query `q` (at position `past + q`) may not see key `k`:
+/// the future, or a padded key. `None` when nothing is masked (a single new position, no padding).
+fn attention_mask_for<B: Backend>(
+    len: usize,
+    past: usize,
+    key_pad: Option<Tensor<B, 2, Bool>>,
+    batch: usize,
+    device: &B::Device,
+) -> Option<Tensor<B, 4, Bool>> {
+    let total = past + len;
+    let causal = (len > 1).then(|| {
+        let data: Vec<bool> = (0..len)
+            .flat_map(|q| (0..total).map(move |k| k > past + q))
+            .collect();
+        Tensor::<B, 2, Bool>::from_data(TensorData::new(data, [len, total]), device)
+            .reshape([1, 1, len, total])
+            .expand([batch, 1, len, total])
+    });
+    let pad = key_pad.map(|p| p.reshape([batch, 1, 1, total]).expand([batch, 1, len, total]));
+    match (causal, pad) {
+        (Some(c), Some(p)) => Some(c.bool_or(p)),
+        (c, p) => c.or(p),
+    }
+}
+
+fn check_dtype<B: Backend>(device: &B::Device, dtype: DType) -> Result<()> {
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) || !B::supports_dtype(device, dtype) {
+        return Err(JambaError::DtypeNotSupported {
+            dtype: format!("{dtype:?}"),
+            backend: B::name(device),
+        });
+    }
+    Ok(())
+}

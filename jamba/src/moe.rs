@@ -1,0 +1,167 @@
+//! The feed-forward half of a layer: a SwiGLU MLP (`JambaMLP`) or a sparse mixture of SwiGLU experts
+//! (`JambaSparseMoeBlock`): softmax over all experts in f32, top-k, **no** renormalisation of the k
+//! weights, dropless.
+
+use burn::module::{Module, Param};
+use burn::tensor::{activation, backend::Backend, DType, IndexingUpdateOp, Int, Tensor, TensorData};
+
+use crate::config::JambaConfig;
+use crate::error::Result;
+use crate::nn::{Export, Linear};
+use crate::weights::{Init, Weights};
+
+/// `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct JambaMlp<B: Backend> {
+    pub gate_proj: Linear<B>,
+    pub up_proj: Linear<B>,
+    pub down_proj: Linear<B>,
+}
+
+impl<B: Backend> JambaMlp<B> {
+    pub fn new(cfg: &JambaConfig, w: &mut Weights<B>, prefix: &str) -> Result<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        Ok(Self {
+            gate_proj: Linear::new(w, &format!("{prefix}.gate_proj"), h, i, false)?,
+            up_proj: Linear::new(w, &format!("{prefix}.up_proj"), h, i, false)?,
+            down_proj: Linear::new(w, &format!("{prefix}.down_proj"), i, h, false)?,
+        })
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let gate = activation::silu(self.gate_proj.forward(x.clone()));
+        self.down_proj.forward(gate * self.up_proj.forward(x))
+    }
+
+    pub(crate) fn export(&self, prefix: &str, out: &mut Export) {
+        self.gate_proj.export(&format!("{prefix}.gate_proj"), out);
+        self.up_proj.export(&format!("{prefix}.up_proj"), out);
+        self.down_proj.export(&format!("{prefix}.down_proj"), out);
+    }
+}
+
+/// All experts of one layer, stacked as in transformers 5 (`JambaExperts`):
+/// `gate_up_proj` `[E, 2I, H]` (rows `[0, I)` gate, `[I, 2I)` up) and `down_proj` `[E, H, I]`.
+#[derive(Module, Debug)]
+pub struct JambaExperts<B: Backend> {
+    pub gate_up_proj: Param<Tensor<B, 3>>,
+    pub down_proj: Param<Tensor<B, 3>>,
+}
+
+impl<B: Backend> JambaExperts<B> {
+    /// Reads either the fused keys (`experts.gate_up_proj`, `experts.down_proj`) or the Hub's
+    /// per-expert keys (`experts.{e}.{gate,up,down}_proj.weight`).
+    pub fn new(cfg: &JambaConfig, w: &mut Weights<B>, prefix: &str) -> Result<Self> {
+        let (e, h, i) = (cfg.num_experts, cfg.hidden_size, cfg.intermediate_size);
+        let fused_gate_up = format!("{prefix}.gate_up_proj");
+        let fused_down = format!("{prefix}.down_proj");
+        if !w.is_checkpoint() || w.contains(&fused_gate_up) || w.contains(&fused_down) {
+            return Ok(Self {
+                gate_up_proj: w.param(&fused_gate_up, [e, 2 * i, h], Init::Normal)?,
+                down_proj: w.param(&fused_down, [e, h, i], Init::Normal)?,
+            });
+        }
+        let mut gate_up = Vec::with_capacity(e);
+        let mut down = Vec::with_capacity(e);
+        for x in 0..e {
+            let gate = w.tensor(&format!("{prefix}.{x}.gate_proj.weight"), [i, h], Init::Normal)?;
+            let up = w.tensor(&format!("{prefix}.{x}.up_proj.weight"), [i, h], Init::Normal)?;
+            gate_up.push(Tensor::cat(vec![gate, up], 0));
+            down.push(w.tensor(&format!("{prefix}.{x}.down_proj.weight"), [h, i], Init::Normal)?);
+        }
+        Ok(Self {
+            gate_up_proj: Param::from_tensor(Tensor::stack(gate_up, 0)),
+            down_proj: Param::from_tensor(Tensor::stack(down, 0)),
+        })
+    }
+
+    fn num_experts(&self) -> usize {
+        self.down_proj.dims()[0]
+    }
+
+    /// Expert `e` applied to `x` `[n, H]`.
+    fn expert(&self, e: usize, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [_, two_i, h] = self.gate_up_proj.dims();
+        let i = two_i / 2;
+        let gate_up = self.gate_up_proj.val().narrow(0, e, 1).reshape([two_i, h]);
+        let down = self.down_proj.val().narrow(0, e, 1).reshape([h, i]);
+        let gu = x.matmul(gate_up.transpose());
+        let act = activation::silu(gu.clone().narrow(1, 0, i)) * gu.narrow(1, i, i);
+        act.matmul(down.transpose())
+    }
+
+    /// Saves in the Hub layout, one tensor per expert and projection.
+    pub(crate) fn export(&self, prefix: &str, out: &mut Export) {
+        let [e, two_i, h] = self.gate_up_proj.dims();
+        let i = two_i / 2;
+        let gate_up = self.gate_up_proj.val();
+        let down = self.down_proj.val();
+        for x in 0..e {
+            let gu = gate_up.clone().narrow(0, x, 1).reshape([two_i, h]);
+            out.push((format!("{prefix}.{x}.gate_proj.weight"), gu.clone().narrow(0, 0, i).into_data()));
+            out.push((format!("{prefix}.{x}.up_proj.weight"), gu.narrow(0, i, i).into_data()));
+            out.push((
+                format!("{prefix}.{x}.down_proj.weight"),
+                down.clone().narrow(0, x, 1).reshape([h, i]).into_data(),
+            ));
+        }
+    }
+}
+
+/// `JambaSparseMoeBlock`: a linear router (no bias) and the experts.
+#[derive(Module, Debug)]
+pub struct JambaSparseMoeBlock<B: Backend> {
+    pub router: Linear<B>,
+    pub experts: JambaExperts<B>,
+    pub top_k: usize,
+}
+
+impl<B: Backend> JambaSparseMoeBlock<B> {
+    pub fn new(cfg: &JambaConfig, w: &mut Weights<B>, prefix: &str) -> Result<Self> {
+        Ok(Self {
+            router: Linear::new(w, &format!("{prefix}.router"), cfg.hidden_size, cfg.num_experts, false)?,
+            experts: JambaExperts::new(cfg, w, &format!("{prefix}.experts"))?,
+            top_k: cfg.num_experts_per_tok,
+        })
+    }
+
+    /// Returns the output `[batch, len, hidden]` and the router logits `[batch * len, experts]`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 2>) {
+        let [batch, len, hidden] = x.dims();
+        let tokens = batch * len;
+        let x = x.reshape([tokens, hidden]);
+        let router_logits = self.router.forward(x.clone());
+        let probs = activation::softmax(router_logits.clone().cast(DType::F32), 1);
+        let (weights, chosen) = probs.topk_with_indices(self.top_k, 1); // [tokens, k]
+        let weights = weights.cast(x.dtype());
+
+        // Group (token, slot) pairs by expert on the host: routing is data-dependent.
+        let chosen_host: Vec<i64> = chosen.clone().into_data().convert::<i64>().to_vec().expect("int data");
+        let e_count = self.experts.num_experts();
+        let mut rows: Vec<Vec<i64>> = vec![Vec::new(); e_count];
+        for (pair, &e) in chosen_host.iter().enumerate() {
+            rows[e as usize].push(pair as i64);
+        }
+        let device = x.device();
+        let flat_weights = weights.reshape([tokens * self.top_k, 1]);
+        let mut out = Tensor::<B, 2>::zeros([tokens, hidden], (&device, x.dtype()));
+        for (e, pairs) in rows.into_iter().enumerate() {
+            if pairs.is_empty() {
+                continue;
+            }
+            let n = pairs.len();
+            let token_idx: Vec<i64> = pairs.iter().map(|p| p / self.top_k as i64).collect();
+            let pair_idx = Tensor::<B, 1, Int>::from_data(TensorData::new(pairs, [n]), &device);
+            let token_idx = Tensor::<B, 1, Int>::from_data(TensorData::new(token_idx, [n]), &device);
+            let y = self.experts.expert(e, x.clone().select(0, token_idx.clone()));
+            let w = flat_weights.clone().select(0, pair_idx);
+            out = out.select_assign(0, token_idx, y * w, IndexingUpdateOp::Add);
+        }
+        (out.reshape([batch, len, hidden]), router_logits)
+    }
+
+    pub(crate) fn export(&self, prefix: &str, out: &mut Export) {
+        self.router.export(&format!("{prefix}.router"), out);
+        self.experts.export(&format!("{prefix}.experts"), out);
+    }
+}

@@ -1,0 +1,175 @@
+//! Where parameters come from: HF's random initialisation or a checkpoint.
+//!
+//! Every module is built by one constructor that asks a [`Weights`] for each tensor by its HF name,
+//! shape and initialiser. Built from a checkpoint, the tensor is read (and checked against the shape);
+//! built fresh, it is drawn as transformers' `_init_weights` does. Loading therefore never creates a
+//! random model first, and reads one tensor at a time.
+
+use std::collections::BTreeSet;
+
+use burn::module::{Param, ParamId};
+use burn::tensor::{backend::Backend, DType, Distribution, Tensor, TensorData};
+
+use crate::checkpoint::Checkpoint;
+use crate::error::{JambaError, Result};
+
+/// How transformers initialises a parameter (`JambaPreTrainedModel._init_weights`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// `normal(0, initializer_range)`: linear, conv and expert weights.
+    Normal,
+    /// `normal(0, initializer_range)` with the padding row zeroed: the embedding.
+    Embedding { pad_row: Option<usize> },
+    /// Zeros: every bias.
+    Zeros,
+    /// Ones: RMSNorm weights and Mamba's `D`.
+    Ones,
+    /// `A_log[d, n] = log(n + 1)` (S4D-real).
+    ALog,
+}
+
+enum Source<'a> {
+    Random { std: f64 },
+    Checkpoint { ckpt: &'a Checkpoint, used: BTreeSet<String> },
+}
+
+/// Hands out parameters by HF name, from a checkpoint or freshly initialised.
+pub struct Weights<'a, B: Backend> {
+    source: Source<'a>,
+    device: B::Device,
+    dtype: DType,
+    progress: Option<Box<dyn FnMut(&str) + 'a>>,
+}
+
+impl<'a, B: Backend> Weights<'a, B> {
+    /// Fresh parameters with transformers' initialisation (`std` = `initializer_range`).
+    pub fn random(std: f64, device: &B::Device, dtype: DType) -> Self {
+        Self {
+            source: Source::Random { std },
+            device: device.clone(),
+            dtype,
+            progress: None,
+        }
+    }
+
+    /// Parameters read from a checkpoint and converted to `dtype`.
+    pub fn checkpoint(ckpt: &'a Checkpoint, device: &B::Device, dtype: DType) -> Self {
+        Self {
+            source: Source::Checkpoint {
+                ckpt,
+                used: BTreeSet::new(),
+            },
+            device: device.clone(),
+            dtype,
+            progress: None,
+        }
+    }
+
+    /// Calls `f` with each tensor's name as it is loaded (for progress reports on big checkpoints).
+    pub fn with_progress(mut self, f: impl FnMut(&str) + 'a) -> Self {
+        self.progress = Some(Box::new(f));
+        self
+    }
+
+    /// The float dtype parameters are created in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The device parameters are created on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// One parameter of the given shape.
+    pub fn param<const D: usize>(&mut self, key: &str, shape: [usize; D], init: Init) -> Result<Param<Tensor<B, D>>> {
+        Ok(Param::initialized(ParamId::new(), self.tensor(key, shape, init)?))
+    }
+
+    /// One tensor of the given shape.
+    pub fn tensor<const D: usize>(&mut self, key: &str, shape: [usize; D], init: Init) -> Result<Tensor<B, D>> {
+        if let Some(f) = self.progress.as_mut() {
+            f(key);
+        }
+        match &mut self.source {
+            Source::Random { std } => Ok(random(shape, init, *std, &self.device, self.dtype)),
+            Source::Checkpoint { ckpt, used } => {
+                let data = ckpt.read(key, self.dtype)?.ok_or_else(|| JambaError::MissingTensor {
+                    key: key.into(),
+                    expected: shape.to_vec(),
+                })?;
+                if data.shape.as_slice() != shape.as_slice() {
+                    return Err(JambaError::ShapeMismatch {
+                        key: key.into(),
+                        expected: shape.to_vec(),
+                        found: data.shape.to_vec(),
+                    });
+                }
+                used.insert(key.to_string());
+                Ok(Tensor::from_data(data, (&self.device, self.dtype)))
+            }
+        }
+    }
+
+    /// Whether the source has a tensor of that name (always false for random weights).
+    pub fn contains(&self, key: &str) -> bool {
+        match &self.source {
+            Source::Random { .. } => false,
+            Source::Checkpoint { ckpt, .. } => ckpt.contains(key),
+        }
+    }
+
+    /// Whether parameters come from a checkpoint.
+    pub fn is_checkpoint(&self) -> bool {
+        matches!(self.source, Source::Checkpoint { .. })
+    }
+
+    /// Fails if the checkpoint had tensors that no module asked for.
+    pub fn finish(self) -> Result<()> {
+        if let Source::Checkpoint { ckpt, used } = &self.source {
+            let unexpected: Vec<String> = ckpt.names().filter(|n| !used.contains(*n)).map(String::from).collect();
+            if let Some(first) = unexpected.first() {
+                return Err(JambaError::UnexpectedTensors {
+                    count: unexpected.len(),
+                    first: first.clone(),
+                    all: unexpected.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn random<B: Backend, const D: usize>(
+    shape: [usize; D],
+    init: Init,
+    std: f64,
+    device: &B::Device,
+    dtype: DType,
+) -> Tensor<B, D> {
+    match init {
+        Init::Normal => Tensor::random(shape, Distribution::Normal(0.0, std), (device, dtype)),
+        Init::Embedding { pad_row } => {
+            let t = Tensor::random(shape, Distribution::Normal(0.0, std), (device, dtype));
+            match pad_row {
+                Some(row) if D == 2 && row < shape[0] => {
+                    let mut zero_shape = shape;
+                    zero_shape[0] = 1;
+                    let mut ranges = shape.map(|s| 0..s);
+                    ranges[0] = row..row + 1;
+                    t.slice_assign(ranges, Tensor::zeros(zero_shape, (device, dtype)))
+                }
+                _ => t,
+            }
+        }
+        Init::Zeros => Tensor::zeros(shape, (device, dtype)),
+        Init::Ones => Tensor::ones(shape, (device, dtype)),
+        Init::ALog => {
+            let rows = shape[0];
+            let n = shape.get(1).copied().unwrap_or(1);
+            let row: Vec<f32> = (1..=n).map(|v| (v as f32).ln()).collect();
+            let data: Vec<f32> = row.iter().copied().cycle().take(rows * n).collect();
+            Tensor::from_data(TensorData::new(data, shape), (device, dtype))
+        }
+    }
+}

@@ -1,0 +1,63 @@
+//! Shared helpers of the parity tests: the fixtures made by transformers' `JambaForCausalLM`
+//! (`tests/fixtures/*/`, see its README) and the comparison rule.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+use jamba::checkpoint::read_all;
+use jamba::TokenBatch;
+
+/// The fixture cases, one folder each.
+pub const CASES: &[&str] = &["tiny-a", "tiny-b", "v01-shape"];
+
+pub fn fixture_dir(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case)
+}
+
+/// The tensors of `expected.safetensors`.
+pub fn expected(case: &str) -> BTreeMap<String, TensorData> {
+    read_all(fixture_dir(case).join("expected.safetensors")).expect("fixture expected.safetensors")
+}
+
+fn ints(d: &TensorData) -> Vec<i64> {
+    d.clone().convert::<i64>().to_vec::<i64>().unwrap()
+}
+
+/// The fixture's `input_ids` with its `attention_mask` (the mask is kept only where it pads).
+pub fn tokens(exp: &BTreeMap<String, TensorData>) -> TokenBatch {
+    let ids = &exp["input_ids"];
+    let mask = ints(&exp["attention_mask"]);
+    let padded = mask.contains(&0);
+    TokenBatch::new(ints(ids), ids.shape[0], ids.shape[1], padded.then_some(mask)).unwrap()
+}
+
+pub fn to_f32_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.cast(DType::F32).into_data().convert::<f32>().to_vec::<f32>().unwrap()
+}
+
+/// Asserts `max|ours - ref| <= tol * max(1, max|ref|)` and returns that relative error.
+pub fn assert_close(name: &str, ours: &[f32], reference: &TensorData, tol: f32) -> f32 {
+    let want = reference.clone().convert::<f32>().to_vec::<f32>().unwrap();
+    assert_eq!(ours.len(), want.len(), "{name}: {} values, reference has {}", ours.len(), want.len());
+    let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
+    let (mut worst, mut at) = (0.0f32, 0);
+    for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
+        let d = (a - b).abs();
+        if !(d <= worst) {
+            worst = d;
+            at = i;
+        }
+    }
+    let rel = worst / scale;
+    eprintln!("{name}: max rel err {rel:.2e} (scale {scale:.3})");
+    assert!(
+        rel <= tol,
+        "{name}: max|ours - ref| = {worst:e} at flat index {at} (ours {}, ref {}), {rel:e} of scale {scale}, limit {tol:e}",
+        ours[at],
+        want[at]
+    );
+    rel
+}
