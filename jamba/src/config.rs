@@ -303,7 +303,8 @@ impl JambaConfig {
                 ),
             );
         }
-        if self.num_experts_per_tok > self.num_experts {
+        // With one expert there are no MoE layers and top-k is unused (HF accepts any value).
+        if self.num_experts > 1 && self.num_experts_per_tok > self.num_experts {
             return bad(
                 "num_experts_per_tok",
                 format!(

@@ -2,7 +2,7 @@
 //! each with a residual connection (`JambaAttentionDecoderLayer` / `JambaMambaDecoderLayer`).
 
 use burn::module::Module;
-use burn::tensor::{backend::Backend, Bool, Tensor};
+use burn::tensor::{backend::Backend, Bool, DType, Tensor};
 use jamba_kernels::JambaBackend;
 
 use crate::attention::{JambaAttention, KvCache};
@@ -72,7 +72,8 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
         })
     }
 
-    /// Returns the layer output and, for MoE layers, the router logits.
+    /// `x` is the residual stream (f32 whatever the weights' dtype, so rounding does not accumulate
+    /// over layers). Returns the layer output and, for MoE layers, the router logits.
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -87,7 +88,7 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
             (Mixer::Mamba(mamba), None) => mamba.forward(h, masks.padding.as_ref(), None),
             _ => unreachable!("a layer's state always matches its mixer (the cache is built from the model)"),
         };
-        let x = x + h;
+        let x = x + h.cast(DType::F32);
         let h = self.pre_ff_layernorm.forward(x.clone());
         let (h, router_logits) = match &self.feed_forward {
             FeedForward::Mlp(mlp) => (mlp.forward(h), None),
@@ -96,7 +97,7 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
                 (out, Some(logits))
             }
         };
-        (x + h, router_logits)
+        (x + h.cast(DType::F32), router_logits)
     }
 
     pub(crate) fn export(&self, prefix: &str, out: &mut Export) {

@@ -319,7 +319,7 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
             padding: attention_mask.map(|m| m.float().cast(dtype)),
         };
 
-        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.val(), input_ids);
+        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.val(), input_ids).cast(DType::F32);
         let mut hidden_states = Vec::new();
         let mut router_logits = Vec::new();
         for (i, layer) in self.model.layers.iter().enumerate() {
@@ -367,11 +367,10 @@ fn attention_mask_for<B: Backend>(
             .collect();
         Tensor::<B, 2, Bool>::from_data(TensorData::new(data, [len, total]), device)
             .reshape([1, 1, len, total])
-            .expand([batch, 1, len, total])
     });
     let pad = key_pad.map(|p| p.reshape([batch, 1, 1, total]).expand([batch, 1, len, total]));
     match (causal, pad) {
-        (Some(c), Some(p)) => Some(c.bool_or(p)),
+        (Some(c), Some(p)) => Some(c.expand([batch, 1, len, total]).bool_or(p)),
         (c, p) => c.or(p),
     }
 }

@@ -130,8 +130,13 @@ impl<B: Backend> JambaSparseMoeBlock<B> {
         let [batch, len, hidden] = x.dims();
         let tokens = batch * len;
         let x = x.reshape([tokens, hidden]);
-        let router_logits = self.router.forward(x.clone());
-        let probs = activation::softmax(router_logits.clone().cast(DType::F32), 1);
+        // Routing in f32: a near-tie between experts must not flip with the weights' rounding.
+        let router_logits = burn::tensor::module::linear(
+            x.clone().cast(DType::F32),
+            self.router.weight.val().cast(DType::F32).transpose(),
+            None,
+        );
+        let probs = activation::softmax(router_logits.clone(), 1);
         let (weights, chosen) = probs.topk_with_indices(self.top_k, 1); // [tokens, k]
         let weights = weights.cast(x.dtype());
 
@@ -155,7 +160,7 @@ impl<B: Backend> JambaSparseMoeBlock<B> {
             let token_idx = Tensor::<B, 1, Int>::from_data(TensorData::new(token_idx, [n]), &device);
             let y = self.experts.expert(e, x.clone().select(0, token_idx.clone()));
             let w = flat_weights.clone().select(0, pair_idx);
-            out = out.select_assign(0, token_idx, y * w, IndexingUpdateOp::Add);
+            out = out.select_assign(0, token_idx, y * w.expand([n, hidden]), IndexingUpdateOp::Add);
         }
         (out.reshape([batch, len, hidden]), router_logits)
     }

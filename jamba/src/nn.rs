@@ -46,7 +46,10 @@ impl<B: Backend> Linear<B> {
     }
 }
 
-/// Root-mean-square norm computed in f32, cast back, then scaled (`JambaRMSNorm`).
+/// Root-mean-square norm computed in f32, cast to the weight's dtype, then scaled (`JambaRMSNorm`).
+///
+/// The output takes the weight's dtype rather than the input's, so an f32 residual stream feeds
+/// reduced-precision matmuls directly; for f32 models this is exactly transformers' order of operations.
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
     pub weight: Param<Tensor<B, 1>>,
@@ -62,11 +65,11 @@ impl<B: Backend> RmsNorm<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let dtype = x.dtype();
+        let weight = self.weight.val();
         let x = x.cast(DType::F32);
         let var = x.clone().square().mean_dim(D - 1);
         let y = x * var.add_scalar(self.eps).sqrt().recip();
-        y.cast(dtype) * self.weight.val().unsqueeze::<D>()
+        y.cast(weight.dtype()) * weight.unsqueeze::<D>()
     }
 
     pub(crate) fn export(&self, prefix: &str, out: &mut Export) {

@@ -1,0 +1,63 @@
+//! Parity with transformers on wgpu (Mesa's lavapipe in CI): f32 and f16.
+//!
+//! f32 tolerance 1e-3 of the reference's scale: the GPU's matmul tiling and fused reductions sum in
+//! other orders than the CPU, and lavapipe's `exp`/`log` are not correctly rounded.
+//! f16 tolerance 3e-2 in relative L2 norm (`assert_close_l2` says why not max-abs): f16 keeps 11
+//! significant bits (unit roundoff 4.9e-4); weights and matmul inputs are rounded at every layer,
+//! while the residual stream, norms, softmaxes, routing and the scan state stay in f32.
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use burn::backend::Wgpu;
+use burn::tensor::DType;
+use common::*;
+use jamba::JambaForCausalLM;
+
+type B = Wgpu;
+
+fn check_case(case: &str, dtype: DType, tol: f32) {
+    let assert_close = if dtype == DType::F32 { assert_close } else { assert_close_l2 };
+    let device = Default::default();
+    let model = JambaForCausalLM::<B>::from_pretrained(fixture_dir(case), &device, dtype).unwrap();
+    let exp = expected(case);
+    let out = model.forward(&tokens(&exp), None, true).unwrap();
+    let logits = to_f32_vec(out.logits);
+    for (i, h) in out.hidden_states.into_iter().enumerate() {
+        assert_close(&format!("{case} {dtype:?} hidden_states.{i}"), &to_f32_vec(h), &exp[&format!("hidden_states.{i}")], tol);
+    }
+    for (j, r) in out.router_logits.into_iter().enumerate() {
+        assert_close(&format!("{case} {dtype:?} router_logits.{j}"), &to_f32_vec(r), &exp[&format!("router_logits.{j}")], tol);
+    }
+    assert_close(&format!("{case} {dtype:?} logits"), &logits, &exp["logits"], tol);
+}
+
+#[test]
+fn tiny_a_f32() {
+    check_case("tiny-a", DType::F32, 1e-3);
+}
+
+#[test]
+fn tiny_b_f32() {
+    check_case("tiny-b", DType::F32, 1e-3);
+}
+
+#[test]
+fn v01_shape_f32() {
+    check_case("v01-shape", DType::F32, 1e-3);
+}
+
+#[test]
+fn tiny_a_f16() {
+    check_case("tiny-a", DType::F16, 3e-2);
+}
+
+#[test]
+fn tiny_b_f16() {
+    check_case("tiny-b", DType::F16, 3e-2);
+}
+
+#[test]
+fn v01_shape_f16() {
+    check_case("v01-shape", DType::F16, 3e-2);
+}
