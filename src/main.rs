@@ -10,7 +10,11 @@ use jamba::{JambaBackend, JambaConfig, JambaError, JambaForCausalLM, TokenBatch}
 use burn::tensor::{DType, TensorData};
 
 #[derive(Parser)]
-#[command(name = "jamba", version, about = "Jamba (hybrid Transformer-Mamba MoE) on Burn")]
+#[command(
+    name = "jamba",
+    version,
+    about = "Jamba (hybrid Transformer-Mamba MoE) on Burn"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -120,9 +124,17 @@ fn gib(bytes: u64) -> String {
     }
 }
 
-fn info(model: Option<&Path>, preset: Option<&str>, context: usize, batch: usize) -> Result<(), CliError> {
+fn info(
+    model: Option<&Path>,
+    preset: Option<&str>,
+    context: usize,
+    batch: usize,
+) -> Result<(), CliError> {
     let (cfg, name) = match (model, preset) {
-        (Some(dir), _) => (JambaConfig::from_file(dir.join("config.json"))?, dir.display().to_string()),
+        (Some(dir), _) => (
+            JambaConfig::from_file(dir.join("config.json"))?,
+            dir.display().to_string(),
+        ),
         (None, Some(p)) => (JambaConfig::preset(p)?, p.to_string()),
         (None, None) => return Err(CliError::Input("give --model DIR or --preset NAME".into())),
     };
@@ -161,7 +173,12 @@ fn info(model: Option<&Path>, preset: Option<&str>, context: usize, batch: usize
         })
         .collect();
     for (block, chunk) in schedule.chunks(8).enumerate() {
-        println!("  layers {:>3}-{:<3} {}", block * 8, block * 8 + chunk.len() - 1, chunk.join(" "));
+        println!(
+            "  layers {:>3}-{:<3} {}",
+            block * 8,
+            block * 8 + chunk.len() - 1,
+            chunk.join(" ")
+        );
     }
     let (total, active) = cfg.parameter_counts();
     println!(
@@ -169,7 +186,11 @@ fn info(model: Option<&Path>, preset: Option<&str>, context: usize, batch: usize
         total as f64 / 1e9,
         active as f64 / 1e9
     );
-    println!("weights: {} in bf16, {} in f32", gib(total * 2), gib(total * 4));
+    println!(
+        "weights: {} in bf16, {} in f32",
+        gib(total * 2),
+        gib(total * 4)
+    );
     println!(
         "KV cache at {context} tokens x {batch}: {} in bf16 ({} attention layers)",
         gib(cfg.kv_cache_bytes(batch, context, 2)),
@@ -182,23 +203,47 @@ fn info(model: Option<&Path>, preset: Option<&str>, context: usize, batch: usize
     Ok(())
 }
 
-fn forward_cmd(model: &Path, input: &Path, output: &Path, backend: Backend, dtype: DType) -> Result<(), CliError> {
+fn forward_cmd(
+    model: &Path,
+    input: &Path,
+    output: &Path,
+    backend: Backend,
+    dtype: DType,
+) -> Result<(), CliError> {
     match backend {
         Backend::Ndarray => {
             #[cfg(feature = "ndarray")]
-            return forward_on::<burn::backend::NdArray>(&Default::default(), model, input, output, dtype);
+            return forward_on::<burn::backend::NdArray>(
+                &Default::default(),
+                model,
+                input,
+                output,
+                dtype,
+            );
             #[cfg(not(feature = "ndarray"))]
             return Err(CliError::BackendNotBuilt("ndarray"));
         }
         Backend::Wgpu => {
             #[cfg(feature = "wgpu")]
-            return forward_on::<burn::backend::Wgpu>(&Default::default(), model, input, output, dtype);
+            return forward_on::<burn::backend::Wgpu>(
+                &Default::default(),
+                model,
+                input,
+                output,
+                dtype,
+            );
             #[cfg(not(feature = "wgpu"))]
             return Err(CliError::BackendNotBuilt("wgpu"));
         }
         Backend::Cuda => {
             #[cfg(feature = "cuda")]
-            return forward_on::<burn::backend::Cuda>(&Default::default(), model, input, output, dtype);
+            return forward_on::<burn::backend::Cuda>(
+                &Default::default(),
+                model,
+                input,
+                output,
+                dtype,
+            );
             #[cfg(not(feature = "cuda"))]
             return Err(CliError::BackendNotBuilt("cuda"));
         }
@@ -213,7 +258,11 @@ fn read_tokens(path: &Path) -> Result<TokenBatch, CliError> {
         .ok_or_else(|| CliError::Input(format!("{}: no `input_ids` tensor", path.display())))?;
     let as_i64 = |name: &str, d: &TensorData| -> Result<Vec<i64>, CliError> {
         match d.dtype {
-            DType::I64 | DType::I32 => Ok(d.clone().convert::<i64>().to_vec::<i64>().expect("int data")),
+            DType::I64 | DType::I32 => Ok(d
+                .clone()
+                .convert::<i64>()
+                .to_vec::<i64>()
+                .expect("int data")),
             other => Err(CliError::Input(format!(
                 "{}: `{name}` must be i64 or i32, found {other:?}",
                 path.display()
@@ -240,7 +289,36 @@ fn read_tokens(path: &Path) -> Result<TokenBatch, CliError> {
         Some(m) => Some(as_i64("attention_mask", m)?),
         None => None,
     };
-    Ok(TokenBatch::new(as_i64("input_ids", ids)?, batch, len, mask)?)
+    Ok(TokenBatch::new(
+        as_i64("input_ids", ids)?,
+        batch,
+        len,
+        mask,
+    )?)
+}
+
+/// Loads a checkpoint, reporting progress on stderr when it has many tensors.
+fn load_model<B: JambaBackend>(
+    dir: &Path,
+    device: &B::Device,
+    dtype: DType,
+) -> Result<JambaForCausalLM<B>, CliError> {
+    let config = JambaConfig::from_file(dir.join("config.json"))?;
+    let ckpt = jamba::checkpoint::Checkpoint::open_dir(dir)?;
+    let mut last_report = std::time::Instant::now();
+    let model = JambaForCausalLM::<B>::from_checkpoint_with_progress(
+        &config,
+        &ckpt,
+        device,
+        dtype,
+        |i, n, name| {
+            if last_report.elapsed().as_secs_f32() > 2.0 {
+                eprintln!("loading {i}/{n}: {name}");
+                last_report = std::time::Instant::now();
+            }
+        },
+    )?;
+    Ok(model)
 }
 
 fn forward_on<B: JambaBackend>(
@@ -252,7 +330,7 @@ fn forward_on<B: JambaBackend>(
 ) -> Result<(), CliError> {
     let tokens = read_tokens(input)?;
     let started = std::time::Instant::now();
-    let model = JambaForCausalLM::<B>::from_pretrained(model_dir, device, dtype)?;
+    let model = load_model::<B>(model_dir, device, dtype)?;
     eprintln!(
         "loaded {} on {} ({dtype:?}) in {:.2?}",
         model_dir.display(),

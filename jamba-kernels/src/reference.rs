@@ -71,7 +71,10 @@ pub fn selective_scan<B: Backend>(input: SelectiveScanInput<B>) -> SelectiveScan
         let c_chunk = c.clone().narrow(2, start, n).swap_dims(1, 2);
         let du_chunk = delta_u.clone().narrow(2, start, n);
         for t in 0..n {
-            let da = delta_a.clone().narrow(2, t, 1).reshape([batch, d_inner, d_state]);
+            let da = delta_a
+                .clone()
+                .narrow(2, t, 1)
+                .reshape([batch, d_inner, d_state]);
             let bt = b_chunk.clone().narrow(1, t, 1); // [batch, 1, d_state]
             let ct = c_chunk.clone().narrow(1, t, 1);
             let dut = du_chunk.clone().narrow(2, t, 1); // [batch, d_inner, 1]
@@ -115,9 +118,11 @@ pub fn causal_conv1d<B: Backend>(input: CausalConv1dInput<B>) -> Tensor<B, 3> {
         x
     };
     let weight = weight.cast(f32);
-    let mut y = padded.clone().narrow(2, 0, len) * weight.clone().narrow(1, 0, 1).reshape([1, channels, 1]);
+    let mut y =
+        padded.clone().narrow(2, 0, len) * weight.clone().narrow(1, 0, 1).reshape([1, channels, 1]);
     for k in 1..width {
-        y = y + padded.clone().narrow(2, k, len) * weight.clone().narrow(1, k, 1).reshape([1, channels, 1]);
+        y = y + padded.clone().narrow(2, k, len)
+            * weight.clone().narrow(1, k, 1).reshape([1, channels, 1]);
     }
     if let Some(bias) = bias {
         y = y + bias.cast(f32).reshape([1, channels, 1]);
@@ -153,7 +158,11 @@ mod tests {
                 for t in 0..l {
                     let x = u[(bi * di + ch) * l + t];
                     let dt_raw = delta[(bi * di + ch) * l + t];
-                    let dt = if dt_raw > 20.0 { dt_raw } else { dt_raw.exp().ln_1p() };
+                    let dt = if dt_raw > 20.0 {
+                        dt_raw
+                    } else {
+                        dt_raw.exp().ln_1p()
+                    };
                     let mut acc = 0.0;
                     for s in 0..n {
                         h[s] = (dt * a[ch * n + s]).exp() * h[s] + dt * b[(bi * n + s) * l + t] * x;
@@ -200,9 +209,10 @@ mod tests {
             initial_state: None,
         };
         let full = selective_scan(input.clone());
-        full.y
-            .to_data()
-            .assert_approx_eq::<f32>(&TensorData::new(want, [bs, di, l]), Tolerance::rel_abs(1e-5, 1e-5));
+        full.y.to_data().assert_approx_eq::<f32>(
+            &TensorData::new(want, [bs, di, l]),
+            Tolerance::rel_abs(1e-5, 1e-5),
+        );
 
         // Two halves, the second continuing from the first's state, equal the whole.
         let split = 60;
@@ -284,7 +294,9 @@ mod tests {
             initial_state: Some(x.narrow(2, 2, 3)),
             silu: false,
         });
-        tail.to_data()
-            .assert_approx_eq::<f32>(&full.narrow(2, 5, 4).to_data(), Tolerance::rel_abs(1e-6, 1e-6));
+        tail.to_data().assert_approx_eq::<f32>(
+            &full.narrow(2, 5, 4).to_data(),
+            Tolerance::rel_abs(1e-6, 1e-6),
+        );
     }
 }

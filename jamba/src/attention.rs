@@ -114,7 +114,10 @@ fn attend<B: Backend>(
 ) -> Tensor<B, 4> {
     let dtype = q.dtype();
     let scale = (head_dim as f64).powf(-0.5);
-    let scores = q.matmul(k.swap_dims(2, 3)).cast(DType::F32).mul_scalar(scale);
+    let scores = q
+        .matmul(k.swap_dims(2, 3))
+        .cast(DType::F32)
+        .mul_scalar(scale);
     let probs = match mask {
         Some(mask) => {
             let [b, h, tq, tk] = scores.dims();

@@ -34,7 +34,10 @@ pub struct Checkpoint {
 impl std::fmt::Debug for Checkpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Checkpoint")
-            .field("shards", &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>())
+            .field(
+                "shards",
+                &self.shards.iter().map(|s| &s.path).collect::<Vec<_>>(),
+            )
             .field("tensors", &self.index.len())
             .finish()
     }
@@ -98,10 +101,12 @@ impl Checkpoint {
             // SAFETY: the file is opened read-only; a checkpoint changed on disk while it is mapped is
             // outside what any loader can guard against (safetensors' own loaders map files the same way).
             let mmap = unsafe { Mmap::map(&file) }.map_err(|e| JambaError::io(path, e))?;
-            let (header_len, metadata): (usize, Metadata) = safetensors::SafeTensors::read_metadata(&mmap)
-                .map_err(|e| JambaError::BadCheckpoint {
-                    path: path.display().to_string(),
-                    reason: format!("not a safetensors file: {e}"),
+            let (header_len, metadata): (usize, Metadata) =
+                safetensors::SafeTensors::read_metadata(&mmap).map_err(|e| {
+                    JambaError::BadCheckpoint {
+                        path: path.display().to_string(),
+                        reason: format!("not a safetensors file: {e}"),
+                    }
                 })?;
             let tensors: HashMap<String, TensorInfo> = metadata
                 .tensors()
@@ -210,11 +215,15 @@ pub fn write_safetensors(
     let path = path.as_ref();
     let mut views = Vec::with_capacity(tensors.len());
     for (name, data) in &tensors {
-        let view = safetensors::tensor::TensorView::new(st_dtype(data.dtype)?, data.shape.to_vec(), data.as_bytes())
-            .map_err(|e| JambaError::BadCheckpoint {
-                path: path.display().to_string(),
-                reason: format!("tensor `{name}`: {e}"),
-            })?;
+        let view = safetensors::tensor::TensorView::new(
+            st_dtype(data.dtype)?,
+            data.shape.to_vec(),
+            data.as_bytes(),
+        )
+        .map_err(|e| JambaError::BadCheckpoint {
+            path: path.display().to_string(),
+            reason: format!("tensor `{name}`: {e}"),
+        })?;
         views.push((name.clone(), view));
     }
     let bytes = safetensors::serialize(views, metadata).map_err(|e| JambaError::BadCheckpoint {
@@ -226,8 +235,14 @@ pub fn write_safetensors(
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     let result = (|| {
         let mut f = File::create(&tmp)?;

@@ -241,7 +241,8 @@ impl JambaConfig {
 
     /// Checks every constraint the model relies on; the error names the offending field.
     pub fn validate(&self) -> Result<(), JambaError> {
-        let bad = |field: &'static str, reason: String| Err(JambaError::InvalidConfig { field, reason });
+        let bad =
+            |field: &'static str, reason: String| Err(JambaError::InvalidConfig { field, reason });
         for (field, v) in [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -284,7 +285,7 @@ impl JambaConfig {
                 ),
             );
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(
                 "num_attention_heads",
                 format!(
@@ -293,7 +294,7 @@ impl JambaConfig {
                 ),
             );
         }
-        if self.num_attention_heads % self.num_kv_heads() != 0 {
+        if !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return bad(
                 "num_key_value_heads",
                 format!(
@@ -319,8 +320,11 @@ impl JambaConfig {
                 format!("{:?} is not supported (only \"silu\")", self.hidden_act),
             );
         }
-        if !(self.rms_norm_eps > 0.0) {
-            return bad("rms_norm_eps", format!("{} must be positive", self.rms_norm_eps));
+        if self.rms_norm_eps.is_nan() || self.rms_norm_eps <= 0.0 {
+            return bad(
+                "rms_norm_eps",
+                format!("{} must be positive", self.rms_norm_eps),
+            );
         }
         if let Some(pad) = self.pad_token_id {
             if pad as usize >= self.vocab_size {
@@ -390,7 +394,10 @@ impl JambaConfig {
 
     /// EOS ids declared by the config.
     pub fn eos_token_ids(&self) -> Vec<u32> {
-        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
     }
 
     /// Parameter counts: `(total, active per token)`.
@@ -454,7 +461,8 @@ impl JambaConfig {
         mamba_layers
             * batch as u64
             * di
-            * (self.mamba_d_conv as u64 * conv_bytes_per_value as u64 + self.mamba_d_state as u64 * 4)
+            * (self.mamba_d_conv as u64 * conv_bytes_per_value as u64
+                + self.mamba_d_state as u64 * 4)
     }
 }
 
@@ -500,11 +508,23 @@ mod tests {
     #[test]
     fn invalid_configs_name_the_field() {
         assert_eq!(field_of(r#"{"attn_layer_offset": 8}"#), "attn_layer_offset");
-        assert_eq!(field_of(r#"{"expert_layer_offset": 2}"#), "expert_layer_offset");
-        assert_eq!(field_of(r#"{"num_attention_heads": 30}"#), "num_attention_heads");
-        assert_eq!(field_of(r#"{"num_key_value_heads": 5}"#), "num_key_value_heads");
+        assert_eq!(
+            field_of(r#"{"expert_layer_offset": 2}"#),
+            "expert_layer_offset"
+        );
+        assert_eq!(
+            field_of(r#"{"num_attention_heads": 30}"#),
+            "num_attention_heads"
+        );
+        assert_eq!(
+            field_of(r#"{"num_key_value_heads": 5}"#),
+            "num_key_value_heads"
+        );
         assert_eq!(field_of(r#"{"hidden_size": 0}"#), "hidden_size");
-        assert_eq!(field_of(r#"{"num_experts_per_tok": 17}"#), "num_experts_per_tok");
+        assert_eq!(
+            field_of(r#"{"num_experts_per_tok": 17}"#),
+            "num_experts_per_tok"
+        );
         assert_eq!(field_of(r#"{"mamba_dt_rank": 0}"#), "mamba_dt_rank");
         assert!(matches!(
             JambaConfig::from_json(r#"{"mamba_dt_rank": "big"}"#),

@@ -37,7 +37,11 @@ pub enum JambaError {
     },
     /// The checkpoint has tensors the model does not use (often a config / checkpoint mismatch).
     #[error("checkpoint has {count} unexpected tensor(s), e.g. `{first}`")]
-    UnexpectedTensors { count: usize, first: String, all: Vec<String> },
+    UnexpectedTensors {
+        count: usize,
+        first: String,
+        all: Vec<String>,
+    },
     /// A tensor's stored dtype cannot be loaded.
     #[error("tensor `{key}` has unsupported dtype {dtype} (f32, f16 and bf16 are supported)")]
     UnsupportedDtype { key: String, dtype: String },

@@ -14,6 +14,8 @@ use crate::nn::{Export, RmsNorm};
 use crate::weights::Weights;
 
 /// The sequence mixer of a layer.
+// Modules hold parameter handles, not data: the size difference is a few hundred bytes per layer.
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum Mixer<B: Backend> {
     /// `self_attn` in HF names.
@@ -23,6 +25,7 @@ pub enum Mixer<B: Backend> {
 }
 
 /// The feed-forward block of a layer (`feed_forward` in HF names).
+#[allow(clippy::large_enum_variant)]
 #[derive(Module, Debug)]
 pub enum FeedForward<B: Backend> {
     Mlp(JambaMlp<B>),
@@ -61,13 +64,19 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
         Ok(Self {
             input_layernorm: RmsNorm::new(w, &p("input_layernorm"), h, eps)?,
             mixer: match cfg.mixer_kind(index) {
-                MixerKind::Attention => Mixer::Attention(JambaAttention::new(cfg, w, &p("self_attn"))?),
+                MixerKind::Attention => {
+                    Mixer::Attention(JambaAttention::new(cfg, w, &p("self_attn"))?)
+                }
                 MixerKind::Mamba => Mixer::Mamba(JambaMambaMixer::new(cfg, w, &p("mamba"))?),
             },
             pre_ff_layernorm: RmsNorm::new(w, &p("pre_ff_layernorm"), h, eps)?,
             feed_forward: match cfg.feed_forward_kind(index) {
-                FeedForwardKind::Dense => FeedForward::Mlp(JambaMlp::new(cfg, w, &p("feed_forward"))?),
-                FeedForwardKind::Moe => FeedForward::Moe(JambaSparseMoeBlock::new(cfg, w, &p("feed_forward"))?),
+                FeedForwardKind::Dense => {
+                    FeedForward::Mlp(JambaMlp::new(cfg, w, &p("feed_forward"))?)
+                }
+                FeedForwardKind::Moe => {
+                    FeedForward::Moe(JambaSparseMoeBlock::new(cfg, w, &p("feed_forward"))?)
+                }
             },
         })
     }
@@ -82,11 +91,17 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
     ) -> (Tensor<B, 3>, Option<Tensor<B, 2>>) {
         let h = self.input_layernorm.forward(x.clone());
         let h = match (&self.mixer, state) {
-            (Mixer::Attention(attn), Some(LayerState::Attention(kv))) => attn.forward(h, masks.attention.as_ref(), Some(kv)),
+            (Mixer::Attention(attn), Some(LayerState::Attention(kv))) => {
+                attn.forward(h, masks.attention.as_ref(), Some(kv))
+            }
             (Mixer::Attention(attn), None) => attn.forward(h, masks.attention.as_ref(), None),
-            (Mixer::Mamba(mamba), Some(LayerState::Mamba(s))) => mamba.forward(h, masks.padding.as_ref(), Some(s)),
+            (Mixer::Mamba(mamba), Some(LayerState::Mamba(s))) => {
+                mamba.forward(h, masks.padding.as_ref(), Some(s))
+            }
             (Mixer::Mamba(mamba), None) => mamba.forward(h, masks.padding.as_ref(), None),
-            _ => unreachable!("a layer's state always matches its mixer (the cache is built from the model)"),
+            _ => unreachable!(
+                "a layer's state always matches its mixer (the cache is built from the model)"
+            ),
         };
         let x = x + h.cast(DType::F32);
         let h = self.pre_ff_layernorm.forward(x.clone());
@@ -101,12 +116,14 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
     }
 
     pub(crate) fn export(&self, prefix: &str, out: &mut Export) {
-        self.input_layernorm.export(&format!("{prefix}.input_layernorm"), out);
+        self.input_layernorm
+            .export(&format!("{prefix}.input_layernorm"), out);
         match &self.mixer {
             Mixer::Attention(a) => a.export(&format!("{prefix}.self_attn"), out),
             Mixer::Mamba(m) => m.export(&format!("{prefix}.mamba"), out),
         }
-        self.pre_ff_layernorm.export(&format!("{prefix}.pre_ff_layernorm"), out);
+        self.pre_ff_layernorm
+            .export(&format!("{prefix}.pre_ff_layernorm"), out);
         match &self.feed_forward {
             FeedForward::Mlp(m) => m.export(&format!("{prefix}.feed_forward"), out),
             FeedForward::Moe(m) => m.export(&format!("{prefix}.feed_forward"), out),

@@ -120,7 +120,9 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
             Some(s) => (Some(s.conv.clone()), Some(s.ssm.clone())),
             None => (None, None),
         };
-        let next_conv = state.as_ref().map(|_| last_inputs(conv_state.clone(), x.clone(), k - 1));
+        let next_conv = state
+            .as_ref()
+            .map(|_| last_inputs(conv_state.clone(), x.clone(), k - 1));
         let x = B::causal_conv1d(CausalConv1dInput {
             x,
             weight: self.conv1d.weight.val().reshape([di, k]),
@@ -134,7 +136,9 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         };
 
         let ssm_params = self.x_proj.forward(x.clone().swap_dims(1, 2)); // [batch, len, r + 2n]
-        let dt = self.dt_layernorm.forward(ssm_params.clone().narrow(2, 0, r));
+        let dt = self
+            .dt_layernorm
+            .forward(ssm_params.clone().narrow(2, 0, r));
         let b = self.b_layernorm.forward(ssm_params.clone().narrow(2, r, n));
         let c = self.c_layernorm.forward(ssm_params.narrow(2, r + n, n));
         let dt = burn::tensor::module::linear(dt, self.dt_proj.weight.val().transpose(), None);
@@ -171,16 +175,24 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         export_param(out, format!("{prefix}.A_log"), &self.a_log);
         export_param(out, format!("{prefix}.D"), &self.d);
         self.out_proj.export(&format!("{prefix}.out_proj"), out);
-        self.dt_layernorm.export(&format!("{prefix}.dt_layernorm"), out);
-        self.b_layernorm.export(&format!("{prefix}.b_layernorm"), out);
-        self.c_layernorm.export(&format!("{prefix}.c_layernorm"), out);
+        self.dt_layernorm
+            .export(&format!("{prefix}.dt_layernorm"), out);
+        self.b_layernorm
+            .export(&format!("{prefix}.b_layernorm"), out);
+        self.c_layernorm
+            .export(&format!("{prefix}.c_layernorm"), out);
     }
 }
 
 /// The last `keep` positions of `previous ++ x` along time (`previous` being zeros when absent).
-fn last_inputs<B: Backend>(previous: Option<Tensor<B, 3>>, x: Tensor<B, 3>, keep: usize) -> Tensor<B, 3> {
+fn last_inputs<B: Backend>(
+    previous: Option<Tensor<B, 3>>,
+    x: Tensor<B, 3>,
+    keep: usize,
+) -> Tensor<B, 3> {
     let [batch, channels, len] = x.dims();
-    let previous = previous.unwrap_or_else(|| Tensor::zeros([batch, channels, keep], (&x.device(), x.dtype())));
+    let previous = previous
+        .unwrap_or_else(|| Tensor::zeros([batch, channels, keep], (&x.device(), x.dtype())));
     let joined = Tensor::cat(vec![previous, x], 2);
     joined.narrow(2, len, keep)
 }

@@ -37,7 +37,12 @@ impl TokenBatch {
     }
 
     /// A `[batch, len]` batch; fails if the sizes disagree.
-    pub fn new(ids: Vec<i64>, batch: usize, len: usize, attention_mask: Option<Vec<i64>>) -> Result<Self> {
+    pub fn new(
+        ids: Vec<i64>,
+        batch: usize,
+        len: usize,
+        attention_mask: Option<Vec<i64>>,
+    ) -> Result<Self> {
         if ids.len() != batch * len {
             return Err(JambaError::bad_input(
                 "input_ids",
@@ -52,7 +57,10 @@ impl TokenBatch {
                 ));
             }
             if let Some(v) = m.iter().find(|v| **v != 0 && **v != 1) {
-                return Err(JambaError::bad_input("attention_mask", format!("values must be 0 or 1, found {v}")));
+                return Err(JambaError::bad_input(
+                    "attention_mask",
+                    format!("values must be 0 or 1, found {v}"),
+                ));
             }
         }
         Ok(Self {
@@ -118,7 +126,11 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
     }
 
     /// Loads `dir/config.json` and the safetensors weights (single file or sharded), in `dtype`.
-    pub fn from_pretrained(dir: impl AsRef<Path>, device: &B::Device, dtype: DType) -> Result<Self> {
+    pub fn from_pretrained(
+        dir: impl AsRef<Path>,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let config = JambaConfig::from_file(dir.join("config.json"))?;
         let ckpt = Checkpoint::open_dir(dir)?;
@@ -126,10 +138,32 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
     }
 
     /// Builds the model from an open checkpoint, reading one tensor at a time.
-    pub fn from_checkpoint(config: &JambaConfig, ckpt: &Checkpoint, device: &B::Device, dtype: DType) -> Result<Self> {
+    pub fn from_checkpoint(
+        config: &JambaConfig,
+        ckpt: &Checkpoint,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        Self::from_checkpoint_with_progress(config, ckpt, device, dtype, |_, _, _| {})
+    }
+
+    /// As [`Self::from_checkpoint`], calling `progress(loaded, total, name)` before each tensor
+    /// (a 52B checkpoint takes minutes to read).
+    pub fn from_checkpoint_with_progress(
+        config: &JambaConfig,
+        ckpt: &Checkpoint,
+        device: &B::Device,
+        dtype: DType,
+        mut progress: impl FnMut(usize, usize, &str),
+    ) -> Result<Self> {
         config.validate()?;
         check_dtype::<B>(device, dtype)?;
-        let mut w = Weights::checkpoint(ckpt, device, dtype);
+        let total = ckpt.names().count();
+        let mut loaded = 0;
+        let mut w = Weights::checkpoint(ckpt, device, dtype).with_progress(|name| {
+            progress(loaded, total, name);
+            loaded += 1;
+        });
         let model = Self::build(config, &mut w)?;
         w.finish()?;
         Ok(model)
@@ -183,11 +217,17 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
     /// Every parameter under its Hub name (experts split per expert), as host data.
     pub fn export_tensors(&self) -> Vec<(String, TensorData)> {
         let mut out: Export = Vec::new();
-        export_param(&mut out, "model.embed_tokens.weight".into(), &self.model.embed_tokens);
+        export_param(
+            &mut out,
+            "model.embed_tokens.weight".into(),
+            &self.model.embed_tokens,
+        );
         for (i, layer) in self.model.layers.iter().enumerate() {
             layer.export(&format!("model.layers.{i}"), &mut out);
         }
-        self.model.final_layernorm.export("model.final_layernorm", &mut out);
+        self.model
+            .final_layernorm
+            .export("model.final_layernorm", &mut out);
         if let Some(head) = &self.lm_head {
             head.export("lm_head", &mut out);
         }
@@ -198,8 +238,14 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<()> {
         let dir = dir.as_ref();
         std::fs::create_dir_all(dir).map_err(|e| JambaError::io(dir, e))?;
-        let metadata = [("format".to_string(), "pt".to_string())].into_iter().collect();
-        write_safetensors(dir.join(WEIGHTS_FILE), self.export_tensors(), Some(metadata))?;
+        let metadata = [("format".to_string(), "pt".to_string())]
+            .into_iter()
+            .collect();
+        write_safetensors(
+            dir.join(WEIGHTS_FILE),
+            self.export_tensors(),
+            Some(metadata),
+        )?;
         let mut cfg = self.config.clone();
         cfg.torch_dtype = Some(
             match self.dtype() {
@@ -251,17 +297,28 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
             if c.batch != tokens.batch {
                 return Err(JambaError::bad_input(
                     "input_ids",
-                    format!("batch of {} for a cache of {} sequences", tokens.batch, c.batch),
+                    format!(
+                        "batch of {} for a cache of {} sequences",
+                        tokens.batch, c.batch
+                    ),
                 ));
             }
         }
         let device = self.device();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(tokens.ids.clone(), [tokens.batch, tokens.len]), &device);
+        let ids = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(tokens.ids.clone(), [tokens.batch, tokens.len]),
+            &device,
+        );
         let mask = tokens
             .attention_mask
             .as_ref()
             .filter(|_| tokens.has_padding())
-            .map(|m| Tensor::<B, 2, Int>::from_data(TensorData::new(m.clone(), [tokens.batch, tokens.len]), &device));
+            .map(|m| {
+                Tensor::<B, 2, Int>::from_data(
+                    TensorData::new(m.clone(), [tokens.batch, tokens.len]),
+                    &device,
+                )
+            });
         Ok(self.forward_tensors(ids, mask, cache, output_hidden_states))
     }
 
@@ -269,11 +326,21 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         if tokens.ids.len() != tokens.batch * tokens.len || tokens.len == 0 || tokens.batch == 0 {
             return Err(JambaError::bad_input(
                 "input_ids",
-                format!("expected a non-empty [batch, len] batch, got {} ids for [{}, {}]", tokens.ids.len(), tokens.batch, tokens.len),
+                format!(
+                    "expected a non-empty [batch, len] batch, got {} ids for [{}, {}]",
+                    tokens.ids.len(),
+                    tokens.batch,
+                    tokens.len
+                ),
             ));
         }
         let vocab = self.config.vocab_size;
-        if let Some((position, &id)) = tokens.ids.iter().enumerate().find(|(_, &id)| id < 0 || id as usize >= vocab) {
+        if let Some((position, &id)) = tokens
+            .ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id < 0 || id as usize >= vocab)
+        {
             return Err(JambaError::TokenOutOfRange {
                 id,
                 position,
@@ -309,9 +376,27 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         let past_pad = cache.as_ref().and_then(|c| c.padding.clone());
         let key_pad = match (past_pad, new_pad.clone()) {
             (None, None) => None,
-            (Some(p), None) => Some(Tensor::cat(vec![p, Tensor::<B, 2, Bool>::from_data(TensorData::new(vec![false; batch * len], [batch, len]), &device)], 1)),
+            (Some(p), None) => Some(Tensor::cat(
+                vec![
+                    p,
+                    Tensor::<B, 2, Bool>::from_data(
+                        TensorData::new(vec![false; batch * len], [batch, len]),
+                        &device,
+                    ),
+                ],
+                1,
+            )),
             (None, Some(n)) if past == 0 => Some(n),
-            (None, Some(n)) => Some(Tensor::cat(vec![Tensor::<B, 2, Bool>::from_data(TensorData::new(vec![false; batch * past], [batch, past]), &device), n], 1)),
+            (None, Some(n)) => Some(Tensor::cat(
+                vec![
+                    Tensor::<B, 2, Bool>::from_data(
+                        TensorData::new(vec![false; batch * past], [batch, past]),
+                        &device,
+                    ),
+                    n,
+                ],
+                1,
+            )),
             (Some(p), Some(n)) => Some(Tensor::cat(vec![p, n], 1)),
         };
         let masks = LayerMasks {
@@ -319,7 +404,8 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
             padding: attention_mask.map(|m| m.float().cast(dtype)),
         };
 
-        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.val(), input_ids).cast(DType::F32);
+        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.val(), input_ids)
+            .cast(DType::F32);
         let mut hidden_states = Vec::new();
         let mut router_logits = Vec::new();
         for (i, layer) in self.model.layers.iter().enumerate() {
@@ -337,7 +423,9 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         }
         let logits = match &self.lm_head {
             Some(head) => head.forward(x),
-            None => burn::tensor::module::linear(x, self.model.embed_tokens.val().transpose(), None),
+            None => {
+                burn::tensor::module::linear(x, self.model.embed_tokens.val().transpose(), None)
+            }
         };
         if let Some(c) = cache {
             c.seq_len += len;
@@ -368,7 +456,10 @@ fn attention_mask_for<B: Backend>(
         Tensor::<B, 2, Bool>::from_data(TensorData::new(data, [len, total]), device)
             .reshape([1, 1, len, total])
     });
-    let pad = key_pad.map(|p| p.reshape([batch, 1, 1, total]).expand([batch, 1, len, total]));
+    let pad = key_pad.map(|p| {
+        p.reshape([batch, 1, 1, total])
+            .expand([batch, 1, len, total])
+    });
     match (causal, pad) {
         (Some(c), Some(p)) => Some(c.expand([batch, 1, len, total]).bool_or(p)),
         (c, p) => c.or(p),
@@ -376,7 +467,9 @@ fn attention_mask_for<B: Backend>(
 }
 
 fn check_dtype<B: Backend>(device: &B::Device, dtype: DType) -> Result<()> {
-    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64) || !B::supports_dtype(device, dtype) {
+    if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
+        || !B::supports_dtype(device, dtype)
+    {
         return Err(JambaError::DtypeNotSupported {
             dtype: format!("{dtype:?}"),
             backend: B::name(device),

@@ -3,7 +3,9 @@
 //! weights, dropless.
 
 use burn::module::{Module, Param};
-use burn::tensor::{activation, backend::Backend, DType, IndexingUpdateOp, Int, Tensor, TensorData};
+use burn::tensor::{
+    activation, backend::Backend, DType, IndexingUpdateOp, Int, Tensor, TensorData,
+};
 
 use crate::config::JambaConfig;
 use crate::error::Result;
@@ -64,10 +66,22 @@ impl<B: Backend> JambaExperts<B> {
         let mut gate_up = Vec::with_capacity(e);
         let mut down = Vec::with_capacity(e);
         for x in 0..e {
-            let gate = w.tensor(&format!("{prefix}.{x}.gate_proj.weight"), [i, h], Init::Normal)?;
-            let up = w.tensor(&format!("{prefix}.{x}.up_proj.weight"), [i, h], Init::Normal)?;
+            let gate = w.tensor(
+                &format!("{prefix}.{x}.gate_proj.weight"),
+                [i, h],
+                Init::Normal,
+            )?;
+            let up = w.tensor(
+                &format!("{prefix}.{x}.up_proj.weight"),
+                [i, h],
+                Init::Normal,
+            )?;
             gate_up.push(Tensor::cat(vec![gate, up], 0));
-            down.push(w.tensor(&format!("{prefix}.{x}.down_proj.weight"), [h, i], Init::Normal)?);
+            down.push(w.tensor(
+                &format!("{prefix}.{x}.down_proj.weight"),
+                [h, i],
+                Init::Normal,
+            )?);
         }
         Ok(Self {
             gate_up_proj: Param::from_tensor(Tensor::stack(gate_up, 0)),
@@ -98,8 +112,14 @@ impl<B: Backend> JambaExperts<B> {
         let down = self.down_proj.val();
         for x in 0..e {
             let gu = gate_up.clone().narrow(0, x, 1).reshape([two_i, h]);
-            out.push((format!("{prefix}.{x}.gate_proj.weight"), gu.clone().narrow(0, 0, i).into_data()));
-            out.push((format!("{prefix}.{x}.up_proj.weight"), gu.narrow(0, i, i).into_data()));
+            out.push((
+                format!("{prefix}.{x}.gate_proj.weight"),
+                gu.clone().narrow(0, 0, i).into_data(),
+            ));
+            out.push((
+                format!("{prefix}.{x}.up_proj.weight"),
+                gu.narrow(0, i, i).into_data(),
+            ));
             out.push((
                 format!("{prefix}.{x}.down_proj.weight"),
                 down.clone().narrow(0, x, 1).reshape([h, i]).into_data(),
@@ -119,7 +139,13 @@ pub struct JambaSparseMoeBlock<B: Backend> {
 impl<B: Backend> JambaSparseMoeBlock<B> {
     pub fn new(cfg: &JambaConfig, w: &mut Weights<B>, prefix: &str) -> Result<Self> {
         Ok(Self {
-            router: Linear::new(w, &format!("{prefix}.router"), cfg.hidden_size, cfg.num_experts, false)?,
+            router: Linear::new(
+                w,
+                &format!("{prefix}.router"),
+                cfg.hidden_size,
+                cfg.num_experts,
+                false,
+            )?,
             experts: JambaExperts::new(cfg, w, &format!("{prefix}.experts"))?,
             top_k: cfg.num_experts_per_tok,
         })
@@ -141,7 +167,12 @@ impl<B: Backend> JambaSparseMoeBlock<B> {
         let weights = weights.cast(x.dtype());
 
         // Group (token, slot) pairs by expert on the host: routing is data-dependent.
-        let chosen_host: Vec<i64> = chosen.clone().into_data().convert::<i64>().to_vec().expect("int data");
+        let chosen_host: Vec<i64> = chosen
+            .clone()
+            .into_data()
+            .convert::<i64>()
+            .to_vec()
+            .expect("int data");
         let e_count = self.experts.num_experts();
         let mut rows: Vec<Vec<i64>> = vec![Vec::new(); e_count];
         for (pair, &e) in chosen_host.iter().enumerate() {
@@ -157,10 +188,18 @@ impl<B: Backend> JambaSparseMoeBlock<B> {
             let n = pairs.len();
             let token_idx: Vec<i64> = pairs.iter().map(|p| p / self.top_k as i64).collect();
             let pair_idx = Tensor::<B, 1, Int>::from_data(TensorData::new(pairs, [n]), &device);
-            let token_idx = Tensor::<B, 1, Int>::from_data(TensorData::new(token_idx, [n]), &device);
-            let y = self.experts.expert(e, x.clone().select(0, token_idx.clone()));
+            let token_idx =
+                Tensor::<B, 1, Int>::from_data(TensorData::new(token_idx, [n]), &device);
+            let y = self
+                .experts
+                .expert(e, x.clone().select(0, token_idx.clone()));
             let w = flat_weights.clone().select(0, pair_idx);
-            out = out.select_assign(0, token_idx, y * w.expand([n, hidden]), IndexingUpdateOp::Add);
+            out = out.select_assign(
+                0,
+                token_idx,
+                y * w.expand([n, hidden]),
+                IndexingUpdateOp::Add,
+            );
         }
         (out.reshape([batch, len, hidden]), router_logits)
     }

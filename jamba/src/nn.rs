@@ -10,7 +10,11 @@ use crate::weights::{Init, Weights};
 /// Collects `(HF name, data)` pairs for saving.
 pub(crate) type Export = Vec<(String, TensorData)>;
 
-pub(crate) fn export_param<B: Backend, const D: usize>(out: &mut Export, key: String, p: &Param<Tensor<B, D>>) {
+pub(crate) fn export_param<B: Backend, const D: usize>(
+    out: &mut Export,
+    key: String,
+    p: &Param<Tensor<B, D>>,
+) {
     out.push((key, p.val().into_data()));
 }
 
@@ -23,7 +27,13 @@ pub struct Linear<B: Backend> {
 
 impl<B: Backend> Linear<B> {
     /// Builds `{prefix}.weight` `[d_out, d_in]` and, with `bias`, `{prefix}.bias` `[d_out]`.
-    pub fn new(w: &mut Weights<B>, prefix: &str, d_in: usize, d_out: usize, bias: bool) -> Result<Self> {
+    pub fn new(
+        w: &mut Weights<B>,
+        prefix: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> Result<Self> {
         Ok(Self {
             weight: w.param(&format!("{prefix}.weight"), [d_out, d_in], Init::Normal)?,
             bias: if bias {
@@ -35,7 +45,11 @@ impl<B: Backend> Linear<B> {
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        burn::tensor::module::linear(x, self.weight.val().transpose(), self.bias.as_ref().map(|b| b.val()))
+        burn::tensor::module::linear(
+            x,
+            self.weight.val().transpose(),
+            self.bias.as_ref().map(|b| b.val()),
+        )
     }
 
     pub(crate) fn export(&self, prefix: &str, out: &mut Export) {

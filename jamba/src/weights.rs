@@ -29,16 +29,24 @@ pub enum Init {
 }
 
 enum Source<'a> {
-    Random { std: f64 },
-    Checkpoint { ckpt: &'a Checkpoint, used: BTreeSet<String> },
+    Random {
+        std: f64,
+    },
+    Checkpoint {
+        ckpt: &'a Checkpoint,
+        used: BTreeSet<String>,
+    },
 }
+
+/// Called with each tensor's name as it is loaded.
+type Progress<'a> = Box<dyn FnMut(&str) + 'a>;
 
 /// Hands out parameters by HF name, from a checkpoint or freshly initialised.
 pub struct Weights<'a, B: Backend> {
     source: Source<'a>,
     device: B::Device,
     dtype: DType,
-    progress: Option<Box<dyn FnMut(&str) + 'a>>,
+    progress: Option<Progress<'a>>,
 }
 
 impl<'a, B: Backend> Weights<'a, B> {
@@ -82,22 +90,37 @@ impl<'a, B: Backend> Weights<'a, B> {
     }
 
     /// One parameter of the given shape.
-    pub fn param<const D: usize>(&mut self, key: &str, shape: [usize; D], init: Init) -> Result<Param<Tensor<B, D>>> {
-        Ok(Param::initialized(ParamId::new(), self.tensor(key, shape, init)?))
+    pub fn param<const D: usize>(
+        &mut self,
+        key: &str,
+        shape: [usize; D],
+        init: Init,
+    ) -> Result<Param<Tensor<B, D>>> {
+        Ok(Param::initialized(
+            ParamId::new(),
+            self.tensor(key, shape, init)?,
+        ))
     }
 
     /// One tensor of the given shape.
-    pub fn tensor<const D: usize>(&mut self, key: &str, shape: [usize; D], init: Init) -> Result<Tensor<B, D>> {
+    pub fn tensor<const D: usize>(
+        &mut self,
+        key: &str,
+        shape: [usize; D],
+        init: Init,
+    ) -> Result<Tensor<B, D>> {
         if let Some(f) = self.progress.as_mut() {
             f(key);
         }
         match &mut self.source {
             Source::Random { std } => Ok(random(shape, init, *std, &self.device, self.dtype)),
             Source::Checkpoint { ckpt, used } => {
-                let data = ckpt.read(key, self.dtype)?.ok_or_else(|| JambaError::MissingTensor {
-                    key: key.into(),
-                    expected: shape.to_vec(),
-                })?;
+                let data =
+                    ckpt.read(key, self.dtype)?
+                        .ok_or_else(|| JambaError::MissingTensor {
+                            key: key.into(),
+                            expected: shape.to_vec(),
+                        })?;
                 if data.shape.as_slice() != shape.as_slice() {
                     return Err(JambaError::ShapeMismatch {
                         key: key.into(),
@@ -127,7 +150,11 @@ impl<'a, B: Backend> Weights<'a, B> {
     /// Fails if the checkpoint had tensors that no module asked for.
     pub fn finish(self) -> Result<()> {
         if let Source::Checkpoint { ckpt, used } = &self.source {
-            let unexpected: Vec<String> = ckpt.names().filter(|n| !used.contains(*n)).map(String::from).collect();
+            let unexpected: Vec<String> = ckpt
+                .names()
+                .filter(|n| !used.contains(*n))
+                .map(String::from)
+                .collect();
             if let Some(first) = unexpected.first() {
                 return Err(JambaError::UnexpectedTensors {
                     count: unexpected.len(),

@@ -14,7 +14,9 @@ use jamba::TokenBatch;
 pub const CASES: &[&str] = &["tiny-a", "tiny-b", "v01-shape"];
 
 pub fn fixture_dir(case: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(case)
 }
 
 /// The tensors of `expected.safetensors`.
@@ -31,22 +33,38 @@ pub fn tokens(exp: &BTreeMap<String, TensorData>) -> TokenBatch {
     let ids = &exp["input_ids"];
     let mask = ints(&exp["attention_mask"]);
     let padded = mask.contains(&0);
-    TokenBatch::new(ints(ids), ids.shape[0], ids.shape[1], padded.then_some(mask)).unwrap()
+    TokenBatch::new(
+        ints(ids),
+        ids.shape[0],
+        ids.shape[1],
+        padded.then_some(mask),
+    )
+    .unwrap()
 }
 
 pub fn to_f32_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.cast(DType::F32).into_data().convert::<f32>().to_vec::<f32>().unwrap()
+    t.cast(DType::F32)
+        .into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .unwrap()
 }
 
 /// Asserts `max|ours - ref| <= tol * max(1, max|ref|)` and returns that relative error.
 pub fn assert_close(name: &str, ours: &[f32], reference: &TensorData, tol: f32) -> f32 {
     let want = reference.clone().convert::<f32>().to_vec::<f32>().unwrap();
-    assert_eq!(ours.len(), want.len(), "{name}: {} values, reference has {}", ours.len(), want.len());
+    assert_eq!(
+        ours.len(),
+        want.len(),
+        "{name}: {} values, reference has {}",
+        ours.len(),
+        want.len()
+    );
     let scale = want.iter().fold(1.0f32, |m, v| m.max(v.abs()));
     let (mut worst, mut at) = (0.0f32, 0);
     for (i, (a, b)) in ours.iter().zip(&want).enumerate() {
         let d = (a - b).abs();
-        if !(d <= worst) {
+        if d > worst || d.is_nan() {
             worst = d;
             at = i;
         }
@@ -70,11 +88,30 @@ pub fn assert_close(name: &str, ours: &[f32], reference: &TensorData, tol: f32) 
 /// tensor as a whole stays close.
 pub fn assert_close_l2(name: &str, ours: &[f32], reference: &TensorData, tol: f32) -> f32 {
     let want = reference.clone().convert::<f32>().to_vec::<f32>().unwrap();
-    assert_eq!(ours.len(), want.len(), "{name}: {} values, reference has {}", ours.len(), want.len());
-    let diff: f64 = ours.iter().zip(&want).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>().sqrt();
-    let norm: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum::<f64>().sqrt().max(1e-30);
+    assert_eq!(
+        ours.len(),
+        want.len(),
+        "{name}: {} values, reference has {}",
+        ours.len(),
+        want.len()
+    );
+    let diff: f64 = ours
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let norm: f64 = want
+        .iter()
+        .map(|b| (*b as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
+        .max(1e-30);
     let rel = (diff / norm) as f32;
     eprintln!("{name}: relative L2 error {rel:.2e}");
-    assert!(rel <= tol, "{name}: ||ours - ref|| / ||ref|| = {rel:e}, limit {tol:e}");
+    assert!(
+        rel <= tol,
+        "{name}: ||ours - ref|| / ||ref|| = {rel:e}, limit {tol:e}"
+    );
     rel
 }
