@@ -9,22 +9,88 @@ use crate::error::Result;
 use crate::nn::{Export, Linear};
 use crate::weights::Weights;
 
-/// Keys and values of the positions seen so far, `[batch, kv_heads, len, head_dim]`.
+/// Positions a KV cache grows by when it is full: appending a token writes into spare room, and
+/// the buffer is reallocated only once every `KV_BLOCK` positions.
+pub const KV_BLOCK: usize = 256;
+
+/// Keys and values of the positions seen so far, in buffers of `[batch, kv_heads, capacity, head_dim]`
+/// of which the first `len` positions are filled.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    pub keys: Tensor<B, 4>,
-    pub values: Tensor<B, 4>,
+    keys: Tensor<B, 4>,
+    values: Tensor<B, 4>,
+    len: usize,
 }
 
 impl<B: Backend> KvCache<B> {
+    /// An empty cache with room for `capacity` positions.
+    pub fn new(
+        batch: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        capacity: usize,
+        dtype: DType,
+        device: &B::Device,
+    ) -> Self {
+        let shape = [batch, kv_heads, capacity, head_dim];
+        Self {
+            keys: Tensor::zeros(shape, (device, dtype)),
+            values: Tensor::zeros(shape, (device, dtype)),
+            len: 0,
+        }
+    }
+
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.keys.dims()[2]
+        self.len
     }
 
     /// Whether nothing is cached.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
+    }
+
+    /// Positions that fit before the buffers must grow.
+    pub fn capacity(&self) -> usize {
+        self.keys.dims()[2]
+    }
+
+    /// Bytes held by the buffers.
+    pub fn bytes(&self) -> usize {
+        2 * self.keys.shape().num_elements() * self.keys.dtype().size()
+    }
+
+    /// The cached keys and values, `[batch, kv_heads, len, head_dim]`.
+    pub fn get(&self) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        (
+            self.keys.clone().narrow(2, 0, self.len),
+            self.values.clone().narrow(2, 0, self.len),
+        )
+    }
+
+    /// Appends `[batch, kv_heads, n, head_dim]` keys and values, growing by whole blocks if needed.
+    pub fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) {
+        let [batch, heads, n, hd] = k.dims();
+        let needed = self.len + n;
+        if needed > self.capacity() {
+            let extra = (needed - self.capacity()).div_ceil(KV_BLOCK) * KV_BLOCK;
+            let grow = |t: Tensor<B, 4>| {
+                let pad = Tensor::zeros([batch, heads, extra, hd], (&t.device(), t.dtype()));
+                Tensor::cat(vec![t, pad], 2)
+            };
+            self.keys = grow(self.keys.clone());
+            self.values = grow(self.values.clone());
+        }
+        let range = [0..batch, 0..heads, self.len..needed, 0..hd];
+        // Moving the buffers out leaves them uniquely owned (unless a fork shares them), so Burn
+        // writes in place instead of copying the whole cache.
+        let (device, dtype) = (k.device(), k.dtype());
+        let placeholder = || Tensor::zeros([1, 1, 1, 1], (&device, dtype));
+        let keys = std::mem::replace(&mut self.keys, placeholder());
+        self.keys = keys.slice_assign(range.clone(), k);
+        let values = std::mem::replace(&mut self.values, placeholder());
+        self.values = values.slice_assign(range, v);
+        self.len = needed;
     }
 }
 
@@ -72,12 +138,8 @@ impl<B: Backend> JambaAttention<B> {
         let mut k = heads(self.k_proj.forward(hidden.clone()), nkv);
         let mut v = heads(self.v_proj.forward(hidden), nkv);
         if let Some(cache) = cache {
-            if !cache.is_empty() {
-                k = Tensor::cat(vec![cache.keys.clone(), k], 2);
-                v = Tensor::cat(vec![cache.values.clone(), v], 2);
-            }
-            cache.keys = k.clone();
-            cache.values = v.clone();
+            cache.append(k, v);
+            (k, v) = cache.get();
         }
         let out = attend(q, repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv), mask, hd);
         self.o_proj

@@ -46,6 +46,8 @@ pub struct LayerMasks<B: Backend> {
     pub attention: Option<Tensor<B, 4, Bool>>,
     /// `[batch, len]` of 0/1 in the hidden dtype, for Mamba layers; `None` without padding.
     pub padding: Option<Tensor<B, 2>>,
+    /// Keep padded positions from reaching real ones at all (see [`JambaMambaMixer::forward`]).
+    pub isolate_padding: bool,
 }
 
 /// `JambaAttentionDecoderLayer` or `JambaMambaDecoderLayer`.
@@ -96,9 +98,11 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
             }
             (Mixer::Attention(attn), None) => attn.forward(h, masks.attention.as_ref(), None),
             (Mixer::Mamba(mamba), Some(LayerState::Mamba(s))) => {
-                mamba.forward(h, masks.padding.as_ref(), Some(s))
+                mamba.forward(h, masks.padding.as_ref(), masks.isolate_padding, Some(s))
             }
-            (Mixer::Mamba(mamba), None) => mamba.forward(h, masks.padding.as_ref(), None),
+            (Mixer::Mamba(mamba), None) => {
+                mamba.forward(h, masks.padding.as_ref(), masks.isolate_padding, None)
+            }
             _ => unreachable!(
                 "a layer's state always matches its mixer (the cache is built from the model)"
             ),

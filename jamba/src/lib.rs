@@ -20,6 +20,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod layer;
 pub mod mamba;
 pub mod model;
@@ -29,5 +30,8 @@ pub mod weights;
 
 pub use config::{DtRank, FeedForwardKind, JambaConfig, MixerKind, PRESETS};
 pub use error::{JambaError, Result};
+pub use generate::{FinishReason, Generation, GenerationConfig, SamplingConfig};
 pub use jamba_kernels::JambaBackend;
-pub use model::{HybridCache, JambaForCausalLM, JambaModel, JambaOutput, TokenBatch};
+pub use model::{
+    ForwardOptions, HybridCache, JambaForCausalLM, JambaModel, JambaOutput, TokenBatch,
+};

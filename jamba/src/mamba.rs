@@ -19,11 +19,12 @@ use crate::error::Result;
 use crate::nn::{export_param, Export, Linear, RmsNorm};
 use crate::weights::{Init, Weights};
 
-/// What a Mamba layer carries from one call to the next: the last `d_conv - 1` conv inputs and the
-/// SSM state (always f32).
+/// What a Mamba layer carries from one call to the next: the last `d_conv - 1` conv inputs (all the
+/// next position's convolution needs; transformers keeps `d_conv`) and the SSM state, both f32
+/// whatever the weights' dtype.
 #[derive(Debug, Clone)]
 pub struct MambaState<B: Backend> {
-    /// `[batch, d_inner, d_conv - 1]`, the pre-conv inputs preceding the next position.
+    /// `[batch, d_inner, d_conv - 1]`, the pre-conv inputs preceding the next position, f32.
     pub conv: Tensor<B, 3>,
     /// `[batch, d_inner, d_state]`, f32.
     pub ssm: Tensor<B, 3>,
@@ -90,20 +91,24 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
     }
 
     /// An empty state (zeros) for `batch` sequences.
-    pub fn empty_state(&self, batch: usize, dtype: DType, device: &B::Device) -> MambaState<B> {
+    pub fn empty_state(&self, batch: usize, device: &B::Device) -> MambaState<B> {
         MambaState {
-            conv: Tensor::zeros([batch, self.d_inner, self.d_conv - 1], (device, dtype)),
+            conv: Tensor::zeros([batch, self.d_inner, self.d_conv - 1], (device, DType::F32)),
             ssm: Tensor::zeros([batch, self.d_inner, self.d_state], (device, DType::F32)),
         }
     }
 
     /// `hidden` `[batch, len, hidden]`; `mask` `[batch, len]` of 0/1 in the hidden dtype (padded
-    /// positions are zeroed before in_proj and after the conv, as in transformers). With `state`,
-    /// the call continues from it and leaves the state after its last position there.
+    /// positions are zeroed before in_proj and after the conv, as in transformers). With
+    /// `isolate_padding`, they are zeroed after in_proj too, so that an `in_proj` bias at padded
+    /// positions does not reach the conv of the first real tokens (transformers lets it): a padded
+    /// row then computes what it computes alone. Both agree for checkpoints without `mamba_proj_bias`.
+    /// With `state`, the call continues from it and leaves the state after its last position there.
     pub fn forward(
         &self,
         hidden: Tensor<B, 3>,
         mask: Option<&Tensor<B, 2>>,
+        isolate_padding: bool,
         state: Option<&mut MambaState<B>>,
     ) -> Tensor<B, 3> {
         let [batch, len, _] = hidden.dims();
@@ -115,6 +120,10 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         let xz = self.in_proj.forward(hidden).swap_dims(1, 2); // [batch, 2*di, len]
         let x = xz.clone().narrow(1, 0, di);
         let z = xz.narrow(1, di, di);
+        let x = match mask {
+            Some(m) if isolate_padding => x * m.clone().unsqueeze_dim::<3>(1),
+            _ => x,
+        };
 
         let (conv_state, ssm_state) = match &state {
             Some(s) => (Some(s.conv.clone()), Some(s.ssm.clone())),
@@ -192,7 +201,7 @@ fn last_inputs<B: Backend>(
 ) -> Tensor<B, 3> {
     let [batch, channels, len] = x.dims();
     let previous = previous
-        .unwrap_or_else(|| Tensor::zeros([batch, channels, keep], (&x.device(), x.dtype())));
-    let joined = Tensor::cat(vec![previous, x], 2);
+        .unwrap_or_else(|| Tensor::zeros([batch, channels, keep], (&x.device(), DType::F32)));
+    let joined = Tensor::cat(vec![previous, x.cast(DType::F32)], 2);
     joined.narrow(2, len, keep)
 }

@@ -7,7 +7,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
 use jamba_kernels::JambaBackend;
 
-use crate::attention::KvCache;
+use crate::attention::{KvCache, KV_BLOCK};
 use crate::checkpoint::{write_atomic, write_safetensors, Checkpoint, WEIGHTS_FILE};
 use crate::config::JambaConfig;
 use crate::error::{JambaError, Result};
@@ -69,6 +69,25 @@ impl TokenBatch {
             len,
             attention_mask,
         })
+    }
+
+    /// Positions `start..start + len` of every row.
+    pub fn columns(&self, start: usize, len: usize) -> Self {
+        let pick = |v: &Vec<i64>| -> Vec<i64> {
+            (0..self.batch)
+                .flat_map(|b| {
+                    v[b * self.len + start..b * self.len + start + len]
+                        .iter()
+                        .copied()
+                })
+                .collect()
+        };
+        Self {
+            ids: pick(&self.ids),
+            batch: self.batch,
+            len,
+            attention_mask: self.attention_mask.as_ref().map(pick),
+        }
     }
 
     /// Whether any position is masked.
@@ -258,8 +277,13 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         write_atomic(&dir.join("config.json"), cfg.to_json().as_bytes())
     }
 
-    /// An empty cache for `batch` sequences.
+    /// An empty cache for `batch` sequences (room for one block of positions; it grows as needed).
     pub fn new_cache(&self, batch: usize) -> HybridCache<B> {
+        self.new_cache_with_capacity(batch, KV_BLOCK)
+    }
+
+    /// An empty cache with room for `capacity` positions before the KV buffers grow.
+    pub fn new_cache_with_capacity(&self, batch: usize, capacity: usize) -> HybridCache<B> {
         let device = self.device();
         let dtype = self.dtype();
         let layers = self
@@ -267,11 +291,15 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
             .layers
             .iter()
             .map(|l| match &l.mixer {
-                Mixer::Attention(a) => LayerState::Attention(KvCache {
-                    keys: Tensor::zeros([batch, a.num_kv_heads, 0, a.head_dim], (&device, dtype)),
-                    values: Tensor::zeros([batch, a.num_kv_heads, 0, a.head_dim], (&device, dtype)),
-                }),
-                Mixer::Mamba(m) => LayerState::Mamba(m.empty_state(batch, dtype, &device)),
+                Mixer::Attention(a) => LayerState::Attention(KvCache::new(
+                    batch,
+                    a.num_kv_heads,
+                    a.head_dim,
+                    capacity.max(1),
+                    dtype,
+                    &device,
+                )),
+                Mixer::Mamba(m) => LayerState::Mamba(m.empty_state(batch, &device)),
             })
             .collect();
         HybridCache {
@@ -282,7 +310,7 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         }
     }
 
-    /// Checks token ids and lengths, then runs the model on host tokens.
+    /// Checks token ids and lengths, then runs the model on host tokens (all positions' logits).
     ///
     /// With `cache`, the tokens continue the sequences it holds (any number of tokens: a prefill
     /// chunk or one decode step) and the cache is advanced.
@@ -291,6 +319,20 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         tokens: &TokenBatch,
         cache: Option<&mut HybridCache<B>>,
         output_hidden_states: bool,
+    ) -> Result<JambaOutput<B>> {
+        let options = ForwardOptions {
+            output_hidden_states,
+            ..Default::default()
+        };
+        self.forward_with(tokens, cache, &options)
+    }
+
+    /// [`Self::forward`] with all options.
+    pub fn forward_with(
+        &self,
+        tokens: &TokenBatch,
+        cache: Option<&mut HybridCache<B>>,
+        options: &ForwardOptions,
     ) -> Result<JambaOutput<B>> {
         self.check_tokens(tokens, cache.as_ref().map_or(0, |c| c.seq_len))?;
         if let Some(c) = &cache {
@@ -319,7 +361,43 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
                     &device,
                 )
             });
-        Ok(self.forward_tensors(ids, mask, cache, output_hidden_states))
+        Ok(self.forward_tensors(ids, mask, cache, options))
+    }
+
+    /// Runs a prompt through the model in chunks of at most `chunk` positions, each continuing from
+    /// the state the previous one left in `cache`, and returns the last position's logits
+    /// `[batch, vocab]`. Activation memory is bounded by the chunk, not the prompt.
+    pub fn prefill(
+        &self,
+        tokens: &TokenBatch,
+        cache: &mut HybridCache<B>,
+        chunk: usize,
+        isolate_padding: bool,
+    ) -> Result<Tensor<B, 2>> {
+        if chunk == 0 {
+            return Err(JambaError::bad_input(
+                "chunk",
+                "the prefill chunk must be at least 1 token",
+            ));
+        }
+        self.check_tokens(tokens, cache.seq_len)?;
+        let options = ForwardOptions {
+            last_logits_only: true,
+            isolate_padding,
+            ..Default::default()
+        };
+        let mut last = None;
+        let mut start = 0;
+        while start < tokens.len {
+            let n = chunk.min(tokens.len - start);
+            let part = tokens.columns(start, n);
+            let out = self.forward_with(&part, Some(cache), &options)?;
+            last = Some(out.logits);
+            start += n;
+        }
+        let logits = last.expect("a checked batch has at least one token");
+        let [batch, _, vocab] = logits.dims();
+        Ok(logits.reshape([batch, vocab]))
     }
 
     fn check_tokens(&self, tokens: &TokenBatch, past: usize) -> Result<()> {
@@ -358,50 +436,40 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
     }
 
     /// Runs the model on device tensors without checks: `input_ids` `[batch, len]`, optional 0/1
-    /// `attention_mask` `[batch, len]` for the new positions.
+    /// `attention_mask` `[batch, len]` for the new positions (padding of earlier positions is in
+    /// the cache).
     pub fn forward_tensors(
         &self,
         input_ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2, Int>>,
         mut cache: Option<&mut HybridCache<B>>,
-        output_hidden_states: bool,
+        options: &ForwardOptions,
     ) -> JambaOutput<B> {
         let [batch, len] = input_ids.dims();
         let device = input_ids.device();
         let dtype = self.dtype();
         let past = cache.as_ref().map_or(0, |c| c.seq_len);
 
-        // Padding of all keys (past and new), true where padded.
+        // Padding of every key (past and new), true where padded; `None` when nothing is.
         let new_pad = attention_mask.as_ref().map(|m| m.clone().equal_elem(0));
         let past_pad = cache.as_ref().and_then(|c| c.padding.clone());
-        let key_pad = match (past_pad, new_pad.clone()) {
+        let no_pad = |n: usize| {
+            Tensor::<B, 2, Bool>::from_data(
+                TensorData::new(vec![false; batch * n], [batch, n]),
+                &device,
+            )
+        };
+        let key_pad = match (past_pad, new_pad) {
             (None, None) => None,
-            (Some(p), None) => Some(Tensor::cat(
-                vec![
-                    p,
-                    Tensor::<B, 2, Bool>::from_data(
-                        TensorData::new(vec![false; batch * len], [batch, len]),
-                        &device,
-                    ),
-                ],
-                1,
-            )),
+            (Some(p), None) => Some(Tensor::cat(vec![p, no_pad(len)], 1)),
             (None, Some(n)) if past == 0 => Some(n),
-            (None, Some(n)) => Some(Tensor::cat(
-                vec![
-                    Tensor::<B, 2, Bool>::from_data(
-                        TensorData::new(vec![false; batch * past], [batch, past]),
-                        &device,
-                    ),
-                    n,
-                ],
-                1,
-            )),
+            (None, Some(n)) => Some(Tensor::cat(vec![no_pad(past), n], 1)),
             (Some(p), Some(n)) => Some(Tensor::cat(vec![p, n], 1)),
         };
         let masks = LayerMasks {
             attention: attention_mask_for(len, past, key_pad.clone(), batch, &device),
             padding: attention_mask.map(|m| m.float().cast(dtype)),
+            isolate_padding: options.isolate_padding,
         };
 
         let mut x = burn::tensor::module::embedding(self.model.embed_tokens.val(), input_ids)
@@ -409,7 +477,7 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         let mut hidden_states = Vec::new();
         let mut router_logits = Vec::new();
         for (i, layer) in self.model.layers.iter().enumerate() {
-            if output_hidden_states {
+            if options.output_hidden_states {
                 hidden_states.push(x.clone());
             }
             let state = cache.as_mut().map(|c| &mut c.layers[i]);
@@ -417,8 +485,11 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
             x = out;
             router_logits.extend(logits);
         }
+        if options.last_logits_only && len > 1 {
+            x = x.narrow(1, len - 1, 1);
+        }
         let x = self.model.final_layernorm.forward(x);
-        if output_hidden_states {
+        if options.output_hidden_states {
             hidden_states.push(x.clone());
         }
         let logits = match &self.lm_head {
@@ -436,6 +507,34 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
             hidden_states,
             router_logits,
         }
+    }
+}
+
+/// How a forward pass runs and what it returns.
+#[derive(Debug, Clone, Default)]
+pub struct ForwardOptions {
+    /// Return each layer's input and the final norm's output.
+    pub output_hidden_states: bool,
+    /// Compute the LM head for the last position only (`logits` is then `[batch, 1, vocab]`).
+    pub last_logits_only: bool,
+    /// Keep padded positions from influencing real ones at all; see
+    /// [`crate::mamba::JambaMambaMixer::forward`]. Off, the pass is exactly transformers'.
+    pub isolate_padding: bool,
+}
+
+impl<B: Backend> HybridCache<B> {
+    /// Bytes held by the cache: KV buffers (allocated capacity) and Mamba states.
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| match l {
+                LayerState::Attention(kv) => kv.bytes(),
+                LayerState::Mamba(s) => {
+                    (s.conv.shape().num_elements() + s.ssm.shape().num_elements())
+                        * DType::F32.size()
+                }
+            })
+            .sum()
     }
 }
 
