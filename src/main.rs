@@ -5,7 +5,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use jamba::checkpoint::{read_all, write_safetensors};
-use jamba::{JambaBackend, JambaConfig, JambaError, JambaForCausalLM, TokenBatch};
+use std::io::Write;
+
+use jamba::generate::{GenerationConfig, SamplingConfig};
+use jamba::tokenizer::{eos_token_ids, generate_text};
+use jamba::{
+    ChatMessage, JambaBackend, JambaConfig, JambaError, JambaForCausalLM, TokenBatch, Tokenizer,
+};
 
 use burn::tensor::{DType, TensorData};
 
@@ -53,6 +59,56 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Dtype::F32)]
         dtype: Dtype,
     },
+    /// Generate text from a prompt (streamed to stdout), or token ids from a safetensors file.
+    Generate(GenerateArgs),
+}
+
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// Checkpoint folder (config.json, weights, tokenizer.json); default: the shipped model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The prompt text.
+    #[arg(long, conflicts_with_all = ["prompt_file", "input"])]
+    prompt: Option<String>,
+    /// A file holding the prompt text.
+    #[arg(long, conflicts_with = "input")]
+    prompt_file: Option<PathBuf>,
+    /// safetensors file with `input_ids` i64 [B, P] (and optional `attention_mask`): token mode.
+    #[arg(long, requires = "output")]
+    input: Option<PathBuf>,
+    /// Token mode: safetensors file to write `tokens` i64 [B, N] and `scores` f32 [B, N, V] to.
+    #[arg(long, requires = "input")]
+    output: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// 0 = greedy.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this text appears (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Do not stop at EOS tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Render the prompt as a user message with the tokenizer's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Prompt tokens per prefill chunk.
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
+    #[arg(long, value_enum, default_value_t = Backend::Ndarray)]
+    backend: Backend,
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -105,6 +161,7 @@ fn main() -> ExitCode {
             backend,
             dtype,
         } => forward_cmd(&model, &input, &output, backend, dtype.dtype()),
+        Command::Generate(args) => generate_cmd(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -203,6 +260,41 @@ fn info(
     Ok(())
 }
 
+/// Runs `$body` with `$B` bound to the backend type chosen at run time.
+macro_rules! with_backend {
+    ($backend:expr, $B:ident => $body:expr) => {
+        match $backend {
+            Backend::Ndarray => {
+                #[cfg(feature = "ndarray")]
+                {
+                    type $B = burn::backend::NdArray;
+                    $body
+                }
+                #[cfg(not(feature = "ndarray"))]
+                Err(CliError::BackendNotBuilt("ndarray"))
+            }
+            Backend::Wgpu => {
+                #[cfg(feature = "wgpu")]
+                {
+                    type $B = burn::backend::Wgpu;
+                    $body
+                }
+                #[cfg(not(feature = "wgpu"))]
+                Err(CliError::BackendNotBuilt("wgpu"))
+            }
+            Backend::Cuda => {
+                #[cfg(feature = "cuda")]
+                {
+                    type $B = burn::backend::Cuda;
+                    $body
+                }
+                #[cfg(not(feature = "cuda"))]
+                Err(CliError::BackendNotBuilt("cuda"))
+            }
+        }
+    };
+}
+
 fn forward_cmd(
     model: &Path,
     input: &Path,
@@ -210,44 +302,170 @@ fn forward_cmd(
     backend: Backend,
     dtype: DType,
 ) -> Result<(), CliError> {
-    match backend {
-        Backend::Ndarray => {
-            #[cfg(feature = "ndarray")]
-            return forward_on::<burn::backend::NdArray>(
-                &Default::default(),
-                model,
-                input,
-                output,
-                dtype,
-            );
-            #[cfg(not(feature = "ndarray"))]
-            return Err(CliError::BackendNotBuilt("ndarray"));
+    with_backend!(backend, B => forward_on::<B>(&Default::default(), model, input, output, dtype))
+}
+
+/// Where the shipped model lives, relative to the repository.
+const SHIPPED_MODEL: &str = "models/jamba-kjv";
+
+/// The model `jamba generate` uses without `--model`: the one shipped in `models/`.
+fn default_model_dir() -> PathBuf {
+    let shipped = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(SHIPPED_MODEL);
+    if shipped.exists() {
+        shipped
+    } else {
+        PathBuf::from(SHIPPED_MODEL)
+    }
+}
+
+fn generate_cmd(args: GenerateArgs) -> Result<(), CliError> {
+    let sampling = SamplingConfig {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    };
+    // Every argument is checked before the model is loaded or anything is printed.
+    sampling.validate()?;
+    if args.prefill_chunk == 0 {
+        return Err(CliError::Input("--prefill-chunk must be at least 1".into()));
+    }
+    let prompt = match (&args.prompt, &args.prompt_file) {
+        (Some(p), _) => Some(p.clone()),
+        (None, Some(f)) => Some(
+            std::fs::read_to_string(f)
+                .map_err(|e| CliError::Input(format!("{}: {e}", f.display())))?,
+        ),
+        (None, None) => None,
+    };
+    if prompt.is_none() && args.input.is_none() {
+        return Err(CliError::Input(
+            "give --prompt TEXT, --prompt-file FILE, or --input FILE --output FILE".into(),
+        ));
+    }
+    if prompt.as_deref().is_some_and(str::is_empty) {
+        return Err(CliError::Input("the prompt is empty".into()));
+    }
+    let dir = args.model.clone().unwrap_or_else(default_model_dir);
+    if !dir.join("config.json").exists() {
+        return Err(CliError::Input(format!(
+            "{}: no config.json (no --model given and the shipped model is not there)",
+            dir.display()
+        )));
+    }
+    with_backend!(args.backend, B => generate_on::<B>(&Default::default(), &dir, &args, sampling, prompt))
+}
+
+fn generate_on<B: JambaBackend>(
+    device: &B::Device,
+    dir: &Path,
+    args: &GenerateArgs,
+    sampling: SamplingConfig,
+    prompt: Option<String>,
+) -> Result<(), CliError> {
+    let config = JambaConfig::from_file(dir.join("config.json"))?;
+    let eos = if args.ignore_eos {
+        vec![]
+    } else {
+        eos_token_ids(dir, &config)?
+    };
+    let cfg = GenerationConfig {
+        max_new_tokens: args.max_new_tokens,
+        sampling,
+        eos_token_ids: eos,
+        prefill_chunk: args.prefill_chunk,
+        pad_token_id: config.pad_token_id.unwrap_or(0),
+        output_scores: args.output.is_some(),
+    };
+    match prompt {
+        Some(prompt) => {
+            let tokenizer = Tokenizer::from_dir(dir)?
+                .ok_or_else(|| CliError::Input(format!("{}: no tokenizer.json", dir.display())))?;
+            let prompt = if args.chat {
+                tokenizer.apply_chat_template(&[ChatMessage::user(prompt)], true)?
+            } else {
+                prompt
+            };
+            let n_prompt = tokenizer.encode(&prompt, true)?.len();
+            if n_prompt + cfg.max_new_tokens > config.max_position_embeddings {
+                return Err(JambaError::ContextExceeded {
+                    length: n_prompt + cfg.max_new_tokens,
+                    max: config.max_position_embeddings,
+                }
+                .into());
+            }
+            let model = load_model::<B>(dir, device, args.dtype.dtype())?;
+            let mut stdout = std::io::stdout();
+            let (_, gen) = generate_text(&model, &tokenizer, &prompt, &cfg, &args.stop, |piece| {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            })?;
+            println!();
+            report(&gen);
         }
-        Backend::Wgpu => {
-            #[cfg(feature = "wgpu")]
-            return forward_on::<burn::backend::Wgpu>(
-                &Default::default(),
-                model,
-                input,
+        None => {
+            let input = args.input.as_deref().expect("checked above");
+            let output = args
+                .output
+                .as_deref()
+                .expect("clap requires --output with --input");
+            let tokens = read_tokens(input)?;
+            let prompts: Vec<Vec<u32>> = (0..tokens.batch)
+                .map(|b| {
+                    (0..tokens.len)
+                        .filter(|&t| {
+                            tokens
+                                .attention_mask
+                                .as_ref()
+                                .is_none_or(|m| m[b * tokens.len + t] == 1)
+                        })
+                        .map(|t| tokens.ids[b * tokens.len + t] as u32)
+                        .collect()
+                })
+                .collect();
+            let model = load_model::<B>(dir, device, args.dtype.dtype())?;
+            let gen = model.generate(&prompts, &cfg, |_| true)?;
+            let (batch, n, vocab) = (tokens.batch, cfg.max_new_tokens, config.vocab_size);
+            // Rows that stopped early are padded with the pad id and zero scores.
+            let mut ids = vec![cfg.pad_token_id as i64; batch * n];
+            let mut scores = vec![0f32; batch * n * vocab];
+            for b in 0..batch {
+                for (s, t) in gen.tokens[b].iter().enumerate() {
+                    ids[b * n + s] = *t as i64;
+                }
+                for (s, row) in gen.scores[b].iter().enumerate() {
+                    scores[(b * n + s) * vocab..(b * n + s + 1) * vocab].copy_from_slice(row);
+                }
+            }
+            write_safetensors(
                 output,
-                dtype,
-            );
-            #[cfg(not(feature = "wgpu"))]
-            return Err(CliError::BackendNotBuilt("wgpu"));
-        }
-        Backend::Cuda => {
-            #[cfg(feature = "cuda")]
-            return forward_on::<burn::backend::Cuda>(
-                &Default::default(),
-                model,
-                input,
-                output,
-                dtype,
-            );
-            #[cfg(not(feature = "cuda"))]
-            return Err(CliError::BackendNotBuilt("cuda"));
+                vec![
+                    ("tokens".into(), TensorData::new(ids, [batch, n])),
+                    ("scores".into(), TensorData::new(scores, [batch, n, vocab])),
+                ],
+                None,
+            )?;
+            report(&gen);
         }
     }
+    Ok(())
+}
+
+fn report(gen: &jamba::Generation) {
+    let s = &gen.stats;
+    eprintln!(
+        "prefill: {} tokens in {:.2?} ({:.1} tok/s); decode: {} steps x {} rows in {:.2?} ({:.1} tok/s, {:.2} ms/step); cache: {}",
+        s.prompt_tokens,
+        s.prefill_time,
+        s.prefill_tokens_per_s(),
+        s.decode_steps,
+        s.batch,
+        s.decode_time,
+        s.decode_tokens_per_s(),
+        s.decode_ms_per_step(),
+        gib(s.cache_bytes as u64)
+    );
 }
 
 /// Reads `input_ids` and the optional `attention_mask` of a safetensors file.

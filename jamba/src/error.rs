@@ -61,6 +61,12 @@ pub enum JambaError {
         position: usize,
         vocab_size: usize,
     },
+    /// The tokenizer could not be loaded, trained or run.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A chat template failed to render.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
     /// A prompt (plus what is to be generated) is longer than the model's context.
     #[error("sequence of {length} tokens exceeds the model's context of {max} tokens")]
     ContextExceeded { length: usize, max: usize },

@@ -26,6 +26,7 @@ pub mod mamba;
 pub mod model;
 pub mod moe;
 pub mod nn;
+pub mod tokenizer;
 pub mod weights;
 
 pub use config::{DtRank, FeedForwardKind, JambaConfig, MixerKind, PRESETS};
@@ -35,3 +36,4 @@ pub use jamba_kernels::JambaBackend;
 pub use model::{
     ForwardOptions, HybridCache, JambaForCausalLM, JambaModel, JambaOutput, TokenBatch,
 };
+pub use tokenizer::{ChatMessage, Tokenizer};
