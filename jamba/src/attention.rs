@@ -146,7 +146,7 @@ impl<B: Backend> JambaAttention<B> {
             .forward(out.swap_dims(1, 2).reshape([batch, len, nh * hd]))
     }
 
-    pub(crate) fn export(&self, prefix: &str, out: &mut Export) {
+    pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
         self.q_proj.export(&format!("{prefix}.q_proj"), out);
         self.k_proj.export(&format!("{prefix}.k_proj"), out);
         self.v_proj.export(&format!("{prefix}.v_proj"), out);

@@ -119,7 +119,7 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
         (x + h.cast(DType::F32), router_logits)
     }
 
-    pub(crate) fn export(&self, prefix: &str, out: &mut Export) {
+    pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
         self.input_layernorm
             .export(&format!("{prefix}.input_layernorm"), out);
         match &self.mixer {

@@ -27,6 +27,7 @@ pub mod model;
 pub mod moe;
 pub mod nn;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub use config::{DtRank, FeedForwardKind, JambaConfig, MixerKind, PRESETS};

@@ -173,7 +173,7 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         self.out_proj.forward(out.y.swap_dims(1, 2))
     }
 
-    pub(crate) fn export(&self, prefix: &str, out: &mut Export) {
+    pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
         self.in_proj.export(&format!("{prefix}.in_proj"), out);
         export_param(out, format!("{prefix}.conv1d.weight"), &self.conv1d.weight);
         if let Some(b) = &self.conv1d.bias {

@@ -12,7 +12,7 @@ use crate::checkpoint::{write_atomic, write_safetensors, Checkpoint, WEIGHTS_FIL
 use crate::config::JambaConfig;
 use crate::error::{JambaError, Result};
 use crate::layer::{JambaDecoderLayer, LayerMasks, LayerState, Mixer};
-use crate::nn::{export_param, Export, Linear, RmsNorm};
+use crate::nn::{export_param, hub_split, Export, Linear, NamedParam, RmsNorm};
 use crate::weights::{Init, Weights};
 
 /// A batch of token ids on the host, row-major `[batch, len]`, with an optional 0/1 attention mask
@@ -233,9 +233,9 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         self.model.embed_tokens.val().dtype()
     }
 
-    /// Every parameter under its Hub name (experts split per expert), as host data.
-    pub fn export_tensors(&self) -> Vec<(String, TensorData)> {
-        let mut out: Export = Vec::new();
+    /// Every parameter with its transformers name, in HF order (experts fused).
+    pub fn named_params(&self) -> Vec<NamedParam<B>> {
+        let mut out: Export<B> = Vec::new();
         export_param(
             &mut out,
             "model.embed_tokens.weight".into(),
@@ -251,6 +251,14 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
             head.export("lm_head", &mut out);
         }
         out
+    }
+
+    /// Every parameter under its Hub name (experts split per expert), as host data.
+    pub fn export_tensors(&self) -> Vec<(String, TensorData)> {
+        self.named_params()
+            .into_iter()
+            .flat_map(|p| hub_split(&p.name, p.param.data()))
+            .collect()
     }
 
     /// Writes `config.json` and `model.safetensors` (Hub layout) into `dir`, each atomically.
@@ -472,8 +480,22 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
             isolate_padding: options.isolate_padding,
         };
 
-        let mut x = burn::tensor::module::embedding(self.model.embed_tokens.val(), input_ids)
-            .cast(DType::F32);
+        let embed = self.model.embed_tokens.val();
+        let mut x = burn::tensor::module::embedding(embed.clone(), input_ids.clone());
+        if let (true, Some(pad)) = (options.training, self.config.pad_token_id) {
+            // `nn.Embedding(padding_idx=pad)`: the padding row gets no gradient from the lookup
+            // (a tied LM head still trains it).
+            let is_pad = input_ids
+                .clone()
+                .equal_elem(pad as i64)
+                .unsqueeze_dim::<3>(2)
+                .expand(x.dims());
+            x = x.mask_where(
+                is_pad,
+                burn::tensor::module::embedding(embed.detach(), input_ids),
+            );
+        }
+        let mut x = x.cast(DType::F32);
         let mut hidden_states = Vec::new();
         let mut router_logits = Vec::new();
         for (i, layer) in self.model.layers.iter().enumerate() {
@@ -517,6 +539,9 @@ pub struct ForwardOptions {
     pub output_hidden_states: bool,
     /// Compute the LM head for the last position only (`logits` is then `[batch, 1, vocab]`).
     pub last_logits_only: bool,
+    /// Give the padding token's embedding row no gradient from the lookup, as PyTorch's
+    /// `padding_idx` (for training).
+    pub training: bool,
     /// Keep padded positions from influencing real ones at all; see
     /// [`crate::mamba::JambaMambaMixer::forward`]. Off, the pass is exactly transformers'.
     pub isolate_padding: bool,

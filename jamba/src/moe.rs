@@ -9,7 +9,7 @@ use burn::tensor::{
 
 use crate::config::JambaConfig;
 use crate::error::Result;
-use crate::nn::{Export, Linear};
+use crate::nn::{export_param, Export, Linear};
 use crate::weights::{Init, Weights};
 
 /// `down(silu(gate(x)) * up(x))`.
@@ -35,7 +35,7 @@ impl<B: Backend> JambaMlp<B> {
         self.down_proj.forward(gate * self.up_proj.forward(x))
     }
 
-    pub(crate) fn export(&self, prefix: &str, out: &mut Export) {
+    pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
         self.gate_proj.export(&format!("{prefix}.gate_proj"), out);
         self.up_proj.export(&format!("{prefix}.up_proj"), out);
         self.down_proj.export(&format!("{prefix}.down_proj"), out);
@@ -104,27 +104,10 @@ impl<B: Backend> JambaExperts<B> {
         act.matmul(down.transpose())
     }
 
-    /// Saves in the Hub layout, one tensor per expert and projection.
-    pub(crate) fn export(&self, prefix: &str, out: &mut Export) {
-        let [e, two_i, h] = self.gate_up_proj.dims();
-        let i = two_i / 2;
-        let gate_up = self.gate_up_proj.val();
-        let down = self.down_proj.val();
-        for x in 0..e {
-            let gu = gate_up.clone().narrow(0, x, 1).reshape([two_i, h]);
-            out.push((
-                format!("{prefix}.{x}.gate_proj.weight"),
-                gu.clone().narrow(0, 0, i).into_data(),
-            ));
-            out.push((
-                format!("{prefix}.{x}.up_proj.weight"),
-                gu.narrow(0, i, i).into_data(),
-            ));
-            out.push((
-                format!("{prefix}.{x}.down_proj.weight"),
-                down.clone().narrow(0, x, 1).reshape([h, i]).into_data(),
-            ));
-        }
+    /// Both tensors under their fused names (see [`crate::nn::hub_split`] for the Hub layout).
+    pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
+        export_param(out, format!("{prefix}.gate_up_proj"), &self.gate_up_proj);
+        export_param(out, format!("{prefix}.down_proj"), &self.down_proj);
     }
 }
 
@@ -204,7 +187,7 @@ impl<B: Backend> JambaSparseMoeBlock<B> {
         (out.reshape([batch, len, hidden]), router_logits)
     }
 
-    pub(crate) fn export(&self, prefix: &str, out: &mut Export) {
+    pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
         self.router.export(&format!("{prefix}.router"), out);
         self.experts.export(&format!("{prefix}.experts"), out);
     }

@@ -7,15 +7,113 @@ use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
 use crate::error::Result;
 use crate::weights::{Init, Weights};
 
-/// Collects `(HF name, data)` pairs for saving.
-pub(crate) type Export = Vec<(String, TensorData)>;
+/// A parameter of any rank the model has.
+#[derive(Debug, Clone)]
+pub enum ParamTensor<B: Backend> {
+    D1(Param<Tensor<B, 1>>),
+    D2(Param<Tensor<B, 2>>),
+    D3(Param<Tensor<B, 3>>),
+}
 
-pub(crate) fn export_param<B: Backend, const D: usize>(
-    out: &mut Export,
+impl<B: Backend> ParamTensor<B> {
+    /// The parameter's id (stable for the life of the module).
+    pub fn id(&self) -> burn::module::ParamId {
+        match self {
+            Self::D1(p) => p.id,
+            Self::D2(p) => p.id,
+            Self::D3(p) => p.id,
+        }
+    }
+
+    /// Its current value, as host data.
+    pub fn data(&self) -> TensorData {
+        match self {
+            Self::D1(p) => p.val().into_data(),
+            Self::D2(p) => p.val().into_data(),
+            Self::D3(p) => p.val().into_data(),
+        }
+    }
+}
+
+/// A parameter with its transformers name (experts under their fused transformers-5 names
+/// `experts.gate_up_proj` / `experts.down_proj`; [`hub_split`] gives the Hub's per-expert keys).
+#[derive(Debug, Clone)]
+pub struct NamedParam<B: Backend> {
+    pub name: String,
+    pub param: ParamTensor<B>,
+}
+
+/// Collects named parameters in HF order.
+pub(crate) type Export<B> = Vec<NamedParam<B>>;
+
+pub(crate) trait IntoParamTensor<B: Backend> {
+    fn into_param_tensor(self) -> ParamTensor<B>;
+}
+
+impl<B: Backend> IntoParamTensor<B> for Param<Tensor<B, 1>> {
+    fn into_param_tensor(self) -> ParamTensor<B> {
+        ParamTensor::D1(self)
+    }
+}
+
+impl<B: Backend> IntoParamTensor<B> for Param<Tensor<B, 2>> {
+    fn into_param_tensor(self) -> ParamTensor<B> {
+        ParamTensor::D2(self)
+    }
+}
+
+impl<B: Backend> IntoParamTensor<B> for Param<Tensor<B, 3>> {
+    fn into_param_tensor(self) -> ParamTensor<B> {
+        ParamTensor::D3(self)
+    }
+}
+
+pub(crate) fn export_param<B: Backend, P: IntoParamTensor<B> + Clone>(
+    out: &mut Export<B>,
     key: String,
-    p: &Param<Tensor<B, D>>,
+    p: &P,
 ) {
-    out.push((key, p.val().into_data()));
+    out.push(NamedParam {
+        name: key,
+        param: p.clone().into_param_tensor(),
+    });
+}
+
+/// Splits a tensor stored under a fused expert name into the Hub's per-expert tensors
+/// (`experts.{e}.{gate,up,down}_proj.weight`); any other tensor is returned as it is.
+pub fn hub_split(name: &str, data: TensorData) -> Vec<(String, TensorData)> {
+    let split = |prefix: &str, parts: &[(&str, usize)], data: TensorData| {
+        let shape = data.shape.to_vec();
+        let (e, rows, cols) = (shape[0], shape[1], shape[2]);
+        let elem = data.dtype.size();
+        let bytes = data.as_bytes();
+        let mut out = Vec::new();
+        for x in 0..e {
+            let mut row = 0;
+            for (part, n) in parts {
+                let start = (x * rows + row) * cols * elem;
+                let chunk = bytes[start..start + n * cols * elem].to_vec();
+                out.push((
+                    format!("{prefix}.{x}.{part}.weight"),
+                    TensorData::from_bytes_vec(chunk, vec![*n, cols], data.dtype),
+                ));
+                row += n;
+            }
+        }
+        out
+    };
+    if let Some(prefix) = name.strip_suffix(".gate_up_proj") {
+        let i = data.shape[1] / 2;
+        split(prefix, &[("gate_proj", i), ("up_proj", i)], data)
+    } else if let Some(prefix) = name
+        .strip_suffix(".experts.down_proj")
+        .map(|p| format!("{p}.experts"))
+    {
+        let h = data.shape[1];
+        split(&prefix, &[("down_proj", h)], data)
+    } else {
+        vec![(name.to_string(), data)]
+    }
 }
 
 /// `y = x W^T + b` with `W` stored `[out, in]` as in PyTorch.
@@ -52,7 +150,7 @@ impl<B: Backend> Linear<B> {
         )
     }
 
-    pub(crate) fn export(&self, prefix: &str, out: &mut Export) {
+    pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
         export_param(out, format!("{prefix}.weight"), &self.weight);
         if let Some(b) = &self.bias {
             export_param(out, format!("{prefix}.bias"), b);
@@ -86,7 +184,7 @@ impl<B: Backend> RmsNorm<B> {
         y.cast(weight.dtype()) * weight.unsqueeze::<D>()
     }
 
-    pub(crate) fn export(&self, prefix: &str, out: &mut Export) {
+    pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
         export_param(out, format!("{prefix}.weight"), &self.weight);
     }
 }

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 
-use burn::module::{Param, ParamId};
+use burn::module::Param;
 use burn::tensor::{backend::Backend, DType, Distribution, Tensor, TensorData};
 
 use crate::checkpoint::Checkpoint;
@@ -96,10 +96,8 @@ impl<'a, B: Backend> Weights<'a, B> {
         shape: [usize; D],
         init: Init,
     ) -> Result<Param<Tensor<B, D>>> {
-        Ok(Param::initialized(
-            ParamId::new(),
-            self.tensor(key, shape, init)?,
-        ))
+        // `from_tensor` marks the parameter as trainable (a no-op on backends without autodiff).
+        Ok(Param::from_tensor(self.tensor(key, shape, init)?))
     }
 
     /// One tensor of the given shape.

@@ -1,0 +1,429 @@
+//! Training: transformers' losses, AdamW with f32 state, warmup + cosine schedule, clipping by the
+//! global gradient norm, and optimizer state that saves and resumes exactly.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{
+    activation, backend::Backend, DType, IndexingUpdateOp, Int, Tensor, TensorData,
+};
+use jamba_kernels::JambaBackend;
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{read_all, write_atomic, write_safetensors};
+use crate::error::{JambaError, Result};
+use crate::model::{ForwardOptions, JambaForCausalLM, TokenBatch};
+use crate::nn::ParamTensor;
+
+/// Label value that the loss ignores (padding), as in PyTorch.
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Mean cross-entropy of `logits[:, t]` predicting `labels[:, t + 1]`, skipping `IGNORE_INDEX`
+/// (`ForCausalLMLoss`). Computed in f32. Sequences need at least two positions.
+pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let [batch, len, vocab] = logits.dims();
+    let n = batch * (len - 1);
+    let logits = logits
+        .narrow(1, 0, len - 1)
+        .cast(DType::F32)
+        .reshape([n, vocab]);
+    let labels = labels.narrow(1, 1, len - 1).reshape([n]);
+    let valid = labels.clone().not_equal_elem(IGNORE_INDEX);
+    let safe = labels.mask_fill(valid.clone().bool_not(), 0);
+    let picked = activation::log_softmax(logits, 1)
+        .gather(1, safe.unsqueeze_dim(1))
+        .reshape([n]);
+    let valid = valid.float();
+    let count = valid.clone().sum().clamp_min(1.0);
+    (picked * valid).sum().neg() / count
+}
+
+/// The load-balancing loss of Switch Transformers over all MoE layers at once, as transformers'
+/// `load_balancing_loss_func`: `E * sum_e f_e * P_e`, with `f_e` the share of top-k assignments to
+/// expert `e` and `P_e` its mean router probability; `mask` `[batch, len]` (1 = real token)
+/// excludes padding from both averages.
+pub fn load_balancing_loss<B: Backend>(
+    router_logits: &[Tensor<B, 2>],
+    num_experts: usize,
+    top_k: usize,
+    mask: Option<Tensor<B, 2>>,
+) -> Tensor<B, 1> {
+    let logits = Tensor::cat(router_logits.to_vec(), 0).cast(DType::F32);
+    let [n, e] = logits.dims();
+    let probs = activation::softmax(logits, 1);
+    let (_, chosen) = probs.clone().topk_with_indices(top_k, 1);
+    let device = probs.device();
+    let assigned = Tensor::<B, 2>::zeros([n, e], (&device, DType::F32)).scatter(
+        1,
+        chosen,
+        Tensor::ones([n, top_k], (&device, DType::F32)),
+        IndexingUpdateOp::Add,
+    );
+    let weights = match mask {
+        // The mask repeats for every MoE layer: logits are stacked layer after layer.
+        Some(m) => m
+            .cast(DType::F32)
+            .reshape([1, n / router_logits.len()])
+            .repeat_dim(0, router_logits.len())
+            .reshape([n, 1]),
+        None => Tensor::ones([n, 1], (&device, DType::F32)),
+    };
+    let total = weights.clone().sum();
+    let f = (assigned * weights.clone()).sum_dim(0) / total.clone().reshape([1, 1]);
+    let p = (probs * weights).sum_dim(0) / total.reshape([1, 1]);
+    (f * p).sum().mul_scalar(num_experts as f64)
+}
+
+/// The parts of the training loss.
+#[derive(Debug, Clone)]
+pub struct LossOutput<B: Backend> {
+    /// `ce + router_aux_loss_coef * aux` (just `ce` without MoE layers).
+    pub loss: Tensor<B, 1>,
+    pub ce: Tensor<B, 1>,
+    pub aux: Option<Tensor<B, 1>>,
+}
+
+impl<B: JambaBackend> JambaForCausalLM<B> {
+    /// transformers' training loss for labels = input ids (padding ignored), with the router's
+    /// load-balancing term when the model has MoE layers.
+    pub fn loss(&self, tokens: &TokenBatch) -> Result<LossOutput<B>> {
+        if tokens.len < 2 {
+            return Err(JambaError::bad_input(
+                "input_ids",
+                "training sequences need at least 2 tokens",
+            ));
+        }
+        let device = self.device();
+        let mask = tokens
+            .attention_mask
+            .clone()
+            .filter(|_| tokens.has_padding());
+        let labels: Vec<i64> = match &mask {
+            Some(m) => tokens
+                .ids
+                .iter()
+                .zip(m)
+                .map(|(&id, &keep)| if keep == 1 { id } else { IGNORE_INDEX })
+                .collect(),
+            None => tokens.ids.clone(),
+        };
+        let options = ForwardOptions {
+            training: true,
+            ..Default::default()
+        };
+        let out = self.forward_with(tokens, None, &options)?;
+        let labels = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(labels, [tokens.batch, tokens.len]),
+            &device,
+        );
+        let ce = causal_lm_loss(out.logits, labels);
+        if out.router_logits.is_empty() {
+            return Ok(LossOutput {
+                loss: ce.clone(),
+                ce,
+                aux: None,
+            });
+        }
+        let mask = mask.map(|m| {
+            Tensor::<B, 2, Int>::from_data(TensorData::new(m, [tokens.batch, tokens.len]), &device)
+                .float()
+        });
+        let aux = load_balancing_loss(
+            &out.router_logits,
+            self.config.num_experts,
+            self.config.num_experts_per_tok,
+            mask,
+        );
+        let loss = ce.clone() + aux.clone().mul_scalar(self.config.router_aux_loss_coef);
+        Ok(LossOutput {
+            loss,
+            ce,
+            aux: Some(aux),
+        })
+    }
+}
+
+/// The gradient of every parameter, under its name (see [`JambaForCausalLM::named_params`]).
+pub fn named_grads<B: AutodiffBackend + JambaBackend>(
+    model: &JambaForCausalLM<B>,
+    grads: &GradientsParams,
+) -> Vec<(String, Option<TensorData>)> {
+    model
+        .named_params()
+        .into_iter()
+        .map(|p| {
+            let id = p.param.id();
+            let data = match p.param {
+                ParamTensor::D1(_) => grads.get::<B::InnerBackend, 1>(id).map(|g| g.into_data()),
+                ParamTensor::D2(_) => grads.get::<B::InnerBackend, 2>(id).map(|g| g.into_data()),
+                ParamTensor::D3(_) => grads.get::<B::InnerBackend, 3>(id).map(|g| g.into_data()),
+            };
+            (p.name, data)
+        })
+        .collect()
+}
+
+/// AdamW hyper-parameters (transformers' defaults: betas 0.9/0.999, eps 1e-8).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+        }
+    }
+}
+
+/// Whether a parameter is decayed: not biases and norms (as transformers' Trainer), nor Mamba's
+/// `A_log` and `D` (as mamba-ssm).
+pub fn decays(name: &str) -> bool {
+    !(name.ends_with(".bias")
+        || name.contains("layernorm")
+        || name.ends_with(".A_log")
+        || name.ends_with(".D"))
+}
+
+/// Learning rate at `step` (0-based): linear warmup to `peak`, then cosine decay to `min`.
+pub fn lr_at(step: usize, warmup: usize, total: usize, peak: f64, min: f64) -> f64 {
+    if step < warmup {
+        return peak * (step + 1) as f64 / warmup as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1);
+    let progress = ((step - warmup) as f64 / span as f64).min(1.0);
+    min + 0.5 * (peak - min) * (1.0 + (std::f64::consts::PI * progress).cos())
+}
+
+/// AdamW with its moments in f32 whatever the parameters' dtype, keyed by parameter name so that
+/// the state saves, loads and resumes exactly.
+#[derive(Debug)]
+pub struct AdamW<B: AutodiffBackend> {
+    pub config: AdamWConfig,
+    /// Optimizer steps taken.
+    pub step: u64,
+    moments: HashMap<String, (Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>)>,
+}
+
+struct StepMapper<'a, B: AutodiffBackend> {
+    opt: &'a mut AdamW<B>,
+    names: HashMap<ParamId, String>,
+    grads: GradientsParams,
+    lr: f64,
+    grad_scale: f64,
+}
+
+impl<B: AutodiffBackend> ModuleMapper<B> for StepMapper<'_, B> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let (Some(grad), Some(name)) = (
+            self.grads.remove::<B::InnerBackend, D>(id),
+            self.names.get(&id),
+        ) else {
+            return Param::from_mapped_value(id, tensor, mapper);
+        };
+        let c = self.opt.config;
+        let t = self.opt.step as i32;
+        let shape = tensor.shape();
+        let n = shape.num_elements();
+        let dtype = tensor.dtype();
+        let w = tensor.inner().cast(DType::F32).reshape([n]);
+        let g = grad
+            .cast(DType::F32)
+            .reshape([n])
+            .mul_scalar(self.grad_scale);
+        let (m, v) = match self.opt.moments.remove(name) {
+            Some(mv) => mv,
+            None => (w.zeros_like(), w.zeros_like()),
+        };
+        let m = m.mul_scalar(c.beta1) + g.clone().mul_scalar(1.0 - c.beta1);
+        let v = v.mul_scalar(c.beta2) + g.square().mul_scalar(1.0 - c.beta2);
+        let m_hat = m.clone().div_scalar(1.0 - c.beta1.powi(t));
+        let v_hat = v.clone().div_scalar(1.0 - c.beta2.powi(t));
+        let mut w = w;
+        if c.weight_decay > 0.0 && decays(name) {
+            w = w.mul_scalar(1.0 - self.lr * c.weight_decay);
+        }
+        let w = w - m_hat
+            .div(v_hat.sqrt().add_scalar(c.eps))
+            .mul_scalar(self.lr);
+        self.opt.moments.insert(name.clone(), (m, v));
+        let w = Tensor::<B, D>::from_inner(w.cast(dtype).reshape(shape)).require_grad();
+        Param::from_mapped_value(id, w, mapper)
+    }
+}
+
+impl<B: AutodiffBackend + JambaBackend> AdamW<B> {
+    pub fn new(config: AdamWConfig) -> Self {
+        Self {
+            config,
+            step: 0,
+            moments: HashMap::new(),
+        }
+    }
+
+    /// The global L2 norm of all gradients (before clipping).
+    pub fn grad_norm(model: &JambaForCausalLM<B>, grads: &GradientsParams) -> f64 {
+        let mut total: Option<Tensor<B::InnerBackend, 1>> = None;
+        for p in model.named_params() {
+            let id = p.param.id();
+            let sq = match p.param {
+                ParamTensor::D1(_) => grads
+                    .get::<B::InnerBackend, 1>(id)
+                    .map(|g| g.cast(DType::F32).square().sum()),
+                ParamTensor::D2(_) => grads
+                    .get::<B::InnerBackend, 2>(id)
+                    .map(|g| g.cast(DType::F32).square().sum()),
+                ParamTensor::D3(_) => grads
+                    .get::<B::InnerBackend, 3>(id)
+                    .map(|g| g.cast(DType::F32).square().sum()),
+            };
+            if let Some(sq) = sq {
+                total = Some(match total {
+                    Some(t) => t + sq,
+                    None => sq,
+                });
+            }
+        }
+        total.map_or(0.0, |t| {
+            use burn::tensor::ElementConversion;
+            t.into_scalar().elem::<f64>().sqrt()
+        })
+    }
+
+    /// One update with learning rate `lr`, after scaling all gradients so that their global norm
+    /// is at most `max_grad_norm` (when given). Returns the norm before clipping.
+    pub fn step(
+        &mut self,
+        model: JambaForCausalLM<B>,
+        grads: GradientsParams,
+        lr: f64,
+        max_grad_norm: Option<f64>,
+    ) -> (JambaForCausalLM<B>, f64) {
+        let norm = Self::grad_norm(&model, &grads);
+        let grad_scale = match max_grad_norm {
+            Some(max) if norm > max => max / (norm + 1e-6),
+            _ => 1.0,
+        };
+        self.step += 1;
+        let names = model
+            .named_params()
+            .into_iter()
+            .map(|p| (p.param.id(), p.name))
+            .collect();
+        let mut mapper = StepMapper {
+            opt: self,
+            names,
+            grads,
+            lr,
+            grad_scale,
+        };
+        (model.map(&mut mapper), norm)
+    }
+
+    /// Writes the moments (`m.{name}`, `v.{name}`, f32) and the step count.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut tensors = Vec::with_capacity(2 * self.moments.len());
+        let mut names: Vec<&String> = self.moments.keys().collect();
+        names.sort();
+        for name in names {
+            let (m, v) = &self.moments[name];
+            tensors.push((format!("m.{name}"), m.clone().into_data()));
+            tensors.push((format!("v.{name}"), v.clone().into_data()));
+        }
+        let meta: HashMap<String, String> = [
+            ("step".to_string(), self.step.to_string()),
+            (
+                "config".to_string(),
+                serde_json::to_string(&self.config).expect("serialisable"),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        write_safetensors(path, tensors, Some(meta))
+    }
+
+    /// Reads what [`Self::save`] wrote.
+    pub fn load(
+        path: &Path,
+        config: AdamWConfig,
+        step: u64,
+        device: &<B::InnerBackend as burn::tensor::backend::BackendTypes>::Device,
+    ) -> Result<Self> {
+        let tensors: BTreeMap<String, TensorData> = read_all(path)?;
+        let mut moments = HashMap::new();
+        for (key, m) in &tensors {
+            if let Some(name) = key.strip_prefix("m.") {
+                let v =
+                    tensors
+                        .get(&format!("v.{name}"))
+                        .ok_or_else(|| JambaError::MissingTensor {
+                            key: format!("v.{name}"),
+                            expected: m.shape.to_vec(),
+                        })?;
+                let t = |d: &TensorData| {
+                    Tensor::<B::InnerBackend, 1>::from_data(d.clone(), (device, DType::F32))
+                };
+                moments.insert(name.to_string(), (t(m), t(v)));
+            }
+        }
+        Ok(Self {
+            config,
+            step,
+            moments,
+        })
+    }
+}
+
+/// Where a training run stands, saved beside each checkpoint for resuming.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Total optimizer steps planned (the schedule's length).
+    pub total_steps: usize,
+    pub seed: u64,
+    /// Free-form settings of the run (learning rates, batch, ...), kept for the record.
+    pub settings: serde_json::Value,
+}
+
+impl TrainerState {
+    pub fn save(&self, path: &Path) -> Result<()> {
+        write_atomic(
+            path,
+            serde_json::to_string_pretty(self)
+                .expect("serialisable")
+                .as_bytes(),
+        )
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| JambaError::io(path, e))?;
+        serde_json::from_str(&text)
+            .map_err(|e| JambaError::bad_input(path.display().to_string(), e.to_string()))
+    }
+}
+
+/// Names of trainable parameters that got no gradient (a sign of a detached graph).
+pub fn missing_grads<B: AutodiffBackend + JambaBackend>(
+    model: &JambaForCausalLM<B>,
+    grads: &GradientsParams,
+) -> Vec<String> {
+    named_grads(model, grads)
+        .into_iter()
+        .filter(|(_, g)| g.is_none())
+        .map(|(n, _)| n)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect()
+}
