@@ -19,6 +19,7 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod error;
 pub mod generate;
 pub mod layer;

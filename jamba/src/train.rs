@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
-use burn::module::{Module, ModuleMapper, Param, ParamId};
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{
@@ -426,4 +426,235 @@ pub fn missing_grads<B: AutodiffBackend + JambaBackend>(
         .collect::<HashSet<_>>()
         .into_iter()
         .collect()
+}
+
+/// Settings of a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Sequences per micro-batch.
+    pub batch: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup: usize,
+    /// Clip the global gradient norm to this.
+    pub max_grad_norm: Option<f64>,
+    pub adamw: AdamWConfig,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            steps: 1000,
+            batch: 16,
+            grad_accum: 1,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup: 50,
+            max_grad_norm: Some(1.0),
+            adamw: AdamWConfig {
+                weight_decay: 0.1,
+                ..Default::default()
+            },
+            seed: 0,
+        }
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepReport {
+    /// 1-based number of the step just taken.
+    pub step: usize,
+    pub loss: f64,
+    pub ce: f64,
+    pub aux: f64,
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Tokens seen in this step.
+    pub tokens: usize,
+}
+
+/// A model, its optimizer and its data, stepping through a run that can be saved and resumed.
+pub struct Trainer<B: AutodiffBackend + JambaBackend> {
+    pub model: JambaForCausalLM<B>,
+    pub optimizer: AdamW<B>,
+    pub data: crate::data::PackedDataset,
+    pub config: TrainConfig,
+    /// Optimizer steps done.
+    pub step: usize,
+}
+
+fn scalar<Bk: Backend>(t: Tensor<Bk, 1>) -> f64 {
+    use burn::tensor::ElementConversion;
+    t.into_scalar().elem::<f64>()
+}
+
+impl<B: AutodiffBackend + JambaBackend> Trainer<B>
+where
+    B::InnerBackend: JambaBackend,
+{
+    pub fn new(
+        model: JambaForCausalLM<B>,
+        data: crate::data::PackedDataset,
+        config: TrainConfig,
+    ) -> Self {
+        Self {
+            model,
+            optimizer: AdamW::new(config.adamw),
+            data,
+            config,
+            step: 0,
+        }
+    }
+
+    /// One optimizer step over `grad_accum` micro-batches.
+    pub fn train_step(&mut self) -> Result<StepReport> {
+        let c = &self.config;
+        let scale = 1.0 / c.grad_accum as f64;
+        let mut accumulated: Option<GradientsParams> = None;
+        let (mut loss, mut ce, mut aux, mut tokens) = (0.0, 0.0, 0.0, 0);
+        for micro in 0..c.grad_accum {
+            let batch = self
+                .data
+                .train_batch(self.step * c.grad_accum + micro, c.batch);
+            tokens += batch.ids.len();
+            let out = self.model.loss(&batch)?;
+            loss += scalar(out.loss.clone()) * scale;
+            ce += scalar(out.ce.clone()) * scale;
+            aux += out.aux.clone().map_or(0.0, scalar) * scale;
+            let grads =
+                GradientsParams::from_grads(out.loss.mul_scalar(scale).backward(), &self.model);
+            accumulated = Some(match accumulated {
+                None => grads,
+                Some(acc) => add_grads(&self.model, acc, grads),
+            });
+        }
+        let lr = lr_at(self.step, c.warmup, c.steps, c.lr, c.min_lr);
+        let model = self.model.clone();
+        let (model, grad_norm) = self.optimizer.step(
+            model,
+            accumulated.expect("grad_accum >= 1"),
+            lr,
+            c.max_grad_norm,
+        );
+        self.model = model;
+        self.step += 1;
+        Ok(StepReport {
+            step: self.step,
+            loss,
+            ce,
+            aux,
+            lr,
+            grad_norm,
+            tokens,
+        })
+    }
+
+    /// Mean cross-entropy over (at most `max_batches` of) the validation set.
+    pub fn evaluate(&self, max_batches: usize) -> Result<f64> {
+        let model = self.model.valid();
+        let batches = self.data.valid_batches(self.config.batch);
+        let n = batches.len().min(max_batches.max(1));
+        let mut total = 0.0;
+        for b in batches.iter().take(n) {
+            total += scalar(model.loss(b)?.ce);
+        }
+        Ok(total / n as f64)
+    }
+
+    /// Writes a checkpoint folder that transformers loads (`config.json`, `model.safetensors`,
+    /// `tokenizer.json`) plus `optimizer.safetensors` and `trainer_state.json` for resuming. The
+    /// folder is written beside `dir` and renamed into place, so an interrupted save leaves the
+    /// previous checkpoint intact.
+    pub fn save_checkpoint(
+        &self,
+        dir: &Path,
+        tokenizer: Option<&crate::tokenizer::Tokenizer>,
+        settings: serde_json::Value,
+    ) -> Result<()> {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let tmp = dir.with_file_name(format!(".{name}.partial"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(|e| JambaError::io(&tmp, e))?;
+        }
+        self.model.save_pretrained(&tmp)?;
+        if let Some(t) = tokenizer {
+            t.save(tmp.join("tokenizer.json"))?;
+        }
+        self.optimizer.save(&tmp.join("optimizer.safetensors"))?;
+        TrainerState {
+            step: self.step,
+            total_steps: self.config.steps,
+            seed: self.config.seed,
+            settings,
+        }
+        .save(&tmp.join("trainer_state.json"))?;
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).map_err(|e| JambaError::io(dir, e))?;
+        }
+        std::fs::rename(&tmp, dir).map_err(|e| JambaError::io(dir, e))
+    }
+
+    /// Continues a run from a checkpoint written by [`Self::save_checkpoint`].
+    pub fn resume(
+        dir: &Path,
+        data: crate::data::PackedDataset,
+        config: TrainConfig,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let model = JambaForCausalLM::<B>::from_pretrained(dir, device, dtype)?;
+        let state = TrainerState::load(&dir.join("trainer_state.json"))?;
+        let optimizer = AdamW::load(
+            &dir.join("optimizer.safetensors"),
+            config.adamw,
+            state.step as u64,
+            &model.device().clone(),
+        )?;
+        Ok(Self {
+            model,
+            optimizer,
+            data,
+            config,
+            step: state.step,
+        })
+    }
+}
+
+/// `a + b` for every parameter's gradient.
+fn add_grads<B: AutodiffBackend + JambaBackend>(
+    model: &JambaForCausalLM<B>,
+    mut a: GradientsParams,
+    mut b: GradientsParams,
+) -> GradientsParams {
+    for p in model.named_params() {
+        let id = p.param.id();
+        macro_rules! add {
+            ($d:literal) => {
+                match (
+                    a.remove::<B::InnerBackend, $d>(id),
+                    b.remove::<B::InnerBackend, $d>(id),
+                ) {
+                    (Some(x), Some(y)) => a.register(id, x + y),
+                    (Some(x), None) | (None, Some(x)) => a.register(id, x),
+                    (None, None) => {}
+                }
+            };
+        }
+        match p.param {
+            ParamTensor::D1(_) => add!(1),
+            ParamTensor::D2(_) => add!(2),
+            ParamTensor::D3(_) => add!(3),
+        }
+    }
+    a
 }
