@@ -61,6 +61,20 @@ enum Command {
     },
     /// Generate text from a prompt (streamed to stdout), or token ids from a safetensors file.
     Generate(GenerateArgs),
+    /// Training loss and the gradient of every parameter for the tokens in a safetensors file.
+    Loss {
+        /// Checkpoint folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// safetensors file with `input_ids` i64 [B, T] and optionally `attention_mask` [B, T].
+        #[arg(long)]
+        input: PathBuf,
+        /// safetensors file to write `loss`, `aux_loss` and `grad.{parameter}` (f32) to.
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value_t = Backend::Ndarray)]
+        backend: Backend,
+    },
 }
 
 #[derive(clap::Args)]
@@ -162,6 +176,12 @@ fn main() -> ExitCode {
             dtype,
         } => forward_cmd(&model, &input, &output, backend, dtype.dtype()),
         Command::Generate(args) => generate_cmd(args),
+        Command::Loss {
+            model,
+            input,
+            output,
+            backend,
+        } => loss_cmd(&model, &input, &output, backend),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -449,6 +469,38 @@ fn generate_on<B: JambaBackend>(
             report(&gen);
         }
     }
+    Ok(())
+}
+
+fn loss_cmd(model: &Path, input: &Path, output: &Path, backend: Backend) -> Result<(), CliError> {
+    with_backend!(backend, B => loss_on::<burn::backend::Autodiff<B>>(&Default::default(), model, input, output))
+}
+
+/// Labels are the input ids, padding (mask 0) ignored; the loss adds `router_aux_loss_coef` times
+/// the load-balancing loss when the model has MoE layers, as transformers does.
+fn loss_on<B: burn::tensor::backend::AutodiffBackend + JambaBackend>(
+    device: &B::Device,
+    model_dir: &Path,
+    input: &Path,
+    output: &Path,
+) -> Result<(), CliError> {
+    let tokens = read_tokens(input)?;
+    let model = load_model::<B>(model_dir, device, DType::F32)?;
+    let out = model.loss(&tokens)?;
+    let grads = burn::optim::GradientsParams::from_grads(out.loss.clone().backward(), &model);
+    let scalar = |t: burn::tensor::Tensor<B, 1>| t.into_data().convert::<f32>();
+    let mut tensors = vec![("loss".to_string(), scalar(out.loss))];
+    if let Some(aux) = out.aux {
+        tensors.push(("aux_loss".into(), scalar(aux)));
+    }
+    for (name, grad) in jamba::train::named_grads(&model, &grads) {
+        if let Some(grad) = grad {
+            for (key, data) in jamba::nn::hub_split(&name, grad) {
+                tensors.push((format!("grad.{key}"), data.convert::<f32>()));
+            }
+        }
+    }
+    write_safetensors(output, tensors, None)?;
     Ok(())
 }
 

@@ -122,3 +122,41 @@ fn bad_input_fails_with_a_message() {
         .unwrap()
         .contains("unknown preset"));
 }
+
+#[test]
+fn loss_reproduces_transformers_gradients() {
+    for case in CASES {
+        let exp = expected(case);
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("input.safetensors");
+        let output = dir.path().join("grads.safetensors");
+        let tensors = vec![
+            ("input_ids".to_string(), exp["input_ids"].clone()),
+            ("attention_mask".to_string(), exp["attention_mask"].clone()),
+        ];
+        write_safetensors(&input, tensors, None).unwrap();
+        let status = jamba()
+            .args(["loss", "--model"])
+            .arg(fixture_dir(case))
+            .arg("--input")
+            .arg(&input)
+            .arg("--output")
+            .arg(&output)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{case}: jamba loss failed");
+        let got = read_all(&output).unwrap();
+        assert_close(&format!("{case} loss"), &got["loss"].to_vec::<f32>().unwrap(), &exp["loss"], 1e-4);
+        assert_close(&format!("{case} aux_loss"), &got["aux_loss"].to_vec::<f32>().unwrap(), &exp["aux_loss"], 1e-4);
+        let mut n = 0;
+        for (key, want) in exp.iter().filter(|(k, _)| k.starts_with("grad.")) {
+            let ours = got.get(key).unwrap_or_else(|| panic!("{case}: `jamba loss` wrote no {key}"));
+            let w = want.to_vec::<f32>().unwrap();
+            let scale = w.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+            let worst = ours.to_vec::<f32>().unwrap().iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst / scale <= 1e-4, "{case} {key}: {worst:e} vs scale {scale:e}");
+            n += 1;
+        }
+        assert!(n > 50);
+    }
+}
