@@ -89,6 +89,8 @@ enum Backend {
     Ndarray,
     Wgpu,
     Cuda,
+    /// CUDA without operation fusion.
+    CudaUnfused,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -125,6 +127,8 @@ fn main() {
         Backend::Wgpu => run::<Autodiff<burn::backend::Wgpu>>(&args, &Default::default()),
         #[cfg(feature = "cuda")]
         Backend::Cuda => run::<Autodiff<burn::backend::Cuda>>(&args, &Default::default()),
+        #[cfg(feature = "cuda")]
+        Backend::CudaUnfused => run::<Autodiff<jamba_kernels::CudaUnfused>>(&args, &Default::default()),
         #[allow(unreachable_patterns)]
         _ => Err("this backend is not compiled in (rebuild with --features wgpu or cuda)".into()),
     };

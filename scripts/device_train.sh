@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# On the GPU machine: train the shipped model (bf16, f32 optimizer state) on the KJV corpus, check
-# that transformers loads the result with our logits, and time training steps of the "block" model.
-# Usage: scripts/device_train.sh BIN_DIR OUT_DIR
+# On the GPU machine: train the shipped model (bf16 weights, f32 optimizer state) on the KJV corpus,
+# check that transformers loads the result with our logits, and time training steps of the "block"
+# model. Usage: scripts/device_train.sh BIN_DIR OUT_DIR [BACKEND] [TRAIN_SECONDS]
 set -uo pipefail
-bin=$1; out=$2
+bin=$1; out=$2; backend=${3:-cuda-unfused}; seconds=${4:-330}
 run=/tmp/run
-"$bin/train" --backend cuda --dtype bf16 --out $run --seq-len 128 --batch 128 --steps 300 \
-    --lr 3e-3 --min-lr 3e-4 --warmup 20 --eval-every 50 --save-every 100 --time-limit 420 2>&1 \
-    | tr '\r' '\n' | grep -v '^\s*$' | awk 'NR % 20 == 1 || /loss [0-9]|final|trained|corpus|model:|error|time/' | tail -40
-python3 scripts/hf_check_checkpoint.py $run/final "$bin/jamba" 2>&1 | grep -v "Loading weights\|falling back"
+show() { tr '\r' '\n' | grep -v '^\s*$' | grep -v 'No backtrace\|^Backtrace' | head -${1:-20} | cut -c1-300; }
+echo "== sanity: 3 steps, $backend bf16, batch 128 x 128"
+"$bin/train" --backend $backend --dtype bf16 --out /tmp/sanity --seq-len 128 --batch 128 --steps 3 \
+    --warmup 1 --no-save 2>&1 | show 8
+cat /tmp/sanity/metrics.csv
+dtype=bf16
+grep -q NaN /tmp/sanity/metrics.csv && dtype=f32
+echo "== training the shipped model in $dtype for up to $seconds s"
+"$bin/train" --backend $backend --dtype $dtype --out $run --seq-len 128 --batch 128 --steps 250 \
+    --lr 3e-3 --min-lr 3e-4 --warmup 15 --eval-every 50 --save-every 1000 --time-limit $seconds 2>&1 | show 30
+awk -F, 'NR == 1 || NR % 10 == 2 || $8 != ""' $run/metrics.csv | tail -40
+echo "== transformers loads the checkpoint"
+python3 scripts/hf_check_checkpoint.py $run/final "$bin/jamba" 2>&1 | grep -v "Loading weights\|falling back" | tail -3
 tar cf - -C $run final metrics.csv loss.png | split -b 15M - "$out/model.tar.part-"
-"$bin/train" --backend cuda --dtype bf16 --config benches/configs/block.json --out /tmp/block --seq-len 2048 \
-    --batch 8 --steps 3 --warmup 1 --no-save --max-corpus-bytes 3000000 --time-limit 200 2>&1 | grep -v '^\s*$' | tail -3
+echo "== block model: training steps, batch 8 x 2048"
+timeout 240 "$bin/train" --backend $backend --dtype bf16 --config benches/configs/block.json --out /tmp/block \
+    --seq-len 2048 --batch 8 --steps 3 --warmup 1 --no-save --max-corpus-bytes 3000000 2>&1 | show 5
 cat /tmp/block/metrics.csv

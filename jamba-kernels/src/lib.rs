@@ -107,3 +107,7 @@ impl<B: JambaBackend, C: burn::backend::autodiff::checkpoint::strategy::Checkpoi
     JambaBackend for burn::backend::Autodiff<B, C>
 {
 }
+
+/// CUDA without Burn's operation fusion (`burn::backend::Cuda` is the fused one).
+#[cfg(feature = "cuda")]
+pub type CudaUnfused = burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, f32, i32, u8>;
