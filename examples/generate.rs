@@ -35,7 +35,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let device = Default::default();
     let model = JambaForCausalLM::<NdArray>::from_pretrained(&args.model, &device, DType::F32)?;
-    let tokenizer = Tokenizer::from_dir(&args.model)?.ok_or("the checkpoint has no tokenizer.json")?;
+    let tokenizer =
+        Tokenizer::from_dir(&args.model)?.ok_or("the checkpoint has no tokenizer.json")?;
     let cfg = GenerationConfig {
         max_new_tokens: args.max_new_tokens,
         sampling: SamplingConfig {

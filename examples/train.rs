@@ -128,7 +128,9 @@ fn main() {
         #[cfg(feature = "cuda")]
         Backend::Cuda => run::<Autodiff<burn::backend::Cuda>>(&args, &Default::default()),
         #[cfg(feature = "cuda")]
-        Backend::CudaUnfused => run::<Autodiff<jamba_kernels::CudaUnfused>>(&args, &Default::default()),
+        Backend::CudaUnfused => {
+            run::<Autodiff<jamba_kernels::CudaUnfused>>(&args, &Default::default())
+        }
         #[allow(unreachable_patterns)]
         _ => Err("this backend is not compiled in (rebuild with --features wgpu or cuda)".into()),
     };

@@ -146,15 +146,36 @@ fn loss_reproduces_transformers_gradients() {
             .unwrap();
         assert!(status.success(), "{case}: jamba loss failed");
         let got = read_all(&output).unwrap();
-        assert_close(&format!("{case} loss"), &got["loss"].to_vec::<f32>().unwrap(), &exp["loss"], 1e-4);
-        assert_close(&format!("{case} aux_loss"), &got["aux_loss"].to_vec::<f32>().unwrap(), &exp["aux_loss"], 1e-4);
+        assert_close(
+            &format!("{case} loss"),
+            &got["loss"].to_vec::<f32>().unwrap(),
+            &exp["loss"],
+            1e-4,
+        );
+        assert_close(
+            &format!("{case} aux_loss"),
+            &got["aux_loss"].to_vec::<f32>().unwrap(),
+            &exp["aux_loss"],
+            1e-4,
+        );
         let mut n = 0;
         for (key, want) in exp.iter().filter(|(k, _)| k.starts_with("grad.")) {
-            let ours = got.get(key).unwrap_or_else(|| panic!("{case}: `jamba loss` wrote no {key}"));
+            let ours = got
+                .get(key)
+                .unwrap_or_else(|| panic!("{case}: `jamba loss` wrote no {key}"));
             let w = want.to_vec::<f32>().unwrap();
             let scale = w.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
-            let worst = ours.to_vec::<f32>().unwrap().iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(worst / scale <= 1e-4, "{case} {key}: {worst:e} vs scale {scale:e}");
+            let worst = ours
+                .to_vec::<f32>()
+                .unwrap()
+                .iter()
+                .zip(&w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst / scale <= 1e-4,
+                "{case} {key}: {worst:e} vs scale {scale:e}"
+            );
             n += 1;
         }
         assert!(n > 50);

@@ -110,4 +110,5 @@ impl<B: JambaBackend, C: burn::backend::autodiff::checkpoint::strategy::Checkpoi
 
 /// CUDA without Burn's operation fusion (`burn::backend::Cuda` is the fused one).
 #[cfg(feature = "cuda")]
-pub type CudaUnfused = burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, f32, i32, u8>;
+pub type CudaUnfused =
+    burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, f32, i32, u8>;
