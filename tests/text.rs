@@ -123,7 +123,7 @@ fn text_generation_streams_and_stops_at_stop_strings() {
         &tok,
         "In the beginning",
         &cfg,
-        &[stop.clone()],
+        std::slice::from_ref(&stop),
         |p| streamed.push_str(p),
     )
     .unwrap();

@@ -18,8 +18,8 @@ pub struct SamplingConfig {
     pub top_k: Option<usize>,
     /// Keep the smallest set of tokens whose probability reaches `p`, in (0, 1].
     pub top_p: Option<f32>,
-    /// > 1 discourages tokens already in the sequence (transformers' rule: divide positive logits,
-    /// multiply negative ones).
+    /// Above 1, discourages tokens already in the sequence (transformers' rule: divide positive
+    /// logits, multiply negative ones).
     pub repetition_penalty: f32,
     /// Seed of the sampler: the same seed gives the same output.
     pub seed: u64,
@@ -366,10 +366,10 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
                 tokens: &chosen,
             });
             if !keep_going {
-                for b in 0..batch {
-                    if !done[b] {
-                        done[b] = true;
-                        gen.finish[b] = FinishReason::Stopped;
+                for (d, finish) in done.iter_mut().zip(gen.finish.iter_mut()) {
+                    if !*d {
+                        *d = true;
+                        *finish = FinishReason::Stopped;
                     }
                 }
             }

@@ -4,7 +4,6 @@
 
 use std::path::Path;
 
-use burn::tensor::backend::Backend;
 use jamba_kernels::JambaBackend;
 use serde::Serialize;
 use tokenizers::models::bpe::{BpeTrainerBuilder, BPE};
@@ -289,10 +288,7 @@ pub fn generate_text<B: JambaBackend>(
     cfg: &GenerationConfig,
     stop_strings: &[String],
     mut on_text: impl FnMut(&str),
-) -> Result<(String, Generation)>
-where
-    B: Backend,
-{
+) -> Result<(String, Generation)> {
     if prompt.is_empty() {
         return Err(JambaError::bad_input("prompt", "the prompt is empty"));
     }

@@ -205,6 +205,12 @@ pub fn lr_at(step: usize, warmup: usize, total: usize, peak: f64, min: f64) -> f
     min + 0.5 * (peak - min) * (1.0 + (std::f64::consts::PI * progress).cos())
 }
 
+/// First and second moments of one parameter, flattened, f32.
+type Moments<B> = (
+    Tensor<<B as AutodiffBackend>::InnerBackend, 1>,
+    Tensor<<B as AutodiffBackend>::InnerBackend, 1>,
+);
+
 /// AdamW with its moments in f32 whatever the parameters' dtype, keyed by parameter name so that
 /// the state saves, loads and resumes exactly.
 #[derive(Debug)]
@@ -212,7 +218,7 @@ pub struct AdamW<B: AutodiffBackend> {
     pub config: AdamWConfig,
     /// Optimizer steps taken.
     pub step: u64,
-    moments: HashMap<String, (Tensor<B::InnerBackend, 1>, Tensor<B::InnerBackend, 1>)>,
+    moments: HashMap<String, Moments<B>>,
 }
 
 struct StepMapper<'a, B: AutodiffBackend> {
