@@ -115,3 +115,37 @@ pub fn assert_close_l2(name: &str, ours: &[f32], reference: &TensorData, tol: f3
     );
     rel
 }
+
+/// Checks every `grad.{name}` of a fixture against `ours` (keyed by `name`): each within 1e-4 of
+/// its tensor's largest value (floored at 1e-3, below which f32 rounding of the loss's sums
+/// dominates): ~1000x the f32 unit roundoff, far below any semantic difference (a padding-row
+/// gradient, a missing aux term). Returns how many were compared.
+pub fn assert_grads_match(
+    case: &str,
+    ours: &BTreeMap<String, TensorData>,
+    exp: &BTreeMap<String, TensorData>,
+) -> usize {
+    let mut checked = 0;
+    for (key, want) in exp.iter().filter(|(k, _)| k.starts_with("grad.")) {
+        let name = &key["grad.".len()..];
+        let got = ours
+            .get(name)
+            .unwrap_or_else(|| panic!("{case}: no gradient for {name}"));
+        let want = want.to_vec::<f32>().unwrap();
+        let scale = want.iter().fold(1e-3f32, |m, v| m.max(v.abs()));
+        let worst = got
+            .to_vec::<f32>()
+            .unwrap()
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst / scale <= 1e-4,
+            "{case} grad {name}: max error {worst:e} vs scale {scale:e}"
+        );
+        checked += 1;
+    }
+    assert!(checked > 50, "{case}: only {checked} gradients compared");
+    checked
+}
