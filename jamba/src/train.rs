@@ -1,7 +1,7 @@
 //! Training: transformers' losses, AdamW with f32 state, warmup + cosine schedule, clipping by the
 //! global gradient norm, and optimizer state that saves and resumes exactly.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use burn::module::{AutodiffModule, Module, ModuleMapper, Param, ParamId};
@@ -418,20 +418,6 @@ impl TrainerState {
         serde_json::from_str(&text)
             .map_err(|e| JambaError::bad_input(path.display().to_string(), e.to_string()))
     }
-}
-
-/// Names of trainable parameters that got no gradient (a sign of a detached graph).
-pub fn missing_grads<B: AutodiffBackend + JambaBackend>(
-    model: &JambaForCausalLM<B>,
-    grads: &GradientsParams,
-) -> Vec<String> {
-    named_grads(model, grads)
-        .into_iter()
-        .filter(|(_, g)| g.is_none())
-        .map(|(n, _)| n)
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect()
 }
 
 /// Settings of a training run.
