@@ -6,6 +6,13 @@
 
 pub mod reference;
 
+#[cfg(feature = "autodiff")]
+mod autodiff;
+#[cfg(feature = "cube")]
+pub mod cube;
+#[cfg(feature = "cube")]
+mod fusion;
+
 use burn::tensor::{backend::Backend, Tensor};
 
 /// Inputs of the Mamba-1 selective scan, in mamba-ssm's layout (channels before time).
@@ -59,13 +66,94 @@ pub struct CausalConv1dInput<B: Backend> {
     pub silu: bool,
 }
 
+/// Gradients of the selective scan w.r.t. each input, in that input's dtype.
+#[derive(Debug, Clone)]
+pub struct SelectiveScanGrads<B: Backend> {
+    pub u: Tensor<B, 3>,
+    /// W.r.t. the raw `delta` (before `delta_bias` and softplus).
+    pub delta: Tensor<B, 3>,
+    pub a: Tensor<B, 2>,
+    pub b: Tensor<B, 3>,
+    pub c: Tensor<B, 3>,
+    pub d: Tensor<B, 1>,
+    pub z: Option<Tensor<B, 3>>,
+    pub delta_bias: Option<Tensor<B, 1>>,
+    pub initial_state: Option<Tensor<B, 3>>,
+}
+
+/// Gradients of the causal conv1d w.r.t. each input, in that input's dtype.
+#[derive(Debug, Clone)]
+pub struct CausalConv1dGrads<B: Backend> {
+    pub x: Tensor<B, 3>,
+    pub weight: Tensor<B, 2>,
+    pub bias: Option<Tensor<B, 1>>,
+    pub initial_state: Option<Tensor<B, 3>>,
+}
+
+/// One decoding position of the selective scan (`selective_state_update` in mamba-ssm).
+///
+/// Shapes: `x`, `delta`, `z`: `[batch, d_inner]`; `b`, `c`: `[batch, d_state]`; the rest as in
+/// [`SelectiveScanInput`]; `state`: `[batch, d_inner, d_state]` f32, consumed and returned updated
+/// (in place where the backend can).
+#[derive(Debug, Clone)]
+pub struct SelectiveStateUpdate<B: Backend> {
+    pub state: Tensor<B, 3>,
+    pub x: Tensor<B, 2>,
+    pub delta: Tensor<B, 2>,
+    pub a: Tensor<B, 2>,
+    pub b: Tensor<B, 2>,
+    pub c: Tensor<B, 2>,
+    pub d: Tensor<B, 1>,
+    pub z: Option<Tensor<B, 2>>,
+    pub delta_bias: Option<Tensor<B, 1>>,
+    pub delta_softplus: bool,
+}
+
+/// One decoding position of the causal conv1d (`causal_conv1d_update`): `state`
+/// `[batch, channels, width - 1]` f32 holds the preceding inputs and is returned shifted to end
+/// with `x` `[batch, channels]`.
+#[derive(Debug, Clone)]
+pub struct CausalConv1dUpdate<B: Backend> {
+    pub state: Tensor<B, 3>,
+    pub x: Tensor<B, 2>,
+    pub weight: Tensor<B, 2>,
+    pub bias: Option<Tensor<B, 1>>,
+    pub silu: bool,
+}
+
 /// The operations Jamba's Mamba mixer needs from a backend.
 ///
-/// The default methods are the tensor-op references; a backend with kernels overrides them.
+/// The default methods are the tensor-op references; a backend with kernels overrides them and
+/// sets [`JambaBackend::KERNELS`], which makes `Autodiff<B>` use the kernels' backward instead
+/// of differentiating the reference.
 pub trait JambaBackend: Backend {
+    /// Whether `selective_scan_saving`, `selective_scan_backward` and `causal_conv1d_backward`
+    /// are implemented (they are only called when this is true).
+    const KERNELS: bool = false;
+
     /// Mamba-1 selective scan (`selective_scan_fn` in mamba-ssm), returning the last state too.
     fn selective_scan(input: SelectiveScanInput<Self>) -> SelectiveScanOutput<Self> {
         reference::selective_scan(input)
+    }
+
+    /// The forward scan that also returns what its backward needs: the state at the start of
+    /// every chunk of [`scan_chunk_len`] positions, `[batch, d_inner, chunks, d_state]` f32.
+    fn selective_scan_saving(
+        input: &SelectiveScanInput<Self>,
+    ) -> (SelectiveScanOutput<Self>, Tensor<Self, 4>) {
+        let _ = input;
+        unimplemented!("selective_scan_saving is only called on backends with KERNELS")
+    }
+
+    /// Gradients of `sum(selective_scan(input).y * grad_y)` w.r.t. every input, from the chunk
+    /// states of [`JambaBackend::selective_scan_saving`]. The last state carries no gradient.
+    fn selective_scan_backward(
+        input: &SelectiveScanInput<Self>,
+        chunk_states: Tensor<Self, 4>,
+        grad_y: Tensor<Self, 3>,
+    ) -> SelectiveScanGrads<Self> {
+        let _ = (input, chunk_states, grad_y);
+        unimplemented!("selective_scan_backward is only called on backends with KERNELS")
     }
 
     /// Depthwise causal conv1d with optional bias, preceding inputs and fused SiLU
@@ -73,6 +161,32 @@ pub trait JambaBackend: Backend {
     fn causal_conv1d(input: CausalConv1dInput<Self>) -> Tensor<Self, 3> {
         reference::causal_conv1d(input)
     }
+
+    /// Gradients of `sum(causal_conv1d(input) * grad_y)` w.r.t. every input.
+    fn causal_conv1d_backward(
+        input: &CausalConv1dInput<Self>,
+        grad_y: Tensor<Self, 3>,
+    ) -> CausalConv1dGrads<Self> {
+        let _ = (input, grad_y);
+        unimplemented!("causal_conv1d_backward is only called on backends with KERNELS")
+    }
+
+    /// One decoding position of the scan: returns `y` `[batch, d_inner]` and the new state.
+    fn selective_state_update(input: SelectiveStateUpdate<Self>) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
+        reference::selective_state_update(input)
+    }
+
+    /// One decoding position of the conv: returns `y` `[batch, channels]` and the new state.
+    fn causal_conv1d_update(input: CausalConv1dUpdate<Self>) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
+        reference::causal_conv1d_update(input)
+    }
+}
+
+/// Positions per chunk of the scan kernels: the backward recomputes the states of one chunk at
+/// a time from the state saved at its start. Smaller for large `d_state` so that a chunk's
+/// inputs fit in shared memory and its states in a unit's local memory.
+pub fn scan_chunk_len(d_state: usize) -> usize {
+    (512 / d_state.max(1)).clamp(4, 32)
 }
 
 #[cfg(feature = "ndarray")]
@@ -86,29 +200,16 @@ where
 {
 }
 
-#[cfg(feature = "cube")]
-impl<R, F, I, BT> JambaBackend for burn_cubecl::CubeBackend<R, F, I, BT>
-where
-    R: burn_cubecl::CubeRuntime,
-    F: burn_cubecl::FloatElement,
-    I: burn_cubecl::IntElement,
-    BT: burn_cubecl::BoolElement,
-{
-}
-
-#[cfg(feature = "cube")]
-impl<B: burn_fusion::FusionBackend + JambaBackend> JambaBackend for burn_fusion::Fusion<B> {}
 
 #[cfg(feature = "tch")]
 impl<E: burn::backend::libtorch::TchElement> JambaBackend for burn::backend::LibTorch<E> {}
 
-#[cfg(feature = "autodiff")]
-impl<B: JambaBackend, C: burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy>
-    JambaBackend for burn::backend::Autodiff<B, C>
-{
-}
 
 /// CUDA without Burn's operation fusion (`burn::backend::Cuda` is the fused one).
 #[cfg(feature = "cuda")]
 pub type CudaUnfused =
     burn_cubecl::CubeBackend<burn_cubecl::cubecl::cuda::CudaRuntime, f32, i32, u8>;
+
+/// wgpu without Burn's operation fusion (`burn::backend::Wgpu` is the fused one).
+#[cfg(feature = "wgpu")]
+pub type WgpuUnfused = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;

@@ -6,7 +6,10 @@
 
 use burn::tensor::{activation, backend::Backend, DType, Tensor};
 
-use crate::{CausalConv1dInput, SelectiveScanInput, SelectiveScanOutput};
+use crate::{
+    CausalConv1dInput, CausalConv1dUpdate, SelectiveScanInput, SelectiveScanOutput,
+    SelectiveStateUpdate,
+};
 
 /// Positions whose `[batch, d_inner, chunk, d_state]` discretised terms are built at once.
 ///
@@ -131,6 +134,65 @@ pub fn causal_conv1d<B: Backend>(input: CausalConv1dInput<B>) -> Tensor<B, 3> {
         y = activation::silu(y);
     }
     y.cast(dtype)
+}
+
+/// One decoding position of the scan: the scan of length 1 continuing from `state`.
+pub fn selective_state_update<B: Backend>(
+    input: SelectiveStateUpdate<B>,
+) -> (Tensor<B, 2>, Tensor<B, 3>) {
+    let SelectiveStateUpdate {
+        state,
+        x,
+        delta,
+        a,
+        b,
+        c,
+        d,
+        z,
+        delta_bias,
+        delta_softplus,
+    } = input;
+    let out = selective_scan(SelectiveScanInput {
+        u: x.unsqueeze_dim(2),
+        delta: delta.unsqueeze_dim(2),
+        a,
+        b: b.unsqueeze_dim(2),
+        c: c.unsqueeze_dim(2),
+        d,
+        z: z.map(|z| z.unsqueeze_dim(2)),
+        delta_bias,
+        delta_softplus,
+        initial_state: Some(state),
+    });
+    (out.y.squeeze_dim(2), out.last_state)
+}
+
+/// One decoding position of the conv: the conv of `x` after `state`, and the state shifted by one.
+pub fn causal_conv1d_update<B: Backend>(
+    input: CausalConv1dUpdate<B>,
+) -> (Tensor<B, 2>, Tensor<B, 3>) {
+    let CausalConv1dUpdate {
+        state,
+        x,
+        weight,
+        bias,
+        silu,
+    } = input;
+    let keep = state.dims()[2];
+    let x = x.unsqueeze_dim::<3>(2);
+    let y = causal_conv1d(CausalConv1dInput {
+        x: x.clone(),
+        weight,
+        bias,
+        initial_state: Some(state.clone()),
+        silu,
+    });
+    let next = if keep == 0 {
+        state
+    } else {
+        Tensor::cat(vec![state, x.cast(DType::F32)], 2).narrow(2, 1, keep)
+    };
+    (y.squeeze_dim(2), next)
 }
 
 #[cfg(test)]

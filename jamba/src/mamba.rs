@@ -12,7 +12,9 @@
 
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, DType, Tensor};
-use jamba_kernels::{CausalConv1dInput, JambaBackend, SelectiveScanInput};
+use jamba_kernels::{
+    CausalConv1dInput, CausalConv1dUpdate, JambaBackend, SelectiveScanInput, SelectiveStateUpdate,
+};
 
 use crate::config::JambaConfig;
 use crate::error::Result;
@@ -112,6 +114,11 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         state: Option<&mut MambaState<B>>,
     ) -> Tensor<B, 3> {
         let [batch, len, _] = hidden.dims();
+        if len == 1 {
+            if let Some(state) = state {
+                return self.step(hidden, mask, isolate_padding, state);
+            }
+        }
         let (di, n, r, k) = (self.d_inner, self.d_state, self.dt_rank, self.d_conv);
         let hidden = match mask {
             Some(m) => hidden * m.clone().unsqueeze_dim::<3>(2),
@@ -171,6 +178,71 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         }
         debug_assert_eq!(out.y.dims(), [batch, di, len]);
         self.out_proj.forward(out.y.swap_dims(1, 2))
+    }
+
+    /// One decoding position (`hidden` `[batch, 1, hidden]`) through the decoding kernels,
+    /// which update `state` in place where the backend can: the same result as `forward` with
+    /// a sequence of one.
+    fn step(
+        &self,
+        hidden: Tensor<B, 3>,
+        mask: Option<&Tensor<B, 2>>,
+        isolate_padding: bool,
+        state: &mut MambaState<B>,
+    ) -> Tensor<B, 3> {
+        let [batch, _, _] = hidden.dims();
+        let (di, n, r, k) = (self.d_inner, self.d_state, self.dt_rank, self.d_conv);
+        let device = hidden.device();
+        let hidden = match mask {
+            Some(m) => hidden * m.clone().unsqueeze_dim::<3>(2),
+            None => hidden,
+        };
+        let xz = self.in_proj.forward(hidden).reshape([batch, 2 * di]);
+        let x = xz.clone().narrow(1, 0, di);
+        let z = xz.narrow(1, di, di);
+        let x = match mask {
+            Some(m) if isolate_padding => x * m.clone().expand([batch, di]),
+            _ => x,
+        };
+        // Take the states out so that the kernels hold their only reference.
+        let placeholder = || Tensor::<B, 3>::empty([0, 0, 0], (&device, DType::F32));
+        let conv_state = std::mem::replace(&mut state.conv, placeholder());
+        let (x, conv_state) = B::causal_conv1d_update(CausalConv1dUpdate {
+            state: conv_state,
+            x,
+            weight: self.conv1d.weight.val().reshape([di, k]),
+            bias: self.conv1d.bias.as_ref().map(|b| b.val()),
+            silu: true,
+        });
+        state.conv = conv_state;
+        let x = match mask {
+            Some(m) => x * m.clone().expand([batch, di]),
+            None => x,
+        };
+
+        let ssm_params = self.x_proj.forward(x.clone()); // [batch, r + 2n]
+        let dt = self
+            .dt_layernorm
+            .forward(ssm_params.clone().narrow(1, 0, r));
+        let b = self.b_layernorm.forward(ssm_params.clone().narrow(1, r, n));
+        let c = self.c_layernorm.forward(ssm_params.narrow(1, r + n, n));
+        let dt = burn::tensor::module::linear(dt, self.dt_proj.weight.val().transpose(), None);
+        let a = self.a_log.val().cast(DType::F32).exp().neg();
+        let ssm_state = std::mem::replace(&mut state.ssm, placeholder());
+        let (y, ssm_state) = B::selective_state_update(SelectiveStateUpdate {
+            state: ssm_state,
+            x,
+            delta: dt,
+            a,
+            b,
+            c,
+            d: self.d.val().cast(DType::F32),
+            z: Some(z),
+            delta_bias: self.dt_proj.bias.as_ref().map(|b| b.val().cast(DType::F32)),
+            delta_softplus: true,
+        });
+        state.ssm = ssm_state;
+        self.out_proj.forward(y).unsqueeze_dim(1)
     }
 
     pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {

@@ -1,0 +1,813 @@
+//! CubeCL kernels for the Mamba selective scan and the causal depthwise conv1d.
+//!
+//! One source compiles for CUDA (NVRTC) and wgpu (SPIR-V/WGSL). Nothing here assumes a plane
+//! (warp) size: plane reductions use `plane_sum`, and the host sizes buffers indexed by plane
+//! from the runtime's smallest plane size.
+//!
+//! Layout: every tensor argument is read through its strides, so the model's channel-last views
+//! (`[batch, len, d]` storage seen as `[batch, d, len]`) need no copy. State and accumulation are
+//! f32 whatever the activation dtype `F`.
+//!
+//! Scan kernels run one cube per (block of `block` channels, batch row). A cube walks the
+//! sequence in tiles of `tile` positions: it stages the tile's inputs in shared memory with
+//! coalesced loads, each unit then runs the recurrence of its channel over the tile with the
+//! `d_state` states in registers, and the outputs leave through shared memory again. The
+//! `[batch, d, len, d_state]` tensor of states is never written: the forward keeps, on request,
+//! the state at each tile boundary (`[batch, d, tiles, d_state]`), from which the backward
+//! recomputes a tile's states before walking it in reverse.
+
+use cubecl::prelude::*;
+
+/// `softplus` with PyTorch's threshold (20).
+#[cube]
+fn softplus_f32(x: f32) -> f32 {
+    let mut out = x;
+    if x <= 20.0 {
+        out = x.exp().log1p();
+    }
+    out
+}
+
+/// `d softplus(x) / dx` with the same threshold.
+#[cube]
+fn softplus_grad_f32(x: f32) -> f32 {
+    let mut out = 1.0f32;
+    if x <= 20.0 {
+        out = 1.0 / (1.0 + (-x).exp());
+    }
+    out
+}
+
+#[cube]
+fn sigmoid_f32(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Position of element `e` of a `tile x block` tile: returns `(tl, dl)`, ordered so that
+/// consecutive units touch consecutive addresses of a tensor whose time stride is 1
+/// (`time_major`) or whose channel stride is 1.
+#[cube]
+fn tile_pos(e: usize, time_major: bool, #[comptime] tile: usize, #[comptime] block: usize) -> (usize, usize) {
+    let mut tl = e / block;
+    let mut dl = e % block;
+    if time_major {
+        tl = e % tile;
+        dl = e / tile;
+    }
+    (tl, dl)
+}
+
+/// Selective scan forward. Cube `(x, y)` = (channel block, batch row); `block` units per cube.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn scan_fwd_kernel<F: Float>(
+    u: &Tensor<F>,
+    delta: &Tensor<F>,
+    z: &Tensor<F>,
+    b: &Tensor<F>,
+    c: &Tensor<F>,
+    a: &Tensor<f32>,
+    d_skip: &Tensor<f32>,
+    delta_bias: &Tensor<f32>,
+    init: &Tensor<f32>,
+    y: &mut Tensor<F>,
+    last: &mut Tensor<f32>,
+    chunks: &mut Tensor<f32>,
+    #[comptime] n_state: usize,
+    #[comptime] tile: usize,
+    #[comptime] block: usize,
+    #[comptime] has_z: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] has_init: bool,
+    #[comptime] softplus: bool,
+    #[comptime] save: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let dim = u.shape(1);
+    let len = u.shape(2);
+    let bi = CUBE_POS_Y as usize;
+    let tid = UNIT_POS_X as usize;
+    let d0 = CUBE_POS_X as usize * block;
+    let di = d0 + tid;
+    let valid = di < dim;
+
+    let mut s_u = SharedMemory::<f32>::new(tile * block);
+    let mut s_dt = SharedMemory::<f32>::new(tile * block);
+    let mut s_gate = SharedMemory::<f32>::new(tile * block);
+    let mut s_b = SharedMemory::<f32>::new(tile * n_state);
+    let mut s_c = SharedMemory::<f32>::new(tile * n_state);
+
+    let mut h = Array::<f32>::new(n_state);
+    let mut a_row = Array::<f32>::new(n_state);
+    let mut d_val = 0.0f32;
+    #[unroll(n_state <= 64)]
+    for n in 0..n_state {
+        h[n] = 0.0;
+        a_row[n] = 0.0;
+    }
+    if valid {
+        d_val = d_skip[di * d_skip.stride(0)];
+        #[unroll(n_state <= 64)]
+        for n in 0..n_state {
+            a_row[n] = a[di * a.stride(0) + n * a.stride(1)];
+            if has_init {
+                h[n] = init[bi * init.stride(0) + di * init.stride(1) + n * init.stride(2)];
+            }
+        }
+    }
+
+    let u_time_major = u.stride(2) == 1;
+    let y_time_major = y.stride(2) == 1;
+    let b_state_major = b.stride(1) == 1;
+    let n_tiles = (len + tile - 1) / tile;
+    for k in 0..n_tiles {
+        let t0 = k * tile;
+        let mut count = len - t0;
+        if count > tile {
+            count = tile;
+        }
+
+        // Stage u, delta (biased, softplus'd) and the gate silu(z).
+        let mut e = tid;
+        while e < tile * block {
+            let (tl, dl) = tile_pos(e, u_time_major, tile, block);
+            let t = t0 + tl;
+            let dd = d0 + dl;
+            let mut uv = 0.0f32;
+            let mut dtv = 0.0f32;
+            let mut gv = 1.0f32;
+            if t < len && dd < dim {
+                uv = f32::cast_from(u[bi * u.stride(0) + dd * u.stride(1) + t * u.stride(2)]);
+                dtv = f32::cast_from(
+                    delta[bi * delta.stride(0) + dd * delta.stride(1) + t * delta.stride(2)],
+                );
+                if has_bias {
+                    dtv += delta_bias[dd * delta_bias.stride(0)];
+                }
+                if softplus {
+                    dtv = softplus_f32(dtv);
+                }
+                if has_z {
+                    let zv =
+                        f32::cast_from(z[bi * z.stride(0) + dd * z.stride(1) + t * z.stride(2)]);
+                    gv = zv * sigmoid_f32(zv);
+                }
+            }
+            let slot = tl * block + dl;
+            s_u[slot] = uv;
+            s_dt[slot] = dtv;
+            s_gate[slot] = gv;
+            e += block;
+        }
+        // Stage B and C (shared by every channel of the cube).
+        let mut e = tid;
+        while e < tile * n_state {
+            let mut tl = e / n_state;
+            let mut n = e % n_state;
+            if !b_state_major {
+                tl = e % tile;
+                n = e / tile;
+            }
+            let t = t0 + tl;
+            let mut bv = 0.0f32;
+            let mut cv = 0.0f32;
+            if t < len {
+                bv = f32::cast_from(b[bi * b.stride(0) + n * b.stride(1) + t * b.stride(2)]);
+                cv = f32::cast_from(c[bi * c.stride(0) + n * c.stride(1) + t * c.stride(2)]);
+            }
+            s_b[tl * n_state + n] = bv;
+            s_c[tl * n_state + n] = cv;
+            e += block;
+        }
+        sync_cube();
+
+        if save && valid {
+            #[unroll(n_state <= 64)]
+            for n in 0..n_state {
+                chunks[bi * chunks.stride(0)
+                    + di * chunks.stride(1)
+                    + k * chunks.stride(2)
+                    + n * chunks.stride(3)] = h[n];
+            }
+        }
+
+        for tl in 0..count {
+            let slot = tl * block + tid;
+            let uv = s_u[slot];
+            let dtv = s_dt[slot];
+            let du = dtv * uv;
+            let mut acc = 0.0f32;
+            #[unroll(n_state <= 64)]
+            for n in 0..n_state {
+                let decay = (dtv * a_row[n]).exp();
+                h[n] = decay * h[n] + du * s_b[tl * n_state + n];
+                acc += h[n] * s_c[tl * n_state + n];
+            }
+            // The unit overwrites only its own column, after reading it.
+            s_u[slot] = (acc + d_val * uv) * s_gate[slot];
+        }
+        sync_cube();
+
+        let mut e = tid;
+        while e < tile * block {
+            let (tl, dl) = tile_pos(e, y_time_major, tile, block);
+            let t = t0 + tl;
+            let dd = d0 + dl;
+            if t < len && dd < dim {
+                y[bi * y.stride(0) + dd * y.stride(1) + t * y.stride(2)] =
+                    F::cast_from(s_u[tl * block + dl]);
+            }
+            e += block;
+        }
+        sync_cube();
+    }
+
+    if valid {
+        #[unroll(n_state <= 64)]
+        for n in 0..n_state {
+            last[bi * last.stride(0) + di * last.stride(1) + n * last.stride(2)] = h[n];
+        }
+    }
+}
+
+/// Selective scan backward, recomputing each tile's states from the saved tile-boundary state.
+///
+/// Per-channel outputs (`du`, `ddelta` w.r.t. the raw delta, `dz`) are written directly;
+/// `db` and `dc` are reduced over the channels of a plane with `plane_sum` and written per
+/// plane (`[batch, planes, d_state, len]`, summed by the caller); `da`, `dd`, `dbias` are
+/// accumulated over time in registers and written per batch row (summed by the caller).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn scan_bwd_kernel<F: Float>(
+    u: &Tensor<F>,
+    delta: &Tensor<F>,
+    z: &Tensor<F>,
+    b: &Tensor<F>,
+    c: &Tensor<F>,
+    a: &Tensor<f32>,
+    d_skip: &Tensor<f32>,
+    delta_bias: &Tensor<f32>,
+    chunks: &Tensor<f32>,
+    dout: &Tensor<F>,
+    du_out: &mut Tensor<F>,
+    ddelta_out: &mut Tensor<F>,
+    dz_out: &mut Tensor<F>,
+    db_part: &mut Tensor<f32>,
+    dc_part: &mut Tensor<f32>,
+    da_part: &mut Tensor<f32>,
+    dd_part: &mut Tensor<f32>,
+    dbias_part: &mut Tensor<f32>,
+    dinit: &mut Tensor<f32>,
+    #[comptime] n_state: usize,
+    #[comptime] tile: usize,
+    #[comptime] block: usize,
+    #[comptime] has_z: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] softplus: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let dim = u.shape(1);
+    let len = u.shape(2);
+    let bi = CUBE_POS_Y as usize;
+    let tid = UNIT_POS_X as usize;
+    let d0 = CUBE_POS_X as usize * block;
+    let di = d0 + tid;
+    let valid = di < dim;
+    let plane_slot = (d0 + tid) / PLANE_DIM as usize;
+    let plane_leader = UNIT_POS_PLANE == 0;
+
+    let mut s_u = SharedMemory::<f32>::new(tile * block);
+    let mut s_dt = SharedMemory::<f32>::new(tile * block);
+    let mut s_sp = SharedMemory::<f32>::new(tile * block);
+    let mut s_z = SharedMemory::<f32>::new(tile * block);
+    let mut s_g = SharedMemory::<f32>::new(tile * block);
+    let mut s_b = SharedMemory::<f32>::new(tile * n_state);
+    let mut s_c = SharedMemory::<f32>::new(tile * n_state);
+
+    let mut a_row = Array::<f32>::new(n_state);
+    let mut h = Array::<f32>::new(n_state);
+    let mut g = Array::<f32>::new(n_state);
+    let mut da_acc = Array::<f32>::new(n_state);
+    let mut hist = Array::<f32>::new(tile * n_state);
+    let mut y_pre = Array::<f32>::new(tile);
+    let mut d_val = 0.0f32;
+    #[unroll(n_state <= 64)]
+    for n in 0..n_state {
+        a_row[n] = 0.0;
+        g[n] = 0.0;
+        da_acc[n] = 0.0;
+    }
+    if valid {
+        d_val = d_skip[di * d_skip.stride(0)];
+        #[unroll(n_state <= 64)]
+        for n in 0..n_state {
+            a_row[n] = a[di * a.stride(0) + n * a.stride(1)];
+        }
+    }
+    let mut dd_acc = 0.0f32;
+    let mut dbias_acc = 0.0f32;
+
+    let u_time_major = u.stride(2) == 1;
+    let o_time_major = du_out.stride(2) == 1;
+    let b_state_major = b.stride(1) == 1;
+    let n_tiles = (len + tile - 1) / tile;
+    for kk in 0..n_tiles {
+        let k = n_tiles - 1 - kk;
+        let t0 = k * tile;
+        let mut count = len - t0;
+        if count > tile {
+            count = tile;
+        }
+
+        let mut e = tid;
+        while e < tile * block {
+            let (tl, dl) = tile_pos(e, u_time_major, tile, block);
+            let t = t0 + tl;
+            let dd = d0 + dl;
+            let mut uv = 0.0f32;
+            let mut dtv = 0.0f32;
+            let mut spv = 1.0f32;
+            let mut zv = 0.0f32;
+            let mut gv = 0.0f32;
+            if t < len && dd < dim {
+                uv = f32::cast_from(u[bi * u.stride(0) + dd * u.stride(1) + t * u.stride(2)]);
+                dtv = f32::cast_from(
+                    delta[bi * delta.stride(0) + dd * delta.stride(1) + t * delta.stride(2)],
+                );
+                if has_bias {
+                    dtv += delta_bias[dd * delta_bias.stride(0)];
+                }
+                if softplus {
+                    spv = softplus_grad_f32(dtv);
+                    dtv = softplus_f32(dtv);
+                }
+                if has_z {
+                    zv = f32::cast_from(z[bi * z.stride(0) + dd * z.stride(1) + t * z.stride(2)]);
+                }
+                gv = f32::cast_from(
+                    dout[bi * dout.stride(0) + dd * dout.stride(1) + t * dout.stride(2)],
+                );
+            }
+            let slot = tl * block + dl;
+            s_u[slot] = uv;
+            s_dt[slot] = dtv;
+            s_sp[slot] = spv;
+            s_z[slot] = zv;
+            s_g[slot] = gv;
+            e += block;
+        }
+        let mut e = tid;
+        while e < tile * n_state {
+            let mut tl = e / n_state;
+            let mut n = e % n_state;
+            if !b_state_major {
+                tl = e % tile;
+                n = e / tile;
+            }
+            let t = t0 + tl;
+            let mut bv = 0.0f32;
+            let mut cv = 0.0f32;
+            if t < len {
+                bv = f32::cast_from(b[bi * b.stride(0) + n * b.stride(1) + t * b.stride(2)]);
+                cv = f32::cast_from(c[bi * c.stride(0) + n * c.stride(1) + t * c.stride(2)]);
+            }
+            s_b[tl * n_state + n] = bv;
+            s_c[tl * n_state + n] = cv;
+            e += block;
+        }
+        sync_cube();
+
+        // Recompute the tile's states from its first state: hist[t] = h_{t-1}.
+        #[unroll(n_state <= 64)]
+        for n in 0..n_state {
+            h[n] = 0.0;
+            if valid {
+                h[n] = chunks[bi * chunks.stride(0)
+                    + di * chunks.stride(1)
+                    + k * chunks.stride(2)
+                    + n * chunks.stride(3)];
+            }
+        }
+        for tl in 0..count {
+            let slot = tl * block + tid;
+            let uv = s_u[slot];
+            let dtv = s_dt[slot];
+            let du = dtv * uv;
+            let mut acc = 0.0f32;
+            #[unroll(n_state <= 64)]
+            for n in 0..n_state {
+                hist[tl * n_state + n] = h[n];
+                h[n] = (dtv * a_row[n]).exp() * h[n] + du * s_b[tl * n_state + n];
+                acc += h[n] * s_c[tl * n_state + n];
+            }
+            y_pre[tl] = acc + d_val * uv;
+        }
+
+        // Walk the tile backwards; g holds dL/dh_t.
+        for i in 0..count {
+            let tl = count - 1 - i;
+            let slot = tl * block + tid;
+            let uv = s_u[slot];
+            let dtv = s_dt[slot];
+            let go = s_g[slot];
+            let mut dy = go;
+            let mut dz = 0.0f32;
+            if has_z {
+                let zv = s_z[slot];
+                let sg = sigmoid_f32(zv);
+                dy = go * zv * sg;
+                dz = go * y_pre[tl] * sg * (1.0 + zv * (1.0 - sg));
+            }
+            let t = t0 + tl;
+            let mut ddt = 0.0f32;
+            let mut du = d_val * dy;
+            #[unroll(n_state <= 64)]
+            for n in 0..n_state {
+                let hp = hist[tl * n_state + n];
+                let bn = s_b[tl * n_state + n];
+                let decay = (dtv * a_row[n]).exp();
+                let ht = decay * hp + dtv * bn * uv;
+                g[n] += s_c[tl * n_state + n] * dy;
+                let dc = plane_sum(dy * ht);
+                let db = plane_sum(g[n] * dtv * uv);
+                if plane_leader {
+                    dc_part[bi * dc_part.stride(0)
+                        + plane_slot * dc_part.stride(1)
+                        + n * dc_part.stride(2)
+                        + t * dc_part.stride(3)] = dc;
+                    db_part[bi * db_part.stride(0)
+                        + plane_slot * db_part.stride(1)
+                        + n * db_part.stride(2)
+                        + t * db_part.stride(3)] = db;
+                }
+                let gdh = g[n] * decay * hp;
+                ddt += gdh * a_row[n] + g[n] * bn * uv;
+                du += g[n] * dtv * bn;
+                da_acc[n] += gdh * dtv;
+                g[n] *= decay;
+            }
+            dd_acc += dy * uv;
+            ddt *= s_sp[slot];
+            dbias_acc += ddt;
+            s_u[slot] = du;
+            s_dt[slot] = ddt;
+            s_z[slot] = dz;
+        }
+        sync_cube();
+
+        let mut e = tid;
+        while e < tile * block {
+            let (tl, dl) = tile_pos(e, o_time_major, tile, block);
+            let t = t0 + tl;
+            let dd = d0 + dl;
+            if t < len && dd < dim {
+                let slot = tl * block + dl;
+                du_out[bi * du_out.stride(0) + dd * du_out.stride(1) + t * du_out.stride(2)] =
+                    F::cast_from(s_u[slot]);
+                ddelta_out[bi * ddelta_out.stride(0)
+                    + dd * ddelta_out.stride(1)
+                    + t * ddelta_out.stride(2)] = F::cast_from(s_dt[slot]);
+                if has_z {
+                    dz_out[bi * dz_out.stride(0) + dd * dz_out.stride(1) + t * dz_out.stride(2)] =
+                        F::cast_from(s_z[slot]);
+                }
+            }
+            e += block;
+        }
+        sync_cube();
+    }
+
+    if valid {
+        #[unroll(n_state <= 64)]
+        for n in 0..n_state {
+            dinit[bi * dinit.stride(0) + di * dinit.stride(1) + n * dinit.stride(2)] = g[n];
+            da_part[bi * da_part.stride(0) + di * da_part.stride(1) + n * da_part.stride(2)] =
+                da_acc[n];
+        }
+        dd_part[bi * dd_part.stride(0) + di * dd_part.stride(1)] = dd_acc;
+        dbias_part[bi * dbias_part.stride(0) + di * dbias_part.stride(1)] = dbias_acc;
+    }
+}
+
+/// One decoding step of the scan for a batch, updating `state` (`[batch, d, d_state]`) in place.
+/// One unit per (batch row, channel).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn scan_step_kernel<F: Float>(
+    x: &Tensor<F>,
+    delta: &Tensor<F>,
+    z: &Tensor<F>,
+    b: &Tensor<F>,
+    c: &Tensor<F>,
+    a: &Tensor<f32>,
+    d_skip: &Tensor<f32>,
+    delta_bias: &Tensor<f32>,
+    state: &mut Tensor<f32>,
+    y: &mut Tensor<F>,
+    #[comptime] n_state: usize,
+    #[comptime] has_z: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] softplus: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let batch = x.shape(0);
+    let dim = x.shape(1);
+    let pos = ABSOLUTE_POS;
+    if pos >= batch * dim {
+        terminate!();
+    }
+    let bi = pos / dim;
+    let di = pos % dim;
+    let uv = f32::cast_from(x[bi * x.stride(0) + di * x.stride(1)]);
+    let mut dtv = f32::cast_from(delta[bi * delta.stride(0) + di * delta.stride(1)]);
+    if has_bias {
+        dtv += delta_bias[di * delta_bias.stride(0)];
+    }
+    if softplus {
+        dtv = softplus_f32(dtv);
+    }
+    let du = dtv * uv;
+    let mut acc = 0.0f32;
+    #[unroll(n_state <= 64)]
+    for n in 0..n_state {
+        let s = bi * state.stride(0) + di * state.stride(1) + n * state.stride(2);
+        let decay = (dtv * a[di * a.stride(0) + n * a.stride(1)]).exp();
+        let bn = f32::cast_from(b[bi * b.stride(0) + n * b.stride(1)]);
+        let cn = f32::cast_from(c[bi * c.stride(0) + n * c.stride(1)]);
+        let hn = decay * state[s] + du * bn;
+        state[s] = hn;
+        acc += hn * cn;
+    }
+    let mut out = acc + d_skip[di * d_skip.stride(0)] * uv;
+    if has_z {
+        let zv = f32::cast_from(z[bi * z.stride(0) + di * z.stride(1)]);
+        out *= zv * sigmoid_f32(zv);
+    }
+    y[bi * y.stride(0) + di * y.stride(1)] = F::cast_from(out);
+}
+
+/// The input at padded position `p` (`0..len + width - 1`) of channel `di`: the preceding
+/// inputs from `init` for `p < width - 1`, then `x`.
+#[cube]
+fn padded_input<F: Float>(
+    x: &Tensor<F>,
+    init: &Tensor<f32>,
+    bi: usize,
+    di: usize,
+    p: usize,
+    #[comptime] width: usize,
+    #[comptime] has_init: bool,
+) -> f32 {
+    let mut v = 0.0f32;
+    if p >= width - 1 {
+        let t = p - (width - 1);
+        v = f32::cast_from(x[bi * x.stride(0) + di * x.stride(1) + t * x.stride(2)]);
+    } else if has_init {
+        v = init[bi * init.stride(0) + di * init.stride(1) + p * init.stride(2)];
+    }
+    v
+}
+
+/// Pre-activation of the conv at time `t`: `bias + sum_k w[k] * padded[t + k]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn conv_pre<F: Float>(
+    x: &Tensor<F>,
+    init: &Tensor<f32>,
+    weight: &Tensor<f32>,
+    bias: &Tensor<f32>,
+    bi: usize,
+    di: usize,
+    t: usize,
+    #[comptime] width: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] has_init: bool,
+) -> f32 {
+    let mut acc = 0.0f32;
+    if has_bias {
+        acc = bias[di * bias.stride(0)];
+    }
+    #[unroll]
+    for k in 0..width {
+        acc += weight[di * weight.stride(0) + k * weight.stride(1)]
+            * padded_input::<F>(x, init, bi, di, t + k, width, has_init);
+    }
+    acc
+}
+
+/// Causal depthwise conv1d forward, one unit per output element, channels fastest.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn conv_fwd_kernel<F: Float>(
+    x: &Tensor<F>,
+    weight: &Tensor<f32>,
+    bias: &Tensor<f32>,
+    init: &Tensor<f32>,
+    y: &mut Tensor<F>,
+    #[comptime] width: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] has_init: bool,
+    #[comptime] silu: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let batch = x.shape(0);
+    let dim = x.shape(1);
+    let len = x.shape(2);
+    let pos = ABSOLUTE_POS;
+    if pos >= batch * dim * len {
+        terminate!();
+    }
+    let channel_fast = x.stride(1) == 1 || x.stride(2) != 1;
+    let mut di = pos % dim;
+    let mut t = (pos / dim) % len;
+    if !channel_fast {
+        t = pos % len;
+        di = (pos / len) % dim;
+    }
+    let bi = pos / (dim * len);
+    let mut v = conv_pre::<F>(x, init, weight, bias, bi, di, t, width, has_bias, has_init);
+    if silu {
+        v *= sigmoid_f32(v);
+    }
+    y[bi * y.stride(0) + di * y.stride(1) + t * y.stride(2)] = F::cast_from(v);
+}
+
+/// Causal conv1d backward w.r.t. its inputs: one unit per padded position
+/// (`0..len + width - 1`); positions before `width - 1` go to `dinit`, the rest to `dx`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn conv_bwd_input_kernel<F: Float>(
+    x: &Tensor<F>,
+    weight: &Tensor<f32>,
+    bias: &Tensor<f32>,
+    init: &Tensor<f32>,
+    dy: &Tensor<F>,
+    dx: &mut Tensor<F>,
+    dinit: &mut Tensor<f32>,
+    #[comptime] width: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] has_init: bool,
+    #[comptime] silu: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let batch = x.shape(0);
+    let dim = x.shape(1);
+    let len = x.shape(2);
+    let plen = len + width - 1;
+    let pos = ABSOLUTE_POS;
+    if pos >= batch * dim * plen {
+        terminate!();
+    }
+    let channel_fast = x.stride(1) == 1 || x.stride(2) != 1;
+    let mut di = pos % dim;
+    let mut p = (pos / dim) % plen;
+    if !channel_fast {
+        p = pos % plen;
+        di = (pos / plen) % dim;
+    }
+    let bi = pos / (dim * plen);
+    let mut acc = 0.0f32;
+    #[unroll]
+    for k in 0..width {
+        // Output t = p - k reads padded[p] through w[k].
+        if p >= k && p - k < len {
+            let t = p - k;
+            let mut gt = f32::cast_from(dy[bi * dy.stride(0) + di * dy.stride(1) + t * dy.stride(2)]);
+            if silu {
+                let pre = conv_pre::<F>(x, init, weight, bias, bi, di, t, width, has_bias, has_init);
+                let s = sigmoid_f32(pre);
+                gt *= s * (1.0 + pre * (1.0 - s));
+            }
+            acc += weight[di * weight.stride(0) + k * weight.stride(1)] * gt;
+        }
+    }
+    if p >= width - 1 {
+        let t = p - (width - 1);
+        dx[bi * dx.stride(0) + di * dx.stride(1) + t * dx.stride(2)] = F::cast_from(acc);
+    } else {
+        dinit[bi * dinit.stride(0) + di * dinit.stride(1) + p * dinit.stride(2)] = acc;
+    }
+}
+
+/// Causal conv1d backward w.r.t. weight and bias: one unit per (batch row, channel), summing
+/// over time; writes `[batch, d, width + 1]` partials (weight grads, then the bias grad).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn conv_bwd_weight_kernel<F: Float>(
+    x: &Tensor<F>,
+    weight: &Tensor<f32>,
+    bias: &Tensor<f32>,
+    init: &Tensor<f32>,
+    dy: &Tensor<F>,
+    dw_part: &mut Tensor<f32>,
+    #[comptime] width: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] has_init: bool,
+    #[comptime] silu: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let batch = x.shape(0);
+    let dim = x.shape(1);
+    let len = x.shape(2);
+    let pos = ABSOLUTE_POS;
+    if pos >= batch * dim {
+        terminate!();
+    }
+    let bi = pos / dim;
+    let di = pos % dim;
+    let mut w = Array::<f32>::new(width);
+    let mut window = Array::<f32>::new(width);
+    let mut dw = Array::<f32>::new(width);
+    #[unroll]
+    for k in 0..width {
+        w[k] = weight[di * weight.stride(0) + k * weight.stride(1)];
+        dw[k] = 0.0;
+        window[k] = 0.0;
+    }
+    // window[k] holds padded[t + k]; start with padded[0 .. width - 1], the preceding inputs.
+    if has_init {
+        #[unroll]
+        for k in 0..width - 1 {
+            window[k + 1] = init[bi * init.stride(0) + di * init.stride(1) + k * init.stride(2)];
+        }
+    }
+    let mut b0 = 0.0f32;
+    if has_bias {
+        b0 = bias[di * bias.stride(0)];
+    }
+    let mut db = 0.0f32;
+    for t in 0..len {
+        #[unroll]
+        for k in 0..width - 1 {
+            window[k] = window[k + 1];
+        }
+        window[width - 1] = f32::cast_from(x[bi * x.stride(0) + di * x.stride(1) + t * x.stride(2)]);
+        let mut gt = f32::cast_from(dy[bi * dy.stride(0) + di * dy.stride(1) + t * dy.stride(2)]);
+        if silu {
+            let mut pre = b0;
+            #[unroll]
+            for k in 0..width {
+                pre += w[k] * window[k];
+            }
+            let s = sigmoid_f32(pre);
+            gt *= s * (1.0 + pre * (1.0 - s));
+        }
+        #[unroll]
+        for k in 0..width {
+            dw[k] += gt * window[k];
+        }
+        db += gt;
+    }
+    #[unroll]
+    for k in 0..width {
+        dw_part[bi * dw_part.stride(0) + di * dw_part.stride(1) + k * dw_part.stride(2)] = dw[k];
+    }
+    dw_part[bi * dw_part.stride(0) + di * dw_part.stride(1) + width * dw_part.stride(2)] = db;
+}
+
+/// One decoding step of the conv: `state` (`[batch, d, width - 1]`, the preceding inputs) is
+/// shifted in place to end with `x`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn conv_step_kernel<F: Float>(
+    x: &Tensor<F>,
+    weight: &Tensor<f32>,
+    bias: &Tensor<f32>,
+    state: &mut Tensor<f32>,
+    y: &mut Tensor<F>,
+    #[comptime] width: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] silu: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let batch = x.shape(0);
+    let dim = x.shape(1);
+    let pos = ABSOLUTE_POS;
+    if pos >= batch * dim {
+        terminate!();
+    }
+    let bi = pos / dim;
+    let di = pos % dim;
+    let xv = f32::cast_from(x[bi * x.stride(0) + di * x.stride(1)]);
+    let mut acc = 0.0f32;
+    if has_bias {
+        acc = bias[di * bias.stride(0)];
+    }
+    let base = bi * state.stride(0) + di * state.stride(1);
+    #[unroll]
+    for k in 0..width - 1 {
+        let v = state[base + k * state.stride(2)];
+        acc += weight[di * weight.stride(0) + k * weight.stride(1)] * v;
+        if k > 0 {
+            state[base + (k - 1) * state.stride(2)] = v;
+        }
+    }
+    acc += weight[di * weight.stride(0) + (width - 1) * weight.stride(1)] * xv;
+    if width > 1 {
+        state[base + (width - 2) * state.stride(2)] = xv;
+    }
+    if silu {
+        acc *= sigmoid_f32(acc);
+    }
+    y[bi * y.stride(0) + di * y.stride(1)] = F::cast_from(acc);
+}

@@ -1,0 +1,568 @@
+//! [`JambaBackend`] for Burn's CubeCL backends (CUDA, wgpu) with the kernels of [`kernels`].
+
+pub mod kernels;
+
+use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn_cubecl::{
+    cubecl::prelude::{CubeCount, CubeDim},
+    tensor::CubeTensor,
+    BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement,
+};
+
+use crate::{
+    scan_chunk_len, CausalConv1dGrads, CausalConv1dInput, CausalConv1dUpdate, JambaBackend,
+    SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput, SelectiveStateUpdate,
+};
+
+/// Channels per cube of the scan forward.
+const FWD_BLOCK: usize = 64;
+/// Channels per cube of the scan backward (it stages more per channel).
+const BWD_BLOCK: usize = 32;
+/// Units per cube of the element-wise conv kernels.
+const ELEMWISE_BLOCK: u32 = 256;
+
+fn prim<B: burn::tensor::backend::Backend<FloatTensorPrimitive = CubeTensor<R>>, R: CubeRuntime, const D: usize>(
+    t: Tensor<B, D>,
+) -> CubeTensor<R> {
+    t.into_primitive().tensor()
+}
+
+fn wrap<B: burn::tensor::backend::Backend<FloatTensorPrimitive = CubeTensor<R>>, R: CubeRuntime, const D: usize>(
+    t: CubeTensor<R>,
+) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+/// An empty `[batch, d, len]` tensor stored like `like`: channel-last when `like`'s channel
+/// stride is 1 (the model's views of `[batch, len, d]` activations), else contiguous.
+fn empty_like_layout<B: burn::tensor::backend::Backend>(
+    like: &Tensor<B, 3>,
+    dtype: DType,
+    channel_last: bool,
+) -> Tensor<B, 3> {
+    let [batch, d, len] = like.dims();
+    let device = like.device();
+    if channel_last {
+        Tensor::<B, 3>::empty([batch, len, d], (&device, dtype)).swap_dims(1, 2)
+    } else {
+        Tensor::<B, 3>::empty([batch, d, len], (&device, dtype))
+    }
+}
+
+fn is_channel_last<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
+    let strides = t.meta.strides();
+    strides[1] == 1 && strides[2] != 1
+}
+
+/// A placeholder for an absent optional argument (never read: its comptime flag is off).
+fn dummy<B: burn::tensor::backend::Backend, const D: usize>(device: &B::Device) -> Tensor<B, D> {
+    Tensor::zeros([1; D], (device, DType::F32))
+}
+
+fn elemwise_launch(n: usize) -> (CubeCount, CubeDim) {
+    let cubes = n.div_ceil(ELEMWISE_BLOCK as usize).max(1) as u32;
+    // Stay under the 65535 limit of one grid dimension.
+    let x = cubes.min(65535);
+    let y = cubes.div_ceil(x);
+    (CubeCount::Static(x, y, 1), CubeDim::new_1d(ELEMWISE_BLOCK))
+}
+
+impl<R, F, I, BT> JambaBackend for CubeBackend<R, F, I, BT>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    const KERNELS: bool = true;
+
+    fn selective_scan(input: SelectiveScanInput<Self>) -> SelectiveScanOutput<Self> {
+        scan_forward(&input, false).0
+    }
+
+    fn selective_scan_saving(
+        input: &SelectiveScanInput<Self>,
+    ) -> (SelectiveScanOutput<Self>, Tensor<Self, 4>) {
+        let (out, chunks) = scan_forward(input, true);
+        (out, chunks.expect("saving forward returns chunk states"))
+    }
+
+    fn selective_scan_backward(
+        input: &SelectiveScanInput<Self>,
+        chunk_states: Tensor<Self, 4>,
+        grad_y: Tensor<Self, 3>,
+    ) -> SelectiveScanGrads<Self> {
+        scan_backward(input, chunk_states, grad_y)
+    }
+
+    fn causal_conv1d(input: CausalConv1dInput<Self>) -> Tensor<Self, 3> {
+        conv_forward(&input)
+    }
+
+    fn causal_conv1d_backward(
+        input: &CausalConv1dInput<Self>,
+        grad_y: Tensor<Self, 3>,
+    ) -> CausalConv1dGrads<Self> {
+        conv_backward(input, grad_y)
+    }
+
+    fn selective_state_update(
+        input: SelectiveStateUpdate<Self>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
+        scan_step(input)
+    }
+
+    fn causal_conv1d_update(input: CausalConv1dUpdate<Self>) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
+        conv_step(input)
+    }
+}
+
+type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+
+fn scan_forward<R, F, I, BT>(
+    input: &SelectiveScanInput<Cube<R, F, I, BT>>,
+    save: bool,
+) -> (
+    SelectiveScanOutput<Cube<R, F, I, BT>>,
+    Option<Tensor<Cube<R, F, I, BT>, 4>>,
+)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let dtype = input.u.dtype();
+    let f32 = DType::F32;
+    let [batch, d_inner, len] = input.u.dims();
+    let d_state = input.a.dims()[1];
+    let device = input.u.device();
+    let tile = scan_chunk_len(d_state);
+    let chunks = len.div_ceil(tile);
+
+    let u = prim(input.u.clone());
+    let channel_last = is_channel_last(&u);
+    let y = empty_like_layout(&input.u, dtype, channel_last);
+    let last = Tensor::<Cube<R, F, I, BT>, 3>::empty([batch, d_inner, d_state], (&device, f32));
+    let saved = if save {
+        Tensor::<Cube<R, F, I, BT>, 4>::empty([batch, d_inner, chunks.max(1), d_state], (&device, f32))
+    } else {
+        dummy(&device)
+    };
+    let client = u.client.clone();
+    let cube_count = CubeCount::Static(d_inner.div_ceil(FWD_BLOCK) as u32, batch as u32, 1);
+    let cube_dim = CubeDim::new_1d(FWD_BLOCK as u32);
+    let f = |t: &Tensor<Cube<R, F, I, BT>, 3>| prim(t.clone().cast(dtype));
+    unsafe {
+        kernels::scan_fwd_kernel::launch_unchecked::<R>(
+            &client,
+            cube_count,
+            cube_dim,
+            u.into_tensor_arg(),
+            f(&input.delta).into_tensor_arg(),
+            input
+                .z
+                .as_ref()
+                .map(f)
+                .unwrap_or_else(|| prim(dummy::<Cube<R, F, I, BT>, 3>(&device).cast(dtype)))
+                .into_tensor_arg(),
+            f(&input.b).into_tensor_arg(),
+            f(&input.c).into_tensor_arg(),
+            prim(input.a.clone().cast(f32)).into_tensor_arg(),
+            prim(input.d.clone().cast(f32)).into_tensor_arg(),
+            prim(
+                input
+                    .delta_bias
+                    .clone()
+                    .map(|b| b.cast(f32))
+                    .unwrap_or_else(|| dummy(&device)),
+            )
+            .into_tensor_arg(),
+            prim(
+                input
+                    .initial_state
+                    .clone()
+                    .map(|s| s.cast(f32))
+                    .unwrap_or_else(|| dummy(&device)),
+            )
+            .into_tensor_arg(),
+            prim(y.clone()).into_tensor_arg(),
+            prim(last.clone()).into_tensor_arg(),
+            prim(saved.clone()).into_tensor_arg(),
+            d_state,
+            tile,
+            FWD_BLOCK,
+            input.z.is_some(),
+            input.delta_bias.is_some(),
+            input.initial_state.is_some(),
+            input.delta_softplus,
+            save,
+            dtype.into(),
+        );
+    }
+    (
+        SelectiveScanOutput {
+            y,
+            last_state: last,
+        },
+        save.then_some(saved),
+    )
+}
+
+fn scan_backward<R, F, I, BT>(
+    input: &SelectiveScanInput<Cube<R, F, I, BT>>,
+    chunk_states: Tensor<Cube<R, F, I, BT>, 4>,
+    grad_y: Tensor<Cube<R, F, I, BT>, 3>,
+) -> SelectiveScanGrads<Cube<R, F, I, BT>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    type T<R, F, I, BT, const D: usize> = Tensor<Cube<R, F, I, BT>, D>;
+    let dtype = input.u.dtype();
+    let f32 = DType::F32;
+    let [batch, d_inner, len] = input.u.dims();
+    let d_state = input.a.dims()[1];
+    let device = input.u.device();
+    let tile = scan_chunk_len(d_state);
+
+    let u = prim(input.u.clone());
+    let client = u.client.clone();
+    let channel_last = is_channel_last(&u);
+    let plane_min = client.properties().hardware.plane_size_min.max(1) as usize;
+    let cubes = d_inner.div_ceil(BWD_BLOCK);
+    let slots = (cubes * BWD_BLOCK).div_ceil(plane_min);
+
+    let du = empty_like_layout(&input.u, dtype, channel_last);
+    let ddelta = empty_like_layout(&input.u, dtype, channel_last);
+    let dz = if input.z.is_some() {
+        empty_like_layout(&input.u, dtype, channel_last)
+    } else {
+        dummy::<Cube<R, F, I, BT>, 3>(&device).cast(dtype)
+    };
+    let db_part = T::<R, F, I, BT, 4>::zeros([batch, slots, d_state, len], (&device, f32));
+    let dc_part = T::<R, F, I, BT, 4>::zeros([batch, slots, d_state, len], (&device, f32));
+    let da_part = T::<R, F, I, BT, 3>::empty([batch, d_inner, d_state], (&device, f32));
+    let dd_part = T::<R, F, I, BT, 2>::empty([batch, d_inner], (&device, f32));
+    let dbias_part = T::<R, F, I, BT, 2>::empty([batch, d_inner], (&device, f32));
+    let dinit = T::<R, F, I, BT, 3>::empty([batch, d_inner, d_state], (&device, f32));
+
+    let f = |t: &T<R, F, I, BT, 3>| prim(t.clone().cast(dtype));
+    let cube_count = CubeCount::Static(cubes as u32, batch as u32, 1);
+    let cube_dim = CubeDim::new_1d(BWD_BLOCK as u32);
+    unsafe {
+        kernels::scan_bwd_kernel::launch_unchecked::<R>(
+            &client,
+            cube_count,
+            cube_dim,
+            u.into_tensor_arg(),
+            f(&input.delta).into_tensor_arg(),
+            input
+                .z
+                .as_ref()
+                .map(f)
+                .unwrap_or_else(|| prim(dummy::<Cube<R, F, I, BT>, 3>(&device).cast(dtype)))
+                .into_tensor_arg(),
+            f(&input.b).into_tensor_arg(),
+            f(&input.c).into_tensor_arg(),
+            prim(input.a.clone().cast(f32)).into_tensor_arg(),
+            prim(input.d.clone().cast(f32)).into_tensor_arg(),
+            prim(
+                input
+                    .delta_bias
+                    .clone()
+                    .map(|b| b.cast(f32))
+                    .unwrap_or_else(|| dummy(&device)),
+            )
+            .into_tensor_arg(),
+            prim(chunk_states).into_tensor_arg(),
+            f(&grad_y).into_tensor_arg(),
+            prim(du.clone()).into_tensor_arg(),
+            prim(ddelta.clone()).into_tensor_arg(),
+            prim(dz.clone()).into_tensor_arg(),
+            prim(db_part.clone()).into_tensor_arg(),
+            prim(dc_part.clone()).into_tensor_arg(),
+            prim(da_part.clone()).into_tensor_arg(),
+            prim(dd_part.clone()).into_tensor_arg(),
+            prim(dbias_part.clone()).into_tensor_arg(),
+            prim(dinit.clone()).into_tensor_arg(),
+            d_state,
+            tile,
+            BWD_BLOCK,
+            input.z.is_some(),
+            input.delta_bias.is_some(),
+            input.delta_softplus,
+            dtype.into(),
+        );
+    }
+    let sum_parts = |p: T<R, F, I, BT, 4>| p.sum_dim(1).squeeze_dim::<3>(1);
+    SelectiveScanGrads {
+        u: du,
+        delta: ddelta.cast(input.delta.dtype()),
+        a: da_part.sum_dim(0).squeeze_dim::<2>(0).cast(input.a.dtype()),
+        b: sum_parts(db_part).cast(input.b.dtype()),
+        c: sum_parts(dc_part).cast(input.c.dtype()),
+        d: dd_part.sum_dim(0).squeeze_dim::<1>(0).cast(input.d.dtype()),
+        z: input.z.as_ref().map(|z| dz.cast(z.dtype())),
+        delta_bias: input
+            .delta_bias
+            .as_ref()
+            .map(|b| dbias_part.sum_dim(0).squeeze_dim::<1>(0).cast(b.dtype())),
+        initial_state: input
+            .initial_state
+            .as_ref()
+            .map(|s| dinit.cast(s.dtype())),
+    }
+}
+
+fn conv_args<R, F, I, BT>(
+    input: &CausalConv1dInput<Cube<R, F, I, BT>>,
+) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>, CubeTensor<R>, usize)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let f32 = DType::F32;
+    let device = input.x.device();
+    let width = input.weight.dims()[1];
+    (
+        prim(input.x.clone()),
+        prim(input.weight.clone().cast(f32)),
+        prim(
+            input
+                .bias
+                .clone()
+                .map(|b| b.cast(f32))
+                .unwrap_or_else(|| dummy(&device)),
+        ),
+        prim(
+            input
+                .initial_state
+                .clone()
+                .map(|s| s.cast(f32))
+                .unwrap_or_else(|| dummy(&device)),
+        ),
+        width,
+    )
+}
+
+fn conv_forward<R, F, I, BT>(input: &CausalConv1dInput<Cube<R, F, I, BT>>) -> Tensor<Cube<R, F, I, BT>, 3>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let dtype = input.x.dtype();
+    let [batch, d, len] = input.x.dims();
+    let (x, w, b, init, width) = conv_args(input);
+    let channel_last = is_channel_last(&x);
+    let y = empty_like_layout(&input.x, dtype, channel_last);
+    let client = x.client.clone();
+    let (count, dim) = elemwise_launch(batch * d * len);
+    unsafe {
+        kernels::conv_fwd_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            x.into_tensor_arg(),
+            w.into_tensor_arg(),
+            b.into_tensor_arg(),
+            init.into_tensor_arg(),
+            prim(y.clone()).into_tensor_arg(),
+            width,
+            input.bias.is_some(),
+            input.initial_state.is_some(),
+            input.silu,
+            dtype.into(),
+        );
+    }
+    y
+}
+
+fn conv_backward<R, F, I, BT>(
+    input: &CausalConv1dInput<Cube<R, F, I, BT>>,
+    grad_y: Tensor<Cube<R, F, I, BT>, 3>,
+) -> CausalConv1dGrads<Cube<R, F, I, BT>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let dtype = input.x.dtype();
+    let f32 = DType::F32;
+    let [batch, d, len] = input.x.dims();
+    let device = input.x.device();
+    let (x, w, b, init, width) = conv_args(input);
+    let channel_last = is_channel_last(&x);
+    let client = x.client.clone();
+    let dy = prim(grad_y.cast(dtype));
+    let dx = empty_like_layout(&input.x, dtype, channel_last);
+    let dinit = Tensor::<Cube<R, F, I, BT>, 3>::empty([batch, d, width.max(2) - 1], (&device, f32));
+    let dw_part = Tensor::<Cube<R, F, I, BT>, 3>::empty([batch, d, width + 1], (&device, f32));
+
+    let (count, dim) = elemwise_launch(batch * d * (len + width - 1));
+    unsafe {
+        kernels::conv_bwd_input_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            x.clone().into_tensor_arg(),
+            w.clone().into_tensor_arg(),
+            b.clone().into_tensor_arg(),
+            init.clone().into_tensor_arg(),
+            dy.clone().into_tensor_arg(),
+            prim(dx.clone()).into_tensor_arg(),
+            prim(dinit.clone()).into_tensor_arg(),
+            width,
+            input.bias.is_some(),
+            input.initial_state.is_some(),
+            input.silu,
+            dtype.into(),
+        );
+    }
+    let (count, dim) = elemwise_launch(batch * d);
+    unsafe {
+        kernels::conv_bwd_weight_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            x.into_tensor_arg(),
+            w.into_tensor_arg(),
+            b.into_tensor_arg(),
+            init.into_tensor_arg(),
+            dy.into_tensor_arg(),
+            prim(dw_part.clone()).into_tensor_arg(),
+            width,
+            input.bias.is_some(),
+            input.initial_state.is_some(),
+            input.silu,
+            dtype.into(),
+        );
+    }
+    let dw = dw_part.sum_dim(0).squeeze_dim::<2>(0); // [d, width + 1]
+    CausalConv1dGrads {
+        x: dx,
+        weight: dw.clone().narrow(1, 0, width).cast(input.weight.dtype()),
+        bias: input
+            .bias
+            .as_ref()
+            .map(|b| dw.narrow(1, width, 1).reshape([d]).cast(b.dtype())),
+        initial_state: input
+            .initial_state
+            .as_ref()
+            .map(|s| dinit.narrow(2, 0, width - 1).cast(s.dtype())),
+    }
+}
+
+/// `t` as an f32 buffer this call may overwrite: itself when it is the only reference to its
+/// storage, else a copy.
+fn writable_f32<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
+    let t = if t.dtype == DType::F32 {
+        t
+    } else {
+        burn_cubecl::kernel::cast(t, DType::F32)
+    };
+    if !t.is_contiguous() {
+        burn_cubecl::kernel::into_contiguous(t)
+    } else if t.can_mut() {
+        t
+    } else {
+        t.copy()
+    }
+}
+
+fn scan_step<R, F, I, BT>(
+    input: SelectiveStateUpdate<Cube<R, F, I, BT>>,
+) -> (Tensor<Cube<R, F, I, BT>, 2>, Tensor<Cube<R, F, I, BT>, 3>)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let dtype = input.x.dtype();
+    let f32 = DType::F32;
+    let [batch, d_inner] = input.x.dims();
+    let d_state = input.a.dims()[1];
+    let device = input.x.device();
+    let state = writable_f32(prim(input.state));
+    let y = Tensor::<Cube<R, F, I, BT>, 2>::empty([batch, d_inner], (&device, dtype));
+    let client = state.client.clone();
+    let f = |t: Tensor<Cube<R, F, I, BT>, 2>| prim(t.cast(dtype));
+    let (count, dim) = elemwise_launch(batch * d_inner);
+    let has_z = input.z.is_some();
+    let has_bias = input.delta_bias.is_some();
+    unsafe {
+        kernels::scan_step_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            f(input.x).into_tensor_arg(),
+            f(input.delta).into_tensor_arg(),
+            f(input.z.unwrap_or_else(|| dummy(&device))).into_tensor_arg(),
+            f(input.b).into_tensor_arg(),
+            f(input.c).into_tensor_arg(),
+            prim(input.a.cast(f32)).into_tensor_arg(),
+            prim(input.d.cast(f32)).into_tensor_arg(),
+            prim(
+                input
+                    .delta_bias
+                    .map(|b| b.cast(f32))
+                    .unwrap_or_else(|| dummy(&device)),
+            )
+            .into_tensor_arg(),
+            state.clone().into_tensor_arg(),
+            prim(y.clone()).into_tensor_arg(),
+            d_state,
+            has_z,
+            has_bias,
+            input.delta_softplus,
+            dtype.into(),
+        );
+    }
+    (y, wrap(state))
+}
+
+fn conv_step<R, F, I, BT>(
+    input: CausalConv1dUpdate<Cube<R, F, I, BT>>,
+) -> (Tensor<Cube<R, F, I, BT>, 2>, Tensor<Cube<R, F, I, BT>, 3>)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let dtype = input.x.dtype();
+    let f32 = DType::F32;
+    let [batch, d] = input.x.dims();
+    let width = input.weight.dims()[1];
+    let device = input.x.device();
+    let state = writable_f32(prim(input.state));
+    let y = Tensor::<Cube<R, F, I, BT>, 2>::empty([batch, d], (&device, dtype));
+    let client = state.client.clone();
+    let (count, dim) = elemwise_launch(batch * d);
+    let has_bias = input.bias.is_some();
+    unsafe {
+        kernels::conv_step_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            prim(input.x).into_tensor_arg(),
+            prim(input.weight.cast(f32)).into_tensor_arg(),
+            prim(input.bias.map(|b| b.cast(f32)).unwrap_or_else(|| dummy(&device))).into_tensor_arg(),
+            state.clone().into_tensor_arg(),
+            prim(y.clone()).into_tensor_arg(),
+            width,
+            has_bias,
+            input.silu,
+            dtype.into(),
+        );
+    }
+    (y, wrap(state))
+}

@@ -1,0 +1,489 @@
+//! [`JambaBackend`] for `Fusion<B>` (Burn's default `Cuda` and `Wgpu`): each operation is
+//! registered in the fusion stream as a custom operation that runs `B`'s kernel when the stream
+//! is executed. Custom operations are not fused with their neighbours; the element-wise work
+//! around them still is.
+
+use std::{fmt, marker::PhantomData, sync::Arc};
+
+use burn::tensor::{ops::FloatTensor, DType, Shape, Tensor, TensorPrimitive};
+use burn_fusion::{
+    stream::{Operation, OperationStreams},
+    Fusion, FusionBackend, FusionRuntime, FusionTensor,
+};
+use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
+
+use crate::{
+    CausalConv1dGrads, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, SelectiveScanGrads,
+    SelectiveScanInput, SelectiveScanOutput, SelectiveStateUpdate,
+};
+
+type Run<B> = Arc<dyn Fn(Vec<FloatTensor<B>>) -> Vec<FloatTensor<B>> + Send + Sync>;
+
+/// A custom operation: runs `run` on the inner backend's primitives of `desc.inputs` and binds
+/// its results to `desc.outputs`.
+struct CustomOp<B: FusionBackend> {
+    desc: CustomOpIr,
+    run: Run<B>,
+    _b: PhantomData<B>,
+}
+
+impl<B: FusionBackend> Clone for CustomOp<B> {
+    fn clone(&self) -> Self {
+        Self {
+            desc: self.desc.clone(),
+            run: self.run.clone(),
+            _b: PhantomData,
+        }
+    }
+}
+
+impl<B: FusionBackend> fmt::Debug for CustomOp<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CustomOp").field("desc", &self.desc).finish()
+    }
+}
+
+impl<B: FusionBackend> Operation<B::FusionRuntime> for CustomOp<B> {
+    fn execute(
+        &self,
+        handles: &mut HandleContainer<<B::FusionRuntime as FusionRuntime>::FusionHandle>,
+    ) {
+        let inputs = self
+            .desc
+            .inputs
+            .iter()
+            .map(|t| handles.get_float_tensor::<B>(t))
+            .collect();
+        let outputs = (self.run)(inputs);
+        assert_eq!(outputs.len(), self.desc.outputs.len());
+        for (ir, t) in self.desc.outputs.iter().zip(outputs) {
+            handles.register_float_tensor::<B>(&ir.id, t);
+        }
+    }
+}
+
+/// Registers `run` as a custom operation of the stream over `inputs`, with outputs of the given
+/// shapes and dtypes.
+fn register<B: FusionBackend>(
+    name: &'static str,
+    inputs: Vec<FusionTensor<B::FusionRuntime>>,
+    outputs: Vec<(Vec<usize>, DType)>,
+    run: Run<B>,
+) -> Vec<FusionTensor<B::FusionRuntime>> {
+    let client = inputs[0].client.clone();
+    let streams = OperationStreams::with_inputs(inputs.iter());
+    let outputs: Vec<TensorIr> = outputs
+        .into_iter()
+        .map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), Shape::from(shape), dtype))
+        .collect();
+    let inputs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
+    let desc = CustomOpIr::new(name, &inputs, &outputs);
+    client.register(
+        streams,
+        OperationIr::Custom(desc.clone()),
+        CustomOp::<B> {
+            desc,
+            run,
+            _b: PhantomData,
+        },
+    )
+}
+
+fn fprim<B: FusionBackend, const D: usize>(t: Tensor<Fusion<B>, D>) -> FusionTensor<B::FusionRuntime> {
+    t.into_primitive().tensor()
+}
+
+fn fwrap<B: FusionBackend, const D: usize>(t: FusionTensor<B::FusionRuntime>) -> Tensor<Fusion<B>, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn inner<B: FusionBackend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn raw<B: FusionBackend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+/// The scan's inputs, flattened: the nine tensors with absent optionals skipped, and which
+/// optionals are present.
+struct ScanArgs<B: FusionBackend> {
+    tensors: Vec<FusionTensor<B::FusionRuntime>>,
+    flags: [bool; 3],
+    softplus: bool,
+}
+
+fn scan_args<B: FusionBackend>(input: &SelectiveScanInput<Fusion<B>>) -> ScanArgs<B> {
+    let mut tensors = vec![
+        fprim(input.u.clone()),
+        fprim(input.delta.clone()),
+        fprim(input.a.clone()),
+        fprim(input.b.clone()),
+        fprim(input.c.clone()),
+        fprim(input.d.clone()),
+    ];
+    if let Some(z) = &input.z {
+        tensors.push(fprim(z.clone()));
+    }
+    if let Some(b) = &input.delta_bias {
+        tensors.push(fprim(b.clone()));
+    }
+    if let Some(s) = &input.initial_state {
+        tensors.push(fprim(s.clone()));
+    }
+    ScanArgs {
+        tensors,
+        flags: [
+            input.z.is_some(),
+            input.delta_bias.is_some(),
+            input.initial_state.is_some(),
+        ],
+        softplus: input.delta_softplus,
+    }
+}
+
+/// Rebuilds the inner backend's scan input from the primitives of [`scan_args`] (in order);
+/// returns it and the primitives that followed.
+fn scan_input<B: FusionBackend>(
+    mut prims: Vec<FloatTensor<B>>,
+    flags: [bool; 3],
+    softplus: bool,
+) -> (SelectiveScanInput<B>, Vec<FloatTensor<B>>) {
+    let mut it = prims.drain(..);
+    let mut next = || it.next().expect("custom op input");
+    let u = inner(next());
+    let delta = inner(next());
+    let a = inner(next());
+    let b = inner(next());
+    let c = inner(next());
+    let d = inner(next());
+    let z = flags[0].then(|| inner(next()));
+    let delta_bias = flags[1].then(|| inner(next()));
+    let initial_state = flags[2].then(|| inner(next()));
+    let rest = it.collect();
+    (
+        SelectiveScanInput {
+            u,
+            delta,
+            a,
+            b,
+            c,
+            d,
+            z,
+            delta_bias,
+            delta_softplus: softplus,
+            initial_state,
+        },
+        rest,
+    )
+}
+
+impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
+    const KERNELS: bool = B::KERNELS;
+
+    fn selective_scan(input: SelectiveScanInput<Self>) -> SelectiveScanOutput<Self> {
+        if !B::KERNELS {
+            return crate::reference::selective_scan(input);
+        }
+        let [batch, d_inner, len] = input.u.dims();
+        let d_state = input.a.dims()[1];
+        let args = scan_args(&input);
+        let (flags, softplus) = (args.flags, args.softplus);
+        let outs = register::<B>(
+            "jamba_selective_scan",
+            args.tensors,
+            vec![
+                (vec![batch, d_inner, len], input.u.dtype()),
+                (vec![batch, d_inner, d_state], DType::F32),
+            ],
+            Arc::new(move |prims| {
+                let (input, _) = scan_input::<B>(prims, flags, softplus);
+                let out = B::selective_scan(input);
+                vec![raw(out.y), raw(out.last_state)]
+            }),
+        );
+        let mut outs = outs.into_iter();
+        SelectiveScanOutput {
+            y: fwrap(outs.next().unwrap()),
+            last_state: fwrap(outs.next().unwrap()),
+        }
+    }
+
+    fn selective_scan_saving(
+        input: &SelectiveScanInput<Self>,
+    ) -> (SelectiveScanOutput<Self>, Tensor<Self, 4>) {
+        let [batch, d_inner, len] = input.u.dims();
+        let d_state = input.a.dims()[1];
+        let chunks = len.div_ceil(crate::scan_chunk_len(d_state)).max(1);
+        let args = scan_args(input);
+        let (flags, softplus) = (args.flags, args.softplus);
+        let outs = register::<B>(
+            "jamba_selective_scan_saving",
+            args.tensors,
+            vec![
+                (vec![batch, d_inner, len], input.u.dtype()),
+                (vec![batch, d_inner, d_state], DType::F32),
+                (vec![batch, d_inner, chunks, d_state], DType::F32),
+            ],
+            Arc::new(move |prims| {
+                let (input, _) = scan_input::<B>(prims, flags, softplus);
+                let (out, saved) = B::selective_scan_saving(&input);
+                vec![raw(out.y), raw(out.last_state), raw(saved)]
+            }),
+        );
+        let mut outs = outs.into_iter();
+        (
+            SelectiveScanOutput {
+                y: fwrap(outs.next().unwrap()),
+                last_state: fwrap(outs.next().unwrap()),
+            },
+            fwrap(outs.next().unwrap()),
+        )
+    }
+
+    fn selective_scan_backward(
+        input: &SelectiveScanInput<Self>,
+        chunk_states: Tensor<Self, 4>,
+        grad_y: Tensor<Self, 3>,
+    ) -> SelectiveScanGrads<Self> {
+        let mut args = scan_args(input);
+        let (flags, softplus) = (args.flags, args.softplus);
+        args.tensors.push(fprim(chunk_states));
+        args.tensors.push(fprim(grad_y));
+        let mut shapes = vec![
+            (input.u.dims().to_vec(), input.u.dtype()),
+            (input.delta.dims().to_vec(), input.delta.dtype()),
+            (input.a.dims().to_vec(), input.a.dtype()),
+            (input.b.dims().to_vec(), input.b.dtype()),
+            (input.c.dims().to_vec(), input.c.dtype()),
+            (input.d.dims().to_vec(), input.d.dtype()),
+        ];
+        if let Some(z) = &input.z {
+            shapes.push((z.dims().to_vec(), z.dtype()));
+        }
+        if let Some(b) = &input.delta_bias {
+            shapes.push((b.dims().to_vec(), b.dtype()));
+        }
+        if let Some(s) = &input.initial_state {
+            shapes.push((s.dims().to_vec(), s.dtype()));
+        }
+        let outs = register::<B>(
+            "jamba_selective_scan_backward",
+            args.tensors,
+            shapes,
+            Arc::new(move |prims| {
+                let (input, mut rest) = scan_input::<B>(prims, flags, softplus);
+                let grad_y = inner(rest.pop().unwrap());
+                let chunk_states = inner(rest.pop().unwrap());
+                let g = B::selective_scan_backward(&input, chunk_states, grad_y);
+                let mut out = vec![raw(g.u), raw(g.delta), raw(g.a), raw(g.b), raw(g.c), raw(g.d)];
+                out.extend(g.z.map(raw));
+                out.extend(g.delta_bias.map(raw));
+                out.extend(g.initial_state.map(raw));
+                out
+            }),
+        );
+        let mut outs = outs.into_iter();
+        let mut next = || outs.next().unwrap();
+        SelectiveScanGrads {
+            u: fwrap(next()),
+            delta: fwrap(next()),
+            a: fwrap(next()),
+            b: fwrap(next()),
+            c: fwrap(next()),
+            d: fwrap(next()),
+            z: flags[0].then(|| fwrap(next())),
+            delta_bias: flags[1].then(|| fwrap(next())),
+            initial_state: flags[2].then(|| fwrap(next())),
+        }
+    }
+
+    fn causal_conv1d(input: CausalConv1dInput<Self>) -> Tensor<Self, 3> {
+        if !B::KERNELS {
+            return crate::reference::causal_conv1d(input);
+        }
+        let (tensors, flags) = conv_args(&input);
+        let silu = input.silu;
+        let outs = register::<B>(
+            "jamba_causal_conv1d",
+            tensors,
+            vec![(input.x.dims().to_vec(), input.x.dtype())],
+            Arc::new(move |prims| {
+                let (input, _) = conv_input::<B>(prims, flags, silu);
+                vec![raw(B::causal_conv1d(input))]
+            }),
+        );
+        fwrap(outs.into_iter().next().unwrap())
+    }
+
+    fn causal_conv1d_backward(
+        input: &CausalConv1dInput<Self>,
+        grad_y: Tensor<Self, 3>,
+    ) -> CausalConv1dGrads<Self> {
+        let (mut tensors, flags) = conv_args(input);
+        let silu = input.silu;
+        tensors.push(fprim(grad_y));
+        let mut shapes = vec![
+            (input.x.dims().to_vec(), input.x.dtype()),
+            (input.weight.dims().to_vec(), input.weight.dtype()),
+        ];
+        if let Some(b) = &input.bias {
+            shapes.push((b.dims().to_vec(), b.dtype()));
+        }
+        if let Some(s) = &input.initial_state {
+            shapes.push((s.dims().to_vec(), s.dtype()));
+        }
+        let outs = register::<B>(
+            "jamba_causal_conv1d_backward",
+            tensors,
+            shapes,
+            Arc::new(move |prims| {
+                let (input, mut rest) = conv_input::<B>(prims, flags, silu);
+                let grad_y = inner(rest.pop().unwrap());
+                let g = B::causal_conv1d_backward(&input, grad_y);
+                let mut out = vec![raw(g.x), raw(g.weight)];
+                out.extend(g.bias.map(raw));
+                out.extend(g.initial_state.map(raw));
+                out
+            }),
+        );
+        let mut outs = outs.into_iter();
+        let mut next = || outs.next().unwrap();
+        CausalConv1dGrads {
+            x: fwrap(next()),
+            weight: fwrap(next()),
+            bias: flags[0].then(|| fwrap(next())),
+            initial_state: flags[1].then(|| fwrap(next())),
+        }
+    }
+
+    fn selective_state_update(
+        input: SelectiveStateUpdate<Self>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
+        if !B::KERNELS {
+            return crate::reference::selective_state_update(input);
+        }
+        let y_shape = input.x.dims().to_vec();
+        let y_dtype = input.x.dtype();
+        let state_shape = input.state.dims().to_vec();
+        let flags = [input.z.is_some(), input.delta_bias.is_some()];
+        let softplus = input.delta_softplus;
+        let mut tensors = vec![
+            fprim(input.state),
+            fprim(input.x),
+            fprim(input.delta),
+            fprim(input.a),
+            fprim(input.b),
+            fprim(input.c),
+            fprim(input.d),
+        ];
+        tensors.extend(input.z.map(fprim));
+        tensors.extend(input.delta_bias.map(fprim));
+        let outs = register::<B>(
+            "jamba_selective_state_update",
+            tensors,
+            vec![(y_shape, y_dtype), (state_shape, DType::F32)],
+            Arc::new(move |prims| {
+                let mut it = prims.into_iter();
+                let mut next = || it.next().unwrap();
+                let state = inner(next());
+                let x = inner(next());
+                let delta = inner(next());
+                let a = inner(next());
+                let b = inner(next());
+                let c = inner(next());
+                let d = inner(next());
+                let z = flags[0].then(|| inner(next()));
+                let delta_bias = flags[1].then(|| inner(next()));
+                let (y, state) = B::selective_state_update(SelectiveStateUpdate {
+                    state,
+                    x,
+                    delta,
+                    a,
+                    b,
+                    c,
+                    d,
+                    z,
+                    delta_bias,
+                    delta_softplus: softplus,
+                });
+                vec![raw(y), raw(state)]
+            }),
+        );
+        let mut outs = outs.into_iter();
+        (fwrap(outs.next().unwrap()), fwrap(outs.next().unwrap()))
+    }
+
+    fn causal_conv1d_update(input: CausalConv1dUpdate<Self>) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
+        if !B::KERNELS {
+            return crate::reference::causal_conv1d_update(input);
+        }
+        let y_shape = input.x.dims().to_vec();
+        let y_dtype = input.x.dtype();
+        let state_shape = input.state.dims().to_vec();
+        let has_bias = input.bias.is_some();
+        let silu = input.silu;
+        let mut tensors = vec![fprim(input.state), fprim(input.x), fprim(input.weight)];
+        tensors.extend(input.bias.map(fprim));
+        let outs = register::<B>(
+            "jamba_causal_conv1d_update",
+            tensors,
+            vec![(y_shape, y_dtype), (state_shape, DType::F32)],
+            Arc::new(move |prims| {
+                let mut it = prims.into_iter();
+                let state = inner(it.next().unwrap());
+                let x = inner(it.next().unwrap());
+                let weight = inner(it.next().unwrap());
+                let bias = has_bias.then(|| inner(it.next().unwrap()));
+                let (y, state) = B::causal_conv1d_update(CausalConv1dUpdate {
+                    state,
+                    x,
+                    weight,
+                    bias,
+                    silu,
+                });
+                vec![raw(y), raw(state)]
+            }),
+        );
+        let mut outs = outs.into_iter();
+        (fwrap(outs.next().unwrap()), fwrap(outs.next().unwrap()))
+    }
+}
+
+fn conv_args<B: FusionBackend>(
+    input: &CausalConv1dInput<Fusion<B>>,
+) -> (Vec<FusionTensor<B::FusionRuntime>>, [bool; 2]) {
+    let mut tensors = vec![fprim(input.x.clone()), fprim(input.weight.clone())];
+    if let Some(b) = &input.bias {
+        tensors.push(fprim(b.clone()));
+    }
+    if let Some(s) = &input.initial_state {
+        tensors.push(fprim(s.clone()));
+    }
+    (
+        tensors,
+        [input.bias.is_some(), input.initial_state.is_some()],
+    )
+}
+
+fn conv_input<B: FusionBackend>(
+    prims: Vec<FloatTensor<B>>,
+    flags: [bool; 2],
+    silu: bool,
+) -> (CausalConv1dInput<B>, Vec<FloatTensor<B>>) {
+    let mut it = prims.into_iter();
+    let x = inner(it.next().unwrap());
+    let weight = inner(it.next().unwrap());
+    let bias = flags[0].then(|| inner(it.next().unwrap()));
+    let initial_state = flags[1].then(|| inner(it.next().unwrap()));
+    (
+        CausalConv1dInput {
+            x,
+            weight,
+            bias,
+            initial_state,
+            silu,
+        },
+        it.collect(),
+    )
+}

@@ -1,0 +1,492 @@
+//! The CubeCL kernels of `jamba-kernels` on wgpu (Mesa's lavapipe in CI, plane size 8) against
+//! the tensor-op references on ndarray: forward outputs, the decoding steps, and the gradient of
+//! every input, on awkward shapes (length 1, 7, 513; channel counts that are not a multiple of
+//! the cube; batch 3; d_state 1, 16, 64) and on the model's strided (channel-last) layout.
+//!
+//! Tolerances: f32 1e-4 of `max(1, max|ref|)`: both sides accumulate in f32 over at most 513
+//! steps and `d_state` terms, in a different order. f16 inputs 1e-2: the kernel reads f16 and
+//! computes in f32 like the reference given the same f16-rounded inputs, so the difference is
+//! the f16 rounding of the output (2^-11 relative) plus the f32 one above.
+
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use burn::backend::{wgpu::WgpuDevice, Autodiff, NdArray, Wgpu};
+use burn::tensor::{backend::Backend, DType, Distribution, Tensor, TensorData};
+use common::{assert_close, to_f32_vec};
+use jamba_kernels::{
+    reference, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, SelectiveScanInput,
+    SelectiveStateUpdate,
+};
+
+type Ref = NdArray<f32>;
+/// The kernels without Burn's fusion.
+type Cube = jamba_kernels::WgpuUnfused;
+
+/// Host copies of one random scan problem.
+#[derive(Clone)]
+struct ScanCase {
+    batch: usize,
+    d_inner: usize,
+    len: usize,
+    d_state: usize,
+    u: Vec<f32>,
+    delta: Vec<f32>,
+    a: Vec<f32>,
+    b: Vec<f32>,
+    c: Vec<f32>,
+    d: Vec<f32>,
+    z: Option<Vec<f32>>,
+    delta_bias: Option<Vec<f32>>,
+    initial_state: Option<Vec<f32>>,
+    /// Store activations channel-last (`[batch, len, d]` seen as `[batch, d, len]`), as the
+    /// model does.
+    channel_last: bool,
+}
+
+/// `[batch, rows, cols]` -> `[batch, cols, rows]`.
+fn transpose(v: &[f32], batch: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; v.len()];
+    for b in 0..batch {
+        for r in 0..rows {
+            for c in 0..cols {
+                out[(b * cols + c) * rows + r] = v[(b * rows + r) * cols + c];
+            }
+        }
+    }
+    out
+}
+
+fn random(n: usize, dist: Distribution) -> Vec<f32> {
+    Tensor::<Ref, 1>::random([n], dist, &Default::default())
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap()
+}
+
+impl ScanCase {
+    fn new(batch: usize, d_inner: usize, len: usize, d_state: usize) -> Self {
+        let normal = Distribution::Normal(0.0, 1.0);
+        Self {
+            batch,
+            d_inner,
+            len,
+            d_state,
+            u: random(batch * d_inner * len, normal),
+            delta: random(batch * d_inner * len, Distribution::Normal(-1.0, 1.5)),
+            a: random(d_inner * d_state, Distribution::Uniform(-4.0, -0.05)),
+            b: random(batch * d_state * len, normal),
+            c: random(batch * d_state * len, normal),
+            d: random(d_inner, normal),
+            z: Some(random(batch * d_inner * len, normal)),
+            delta_bias: Some(random(d_inner, Distribution::Uniform(-2.0, 0.5))),
+            initial_state: None,
+            channel_last: false,
+        }
+    }
+
+    fn with_state(mut self) -> Self {
+        self.initial_state = Some(random(
+            self.batch * self.d_inner * self.d_state,
+            Distribution::Normal(0.0, 1.0),
+        ));
+        self
+    }
+
+    fn bare(mut self) -> Self {
+        self.z = None;
+        self.delta_bias = None;
+        self
+    }
+
+    fn channel_last(mut self) -> Self {
+        self.channel_last = true;
+        self
+    }
+
+    /// `[batch, d, len]` activation, stored as asked.
+    fn act<B: Backend>(&self, v: &[f32], rows: usize, dev: &B::Device, dtype: DType) -> Tensor<B, 3> {
+        let t = if self.channel_last {
+            Tensor::<B, 3>::from_data(
+                TensorData::new(transpose(v, self.batch, rows, self.len), [self.batch, self.len, rows]),
+                dev,
+            )
+            .swap_dims(1, 2)
+        } else {
+            Tensor::<B, 3>::from_data(TensorData::new(v.to_vec(), [self.batch, rows, self.len]), dev)
+        };
+        t.cast(dtype)
+    }
+
+    fn input<B: Backend>(&self, dev: &B::Device, dtype: DType) -> SelectiveScanInput<B> {
+        let (bs, di, n) = (self.batch, self.d_inner, self.d_state);
+        let vec1 = |v: &Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v.clone(), [v.len()]), dev);
+        SelectiveScanInput {
+            u: self.act(&self.u, di, dev, dtype),
+            delta: self.act(&self.delta, di, dev, dtype),
+            a: Tensor::from_data(TensorData::new(self.a.clone(), [di, n]), dev),
+            b: self.act(&self.b, n, dev, dtype),
+            c: self.act(&self.c, n, dev, dtype),
+            d: vec1(&self.d),
+            z: self.z.as_ref().map(|z| self.act(z, di, dev, dtype)),
+            delta_bias: self.delta_bias.as_ref().map(vec1),
+            delta_softplus: true,
+            initial_state: self
+                .initial_state
+                .as_ref()
+                .map(|s| Tensor::from_data(TensorData::new(s.clone(), [bs, di, n]), dev)),
+        }
+    }
+}
+
+fn data<B: Backend, const D: usize>(t: Tensor<B, D>) -> TensorData {
+    t.cast(DType::F32).into_data().convert::<f32>()
+}
+
+/// Forward on `B` against the reference on ndarray, for inputs rounded to `dtype`.
+fn check_scan_forward<B: JambaBackend>(name: &str, case: &ScanCase, dtype: DType, tol: f32) {
+    let dev = Default::default();
+    let ours = B::selective_scan(case.input::<B>(&dev, dtype));
+    // The reference sees the same rounded inputs, computed in f32.
+    let rounded = case.input::<B>(&dev, dtype);
+    let ref_input = SelectiveScanInput::<Ref> {
+        u: Tensor::from_data(data(rounded.u), &Default::default()),
+        delta: Tensor::from_data(data(rounded.delta), &Default::default()),
+        b: Tensor::from_data(data(rounded.b), &Default::default()),
+        c: Tensor::from_data(data(rounded.c), &Default::default()),
+        z: rounded.z.map(|z| Tensor::from_data(data(z), &Default::default())),
+        ..case.input::<Ref>(&Default::default(), DType::F32)
+    };
+    let want = reference::selective_scan(ref_input);
+    assert_eq!(ours.y.dtype(), dtype, "{name}: y keeps the input dtype");
+    assert_close(&format!("{name} y"), &to_f32_vec(ours.y), &data(want.y), tol);
+    assert_close(
+        &format!("{name} last_state"),
+        &to_f32_vec(ours.last_state),
+        &data(want.last_state),
+        tol,
+    );
+}
+
+fn scan_cases() -> Vec<(&'static str, ScanCase)> {
+    vec![
+        ("b3 d37 l513 n16", ScanCase::new(3, 37, 513, 16)),
+        ("b3 d70 l7 n64 state", ScanCase::new(3, 70, 7, 64).with_state()),
+        ("b2 d5 l1 n1 bare", ScanCase::new(2, 5, 1, 1).bare()),
+        ("b1 d65 l40 n16 state bare", ScanCase::new(1, 65, 40, 16).with_state().bare()),
+        ("b3 d33 l129 n16 channel-last", ScanCase::new(3, 33, 129, 16).channel_last()),
+        ("b1 d9 l33 n256 state", ScanCase::new(1, 9, 33, 256).with_state()),
+    ]
+}
+
+#[test]
+fn scan_forward_f32_cube_and_fused() {
+    for (name, case) in scan_cases() {
+        check_scan_forward::<Cube>(&format!("cube {name}"), &case, DType::F32, 1e-4);
+        check_scan_forward::<Wgpu>(&format!("fusion {name}"), &case, DType::F32, 1e-4);
+    }
+}
+
+#[test]
+fn scan_forward_f16() {
+    for (name, case) in scan_cases().into_iter().take(3) {
+        check_scan_forward::<Wgpu>(&format!("f16 {name}"), &case, DType::F16, 1e-2);
+    }
+}
+
+/// Gradients of `sum(y * w)` through the kernels' backward against Burn's autodiff of the
+/// reference on ndarray.
+fn check_scan_grads<B: JambaBackend + burn::tensor::backend::AutodiffBackend>(name: &str, case: &ScanCase)
+where
+    B::InnerBackend: JambaBackend,
+{
+    let w = random(case.batch * case.d_inner * case.len, Distribution::Normal(0.0, 1.0));
+    let shape = [case.batch, case.d_inner, case.len];
+
+    fn grads_of<A: burn::tensor::backend::AutodiffBackend + JambaBackend>(
+        case: &ScanCase,
+        w: &[f32],
+        shape: [usize; 3],
+    ) -> Vec<(String, TensorData)> {
+        let dev = Default::default();
+        let input = case.input::<A>(&dev, DType::F32);
+        let input = SelectiveScanInput {
+            u: input.u.require_grad(),
+            delta: input.delta.require_grad(),
+            a: input.a.require_grad(),
+            b: input.b.require_grad(),
+            c: input.c.require_grad(),
+            d: input.d.require_grad(),
+            z: input.z.map(|t| t.require_grad()),
+            delta_bias: input.delta_bias.map(|t| t.require_grad()),
+            initial_state: input.initial_state.map(|t| t.require_grad()),
+            ..input
+        };
+        let keep = input.clone();
+        let y = A::selective_scan(input).y;
+        let w = Tensor::<A, 3>::from_data(TensorData::new(w.to_vec(), shape), &dev);
+        let grads = (y * w).sum().backward();
+        let g3 = |t: &Tensor<A, 3>| data(t.grad(&grads).expect("gradient"));
+        let g2 = |t: &Tensor<A, 2>| data(t.grad(&grads).expect("gradient"));
+        let g1 = |t: &Tensor<A, 1>| data(t.grad(&grads).expect("gradient"));
+        let mut out = vec![
+            ("u".to_string(), g3(&keep.u)),
+            ("delta".to_string(), g3(&keep.delta)),
+            ("A".to_string(), g2(&keep.a)),
+            ("B".to_string(), g3(&keep.b)),
+            ("C".to_string(), g3(&keep.c)),
+            ("D".to_string(), g1(&keep.d)),
+        ];
+        if let Some(z) = &keep.z {
+            out.push(("z".into(), g3(z)));
+        }
+        if let Some(b) = &keep.delta_bias {
+            out.push(("delta_bias".into(), g1(b)));
+        }
+        if let Some(s) = &keep.initial_state {
+            out.push(("initial_state".into(), g3(s)));
+        }
+        out
+    }
+
+    let want = grads_of::<Autodiff<Ref>>(case, &w, shape);
+    let got = grads_of::<B>(case, &w, shape);
+    assert_eq!(want.len(), got.len());
+    for ((key, g), (_, r)) in got.into_iter().zip(want) {
+        assert_close(
+            &format!("{name} grad {key}"),
+            &g.to_vec::<f32>().unwrap(),
+            &r,
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn scan_gradients_cube_and_fused() {
+    for (name, case) in scan_cases().into_iter().take(5) {
+        // The reference's autodiff is slow on long sequences; keep the long one small.
+        let case = if case.len > 200 { ScanCase { ..ScanCase::new(3, 37, 513, 16) } } else { case };
+        check_scan_grads::<Autodiff<Cube>>(&format!("cube {name}"), &case);
+        check_scan_grads::<Autodiff<Wgpu>>(&format!("fusion {name}"), &case);
+    }
+}
+
+#[test]
+fn state_update_matches_scan_of_one_and_leaves_shared_state_alone() {
+    for (name, case) in [
+        ("b3 d37 n16", ScanCase::new(3, 37, 1, 16).with_state()),
+        ("b2 d70 n64 bare", ScanCase::new(2, 70, 1, 64).with_state().bare()),
+    ] {
+        for fused in [false, true] {
+            let (y, state, before, kept) = if fused {
+                update_on::<Wgpu>(&case)
+            } else {
+                update_on::<Cube>(&case)
+            };
+            let want = reference::selective_scan(case.input::<Ref>(&Default::default(), DType::F32));
+            let label = format!("{name} fused={fused}");
+            assert_close(&format!("{label} y"), &y, &data(want.y.squeeze_dim::<2>(2)), 1e-4);
+            assert_close(&format!("{label} state"), &state, &data(want.last_state), 1e-4);
+            assert_eq!(before, kept, "{label}: a state still referenced elsewhere was modified");
+        }
+    }
+
+    /// Runs the update with a second reference to the state alive; returns y, the new state,
+    /// and the shared state's values before and after.
+    fn update_on<B: JambaBackend>(case: &ScanCase) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let dev = Default::default();
+        let input = case.input::<B>(&dev, DType::F32);
+        let state = input.initial_state.clone().unwrap();
+        let before = to_f32_vec(state.clone());
+        let sq = |t: Tensor<B, 3>| t.squeeze_dim::<2>(2);
+        let (y, next) = B::selective_state_update(SelectiveStateUpdate {
+            state: state.clone(),
+            x: sq(input.u),
+            delta: sq(input.delta),
+            a: input.a,
+            b: sq(input.b),
+            c: sq(input.c),
+            d: input.d,
+            z: input.z.map(sq),
+            delta_bias: input.delta_bias,
+            delta_softplus: true,
+        });
+        (to_f32_vec(y), to_f32_vec(next), before, to_f32_vec(state))
+    }
+}
+
+/// Host copies of one random conv problem.
+struct ConvCase {
+    shape: [usize; 3],
+    width: usize,
+    x: Vec<f32>,
+    w: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    init: Option<Vec<f32>>,
+    silu: bool,
+    channel_last: bool,
+}
+
+impl ConvCase {
+    fn new(batch: usize, d: usize, len: usize, width: usize) -> Self {
+        let n = Distribution::Normal(0.0, 1.0);
+        Self {
+            shape: [batch, d, len],
+            width,
+            x: random(batch * d * len, n),
+            w: random(d * width, n),
+            bias: Some(random(d, n)),
+            init: Some(random(batch * d * (width - 1).max(1), n)),
+            silu: true,
+            channel_last: false,
+        }
+    }
+
+    fn input<B: Backend>(&self, dev: &B::Device, dtype: DType) -> CausalConv1dInput<B> {
+        let [bs, d, _] = self.shape;
+        let [_, _, len] = self.shape;
+        let x = if self.channel_last {
+            Tensor::<B, 3>::from_data(
+                TensorData::new(transpose(&self.x, bs, d, len), [bs, len, d]),
+                dev,
+            )
+            .swap_dims(1, 2)
+        } else {
+            Tensor::<B, 3>::from_data(TensorData::new(self.x.clone(), self.shape), dev)
+        };
+        CausalConv1dInput {
+            x: x.cast(dtype),
+            weight: Tensor::from_data(TensorData::new(self.w.clone(), [d, self.width]), dev),
+            bias: self
+                .bias
+                .as_ref()
+                .map(|b| Tensor::from_data(TensorData::new(b.clone(), [d]), dev)),
+            initial_state: self.init.as_ref().map(|s| {
+                Tensor::from_data(TensorData::new(s.clone(), [bs, d, self.width - 1]), dev)
+            }),
+            silu: self.silu,
+        }
+    }
+}
+
+fn conv_cases() -> Vec<(&'static str, ConvCase)> {
+    let mut plain = ConvCase::new(2, 9, 7, 3);
+    plain.bias = None;
+    plain.init = None;
+    plain.silu = false;
+    let mut strided = ConvCase::new(3, 37, 129, 4);
+    strided.channel_last = true;
+    vec![
+        ("b3 d37 l513 k4", ConvCase::new(3, 37, 513, 4)),
+        ("b2 d5 l1 k4", ConvCase::new(2, 5, 1, 4)),
+        ("b2 d9 l7 k3 plain", plain),
+        ("b3 d37 l129 k4 channel-last", strided),
+    ]
+}
+
+#[test]
+fn conv_forward_and_gradients() {
+    for (name, case) in conv_cases() {
+        let want = reference::causal_conv1d(case.input::<Ref>(&Default::default(), DType::F32));
+        for (label, got) in [
+            ("cube", to_f32_vec(Cube::causal_conv1d(case.input::<Cube>(&Default::default(), DType::F32)))),
+            ("fusion", to_f32_vec(Wgpu::causal_conv1d(case.input::<Wgpu>(&Default::default(), DType::F32)))),
+        ] {
+            assert_close(&format!("{label} {name} y"), &got, &data(want.clone()), 1e-4);
+        }
+        let w = random(case.x.len(), Distribution::Normal(0.0, 1.0));
+        let want = conv_grads::<Autodiff<Ref>>(&case, &w);
+        for (label, got) in [
+            ("cube", conv_grads::<Autodiff<Cube>>(&case, &w)),
+            ("fusion", conv_grads::<Autodiff<Wgpu>>(&case, &w)),
+        ] {
+            assert_eq!(got.len(), want.len());
+            for ((key, g), (_, r)) in got.into_iter().zip(want.iter()) {
+                assert_close(&format!("{label} {name} grad {key}"), &g.to_vec::<f32>().unwrap(), r, 1e-4);
+            }
+        }
+    }
+
+    fn conv_grads<A: burn::tensor::backend::AutodiffBackend + JambaBackend>(
+        case: &ConvCase,
+        w: &[f32],
+    ) -> Vec<(String, TensorData)> {
+        let dev = Default::default();
+        let input = case.input::<A>(&dev, DType::F32);
+        let input = CausalConv1dInput {
+            x: input.x.require_grad(),
+            weight: input.weight.require_grad(),
+            bias: input.bias.map(|t| t.require_grad()),
+            initial_state: input.initial_state.map(|t| t.require_grad()),
+            ..input
+        };
+        let keep = input.clone();
+        let y = A::causal_conv1d(input);
+        let w = Tensor::<A, 3>::from_data(TensorData::new(w.to_vec(), case.shape), &dev);
+        let grads = (y * w).sum().backward();
+        let mut out = vec![
+            ("x".to_string(), data(keep.x.grad(&grads).unwrap())),
+            ("weight".to_string(), data(keep.weight.grad(&grads).unwrap())),
+        ];
+        if let Some(b) = &keep.bias {
+            out.push(("bias".into(), data(b.grad(&grads).unwrap())));
+        }
+        if let Some(s) = &keep.initial_state {
+            out.push(("initial_state".into(), data(s.grad(&grads).unwrap())));
+        }
+        out
+    }
+}
+
+#[test]
+fn conv_update_matches_conv_of_one() {
+    for (name, case) in [("b3 d37 k4", ConvCase::new(3, 37, 1, 4)), ("b2 d5 k2", ConvCase::new(2, 5, 1, 2))] {
+        let want_y = reference::causal_conv1d(case.input::<Ref>(&Default::default(), DType::F32));
+        let [bs, d, _] = case.shape;
+        let k = case.width;
+        // The new state: the last k-1 of (init ++ x).
+        let init = case.init.clone().unwrap();
+        let mut want_state = vec![0.0; bs * d * (k - 1)];
+        for r in 0..bs * d {
+            let mut window: Vec<f32> = init[r * (k - 1)..(r + 1) * (k - 1)].to_vec();
+            window.push(case.x[r]);
+            want_state[r * (k - 1)..(r + 1) * (k - 1)].copy_from_slice(&window[1..]);
+        }
+        let want_state = TensorData::new(want_state, [bs, d, k - 1]);
+        for fused in [false, true] {
+            let (y, state, before, kept) = if fused { run::<Wgpu>(&case) } else { run::<Cube>(&case) };
+            let label = format!("{name} fused={fused}");
+            assert_close(&format!("{label} y"), &y, &data(want_y.clone().squeeze_dim::<2>(2)), 1e-4);
+            assert_close(&format!("{label} state"), &state, &want_state, 1e-6);
+            assert_eq!(before, kept, "{label}: a state still referenced elsewhere was modified");
+        }
+    }
+
+    fn run<B: JambaBackend>(case: &ConvCase) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+        let input = case.input::<B>(&Default::default(), DType::F32);
+        let state = input.initial_state.clone().unwrap();
+        let before = to_f32_vec(state.clone());
+        let (y, next) = B::causal_conv1d_update(CausalConv1dUpdate {
+            state: state.clone(),
+            x: input.x.squeeze_dim::<2>(2),
+            weight: input.weight,
+            bias: input.bias,
+            silu: input.silu,
+        });
+        (to_f32_vec(y), to_f32_vec(next), before, to_f32_vec(state))
+    }
+}
+
+#[test]
+fn kernels_run_on_the_lavapipe_plane_size() {
+    // The backward's per-plane partial sums are sized from the smallest plane; this documents
+    // which one the tests ran with.
+    let dev = WgpuDevice::default();
+    let t = Tensor::<Cube, 1>::zeros([1], &dev);
+    let client = t.into_primitive().tensor().client;
+    let p = client.properties().hardware.plane_size_min;
+    assert!(p >= 1, "plane size {p}");
+    eprintln!("plane_size_min = {p}");
+}
