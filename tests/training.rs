@@ -14,8 +14,15 @@ use jamba::{JambaForCausalLM, TokenBatch};
 
 type B = Autodiff<NdArray<f32>>;
 
-/// Loss and aux loss within 1e-4 of their scale; gradients as [`assert_grads_match`] says.
+/// Loss, aux loss and every gradient within `tol` of their scale ([`assert_grads_match`]).
 fn check_case(case: &str) {
+    check_case_on::<B>(case, 1e-4);
+}
+
+fn check_case_on<B>(case: &str, tol: f32)
+where
+    B: burn::tensor::backend::AutodiffBackend + jamba::JambaBackend,
+{
     let model =
         JambaForCausalLM::<B>::from_pretrained(fixture_dir(case), &Default::default(), DType::F32)
             .unwrap();
@@ -26,13 +33,13 @@ fn check_case(case: &str) {
         &format!("{case} loss"),
         &one(out.loss.clone()),
         &exp["loss"],
-        1e-4,
+        tol,
     );
     assert_close(
         &format!("{case} aux_loss"),
         &one(out.aux.clone().unwrap()),
         &exp["aux_loss"],
-        1e-4,
+        tol,
     );
     let grads = GradientsParams::from_grads(out.loss.backward(), &model);
     let mut ours = BTreeMap::new();
@@ -44,7 +51,7 @@ fn check_case(case: &str) {
             ours.insert(k, v);
         }
     }
-    assert_grads_match(case, &ours, &exp);
+    assert_grads_match(case, &ours, &exp, tol);
 }
 
 #[test]
@@ -60,6 +67,17 @@ fn tiny_b_padded_tied_loss_and_gradients_match_transformers() {
 #[test]
 fn v01_shape_loss_and_gradients_match_transformers() {
     check_case("v01-shape");
+}
+
+/// The same on wgpu, where the scan and the conv run the CubeCL kernels forward and backward
+/// (f32; 1e-3 as the wgpu forward parity, for the different summation orders of the kernels).
+#[cfg(feature = "wgpu")]
+#[test]
+fn loss_and_gradients_match_transformers_on_wgpu_with_the_kernels() {
+    type W = Autodiff<burn::backend::Wgpu>;
+    for case in CASES {
+        check_case_on::<W>(case, 1e-3);
+    }
 }
 
 fn batch(step: usize) -> TokenBatch {
