@@ -8,7 +8,9 @@
 
 use std::time::Instant;
 
-use burn::tensor::DType;
+use burn::backend::Autodiff;
+use burn::tensor::{DType, Distribution, Tensor};
+use jamba_kernels::SelectiveScanInput;
 use clap::{Parser, ValueEnum};
 use jamba::generate::decode_step;
 use jamba::{JambaBackend, JambaConfig, JambaForCausalLM, TokenBatch};
@@ -33,9 +35,19 @@ struct Args {
     steps: usize,
     #[arg(long, default_value_t = 4)]
     warmup: usize,
-    /// Prefill lengths to time (batch 1), e.g. 4096,16384; none by default.
+    /// Prefills to time: `LEN` (batch 1) or `BATCHxLEN`, e.g. 4096,16384,8x2048; none by default.
     #[arg(long, value_delimiter = ',')]
-    prefill: Vec<usize>,
+    prefill: Vec<String>,
+    /// Check the Mamba kernels against the tensor-op reference (on ndarray) first.
+    #[arg(long)]
+    check_kernels: bool,
+    /// Time the selective scan alone (forward and backward, `--dtype`) at `BATCHxDxLEN` shapes in
+    /// mamba-ssm's layout (d_state 16, z gate, delta bias and softplus), e.g. 1x8192x4096.
+    #[arg(long, value_delimiter = ',')]
+    scan: Vec<String>,
+    /// Skip the model (kernel checks and scan timings only).
+    #[arg(long)]
+    no_model: bool,
     /// Prefill chunk.
     #[arg(long, default_value_t = 2048)]
     chunk: usize,
@@ -46,6 +58,8 @@ enum Backend {
     Ndarray,
     Wgpu,
     Cuda,
+    /// CUDA without Burn's operation fusion.
+    CudaUnfused,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -60,12 +74,25 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn run<B: JambaBackend>(args: &Args, device: &B::Device) {
+fn run<B: JambaBackend>(args: &Args, device: &B::Device)
+where
+    Autodiff<B>: JambaBackend<Device = B::Device>,
+{
     let dtype = match args.dtype {
         Dtype::F32 => DType::F32,
         Dtype::F16 => DType::F16,
         Dtype::Bf16 => DType::BF16,
     };
+    if args.check_kernels {
+        kernel_check::run::<B>(device);
+    }
+    for spec in &args.scan {
+        let dims: Vec<usize> = spec.split('x').map(|v| v.parse().expect("BATCHxDxLEN")).collect();
+        scan_timing::<B>(device, [dims[0], dims[1], dims[2]], dtype);
+    }
+    if args.no_model {
+        return;
+    }
     let cfg = JambaConfig::from_file(&args.config).expect("config");
     let (total, active) = cfg.parameter_counts();
     let started = Instant::now();
@@ -89,14 +116,18 @@ fn run<B: JambaBackend>(args: &Args, device: &B::Device) {
         TokenBatch::new(ids, batch, len, None).unwrap()
     };
 
-    for &len in &args.prefill {
+    for spec in &args.prefill {
+        let (batch, len) = match spec.split_once('x') {
+            Some((b, l)) => (b.parse().expect("batch"), l.parse().expect("length")),
+            None => (1, spec.parse().expect("length")),
+        };
         let mut times = Vec::new();
         for rep in 0..3 {
-            let mut cache = model.new_cache_with_capacity(1, len + 1);
+            let mut cache = model.new_cache_with_capacity(batch, len + 1);
             B::sync(device).unwrap();
             let t = Instant::now();
             let logits = model
-                .prefill(&tokens(1, len), &mut cache, args.chunk, false)
+                .prefill(&tokens(batch, len), &mut cache, args.chunk, false)
                 .unwrap();
             let _ = logits.into_data();
             let secs = t.elapsed().as_secs_f64();
@@ -106,8 +137,8 @@ fn run<B: JambaBackend>(args: &Args, device: &B::Device) {
         }
         let s = median(times);
         println!(
-            "| prefill, batch 1, {len} tokens | {:.1} tok/s ({:.1} ms) |",
-            len as f64 / s,
+            "| prefill, batch {batch}, {len} tokens | {:.1} k tok/s ({:.1} ms) |",
+            (batch * len) as f64 / s / 1e3,
             s * 1e3
         );
     }
@@ -143,6 +174,254 @@ fn run<B: JambaBackend>(args: &Args, device: &B::Device) {
     }
 }
 
+/// Forward and backward of one scan at `[batch, d, len]` (d_state 16), median of 10 after 3
+/// warm-up runs, each synchronised.
+fn scan_timing<B: JambaBackend>(device: &B::Device, [batch, d, len]: [usize; 3], dtype: DType) {
+    let n = 16;
+    let r3 = |s: [usize; 3], mean: f64| {
+        Tensor::<B, 3>::random(s, Distribution::Normal(mean, 1.0), device).cast(dtype)
+    };
+    let input = SelectiveScanInput::<B> {
+        u: r3([batch, d, len], 0.0),
+        delta: r3([batch, d, len], -1.0),
+        a: Tensor::<B, 2>::random([d, n], Distribution::Uniform(-4.0, -0.1), device),
+        b: r3([batch, n, len], 0.0),
+        c: r3([batch, n, len], 0.0),
+        d: Tensor::<B, 1>::random([d], Distribution::Normal(0.0, 1.0), device),
+        z: Some(r3([batch, d, len], 0.0)),
+        delta_bias: Some(Tensor::<B, 1>::random([d], Distribution::Uniform(-2.0, 0.0), device)),
+        delta_softplus: true,
+        initial_state: None,
+    };
+    let grad = r3([batch, d, len], 0.0);
+    let time = |f: &dyn Fn()| {
+        let mut v = Vec::new();
+        for rep in 0..13 {
+            B::sync(device).unwrap();
+            let t = Instant::now();
+            f();
+            B::sync(device).unwrap();
+            if rep >= 3 {
+                v.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        median(v)
+    };
+    let fwd = time(&|| {
+        let _ = B::selective_scan(input.clone());
+    });
+    let bwd = if B::KERNELS {
+        let (_, saved) = B::selective_scan_saving(&input);
+        let ms = time(&|| {
+            let _ = B::selective_scan_backward(&input, saved.clone(), grad.clone());
+        });
+        format!("{ms:.3} ms")
+    } else {
+        "(no kernel)".into()
+    };
+    println!("| scan {batch} x {d} x {len}, {dtype:?} | forward {fwd:.3} ms | backward {bwd} |");
+}
+
+/// The kernels of `B` against the tensor-op reference on ndarray: outputs and every gradient.
+mod kernel_check {
+    use super::*;
+    use burn::backend::NdArray;
+    use burn::tensor::{backend::Backend, TensorData};
+    use jamba_kernels::{reference, CausalConv1dInput};
+
+    type Ref = NdArray<f32>;
+
+    fn host(n: usize, dist: Distribution) -> Vec<f32> {
+        Tensor::<Ref, 1>::random([n], dist, &Default::default())
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()
+    }
+
+    fn vals<C: Backend, const D: usize>(t: Tensor<C, D>) -> Vec<f32> {
+        t.cast(DType::F32).into_data().convert::<f32>().to_vec::<f32>().unwrap()
+    }
+
+    /// `max|a - b| / max(1, max|b|)`.
+    fn rel(a: &[f32], b: &[f32]) -> f32 {
+        let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
+    }
+
+    struct Case {
+        shape: [usize; 4],
+        data: Vec<Vec<f32>>,
+    }
+
+    impl Case {
+        fn new(shape: [usize; 4]) -> Self {
+            let [b, d, l, n] = shape;
+            let nd = Distribution::Normal(0.0, 1.0);
+            let data = vec![
+                host(b * d * l, nd),
+                host(b * d * l, Distribution::Normal(-1.0, 1.5)),
+                host(d * n, Distribution::Uniform(-4.0, -0.05)),
+                host(b * n * l, nd),
+                host(b * n * l, nd),
+                host(d, nd),
+                host(b * d * l, nd),
+                host(d, Distribution::Uniform(-2.0, 0.5)),
+                host(b * d * n, nd),
+                host(b * d * l, nd),
+            ];
+            Self { shape, data }
+        }
+
+        fn input<C: Backend>(&self, dev: &C::Device, dtype: DType) -> SelectiveScanInput<C> {
+            let [b, d, l, n] = self.shape;
+            let t3 = |i: usize, s: [usize; 3]| {
+                Tensor::<C, 3>::from_data(TensorData::new(self.data[i].clone(), s), dev)
+            };
+            let t1 = |i: usize| Tensor::<C, 1>::from_data(TensorData::new(self.data[i].clone(), [d]), dev);
+            SelectiveScanInput {
+                u: t3(0, [b, d, l]).cast(dtype),
+                delta: t3(1, [b, d, l]).cast(dtype),
+                a: Tensor::from_data(TensorData::new(self.data[2].clone(), [d, n]), dev),
+                b: t3(3, [b, n, l]).cast(dtype),
+                c: t3(4, [b, n, l]).cast(dtype),
+                d: t1(5),
+                z: Some(t3(6, [b, d, l]).cast(dtype)),
+                delta_bias: Some(t1(7)),
+                delta_softplus: true,
+                initial_state: Some(t3(8, [b, d, n])),
+            }
+        }
+    }
+
+    fn grads<C: burn::tensor::backend::AutodiffBackend + JambaBackend>(
+        case: &Case,
+        dev: &C::Device,
+    ) -> Vec<Vec<f32>> {
+        let [b, d, l, _] = case.shape;
+        let i = case.input::<C>(dev, DType::F32);
+        let i = SelectiveScanInput {
+            u: i.u.require_grad(),
+            delta: i.delta.require_grad(),
+            a: i.a.require_grad(),
+            b: i.b.require_grad(),
+            c: i.c.require_grad(),
+            d: i.d.require_grad(),
+            z: i.z.map(|t| t.require_grad()),
+            delta_bias: i.delta_bias.map(|t| t.require_grad()),
+            initial_state: i.initial_state.map(|t| t.require_grad()),
+            ..i
+        };
+        let keep = i.clone();
+        let w = Tensor::<C, 3>::from_data(TensorData::new(case.data[9].clone(), [b, d, l]), dev);
+        let g = (C::selective_scan(i).y * w).sum().backward();
+        vec![
+            vals(keep.u.grad(&g).unwrap()),
+            vals(keep.delta.grad(&g).unwrap()),
+            vals(keep.a.grad(&g).unwrap()),
+            vals(keep.b.grad(&g).unwrap()),
+            vals(keep.c.grad(&g).unwrap()),
+            vals(keep.d.grad(&g).unwrap()),
+            vals(keep.z.unwrap().grad(&g).unwrap()),
+            vals(keep.delta_bias.unwrap().grad(&g).unwrap()),
+            vals(keep.initial_state.unwrap().grad(&g).unwrap()),
+        ]
+    }
+
+    pub fn run<B: JambaBackend>(dev: &B::Device)
+    where
+        Autodiff<B>: JambaBackend<Device = B::Device>,
+    {
+        let mut failed = 0;
+        let mut report = |what: String, err: f32, tol: f32| {
+            let ok = err <= tol;
+            failed += usize::from(!ok);
+            println!("kernel check {what}: {err:.2e} (limit {tol:.0e}) {}", if ok { "ok" } else { "FAILED" });
+        };
+        let rdev = Default::default();
+        for shape in [[3, 37, 513, 16], [2, 70, 7, 64], [1, 5, 1, 1], [2, 300, 1000, 16]] {
+            let case = Case::new(shape);
+            let want = reference::selective_scan(case.input::<Ref>(&rdev, DType::F32));
+            let (wy, ws) = (vals(want.y), vals(want.last_state));
+            let got = B::selective_scan(case.input::<B>(dev, DType::F32));
+            report(format!("scan {shape:?} f32 y"), rel(&vals(got.y), &wy), 1e-4);
+            report(format!("scan {shape:?} f32 state"), rel(&vals(got.last_state), &ws), 1e-4);
+            // bf16 inputs: the reference gets the same rounded values.
+            let rounded = case.input::<B>(dev, DType::BF16);
+            let back = |t: Tensor<B, 3>| Tensor::<Ref, 3>::from_data(t.cast(DType::F32).into_data(), &rdev);
+            let want = reference::selective_scan(SelectiveScanInput {
+                u: back(rounded.u.clone()),
+                delta: back(rounded.delta.clone()),
+                b: back(rounded.b.clone()),
+                c: back(rounded.c.clone()),
+                z: rounded.z.clone().map(back),
+                ..case.input::<Ref>(&rdev, DType::F32)
+            });
+            let got = B::selective_scan(rounded);
+            report(format!("scan {shape:?} bf16 y"), rel(&vals(got.y), &vals(want.y)), 1e-2);
+            if shape[2] <= 513 {
+                let want = grads::<Autodiff<Ref>>(&case, &rdev);
+                let got = grads::<Autodiff<B>>(&case, dev);
+                let names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"];
+                for ((name, g), w) in names.iter().zip(&got).zip(&want) {
+                    report(format!("scan {shape:?} f32 grad {name}"), rel(g, w), 1e-4);
+                }
+            }
+        }
+        for [b, d, l, k] in [[3, 37, 513, 4], [2, 5, 1, 4]] {
+            let x = host(b * d * l, Distribution::Normal(0.0, 1.0));
+            let w = host(d * k, Distribution::Normal(0.0, 1.0));
+            let bias = host(d, Distribution::Normal(0.0, 1.0));
+            let init = host(b * d * (k - 1), Distribution::Normal(0.0, 1.0));
+            fn input<C: Backend>(
+                dev: &C::Device,
+                x: &[f32],
+                w: &[f32],
+                bias: &[f32],
+                init: &[f32],
+                [b, d, l, k]: [usize; 4],
+            ) -> CausalConv1dInput<C> {
+                CausalConv1dInput {
+                    x: Tensor::from_data(TensorData::new(x.to_vec(), [b, d, l]), dev),
+                    weight: Tensor::from_data(TensorData::new(w.to_vec(), [d, k]), dev),
+                    bias: Some(Tensor::from_data(TensorData::new(bias.to_vec(), [d]), dev)),
+                    initial_state: Some(Tensor::from_data(TensorData::new(init.to_vec(), [b, d, k - 1]), dev)),
+                    silu: true,
+                }
+            }
+            let s = [b, d, l, k];
+            let want = vals(reference::causal_conv1d(input::<Ref>(&rdev, &x, &w, &bias, &init, s)));
+            let got = vals(B::causal_conv1d(input::<B>(dev, &x, &w, &bias, &init, s)));
+            report(format!("conv {s:?} f32 y"), rel(&got, &want), 1e-4);
+            fn conv_grads<C: burn::tensor::backend::AutodiffBackend + JambaBackend>(
+                i: CausalConv1dInput<C>,
+            ) -> Vec<Vec<f32>> {
+                let i = CausalConv1dInput {
+                    x: i.x.require_grad(),
+                    weight: i.weight.require_grad(),
+                    bias: i.bias.map(|t| t.require_grad()),
+                    initial_state: i.initial_state.map(|t| t.require_grad()),
+                    ..i
+                };
+                let keep = i.clone();
+                let y = C::causal_conv1d(i);
+                let g = (y.clone() * y.sin()).sum().backward();
+                vec![
+                    vals(keep.x.grad(&g).unwrap()),
+                    vals(keep.weight.grad(&g).unwrap()),
+                    vals(keep.bias.unwrap().grad(&g).unwrap()),
+                    vals(keep.initial_state.unwrap().grad(&g).unwrap()),
+                ]
+            }
+            let want = conv_grads(input::<Autodiff<Ref>>(&rdev, &x, &w, &bias, &init, s));
+            let got = conv_grads(input::<Autodiff<B>>(dev, &x, &w, &bias, &init, s));
+            for ((name, g), w) in ["x", "weight", "bias", "initial_state"].iter().zip(&got).zip(&want) {
+                report(format!("conv {s:?} f32 grad {name}"), rel(g, w), 1e-4);
+            }
+        }
+        println!("kernel check: {failed} failed");
+    }
+}
+
 fn main() {
     let args = Args::parse();
     match args.backend {
@@ -151,6 +430,8 @@ fn main() {
         Backend::Wgpu => run::<burn::backend::Wgpu>(&args, &Default::default()),
         #[cfg(feature = "cuda")]
         Backend::Cuda => run::<burn::backend::Cuda>(&args, &Default::default()),
+        #[cfg(feature = "cuda")]
+        Backend::CudaUnfused => run::<jamba_kernels::CudaUnfused>(&args, &Default::default()),
         #[allow(unreachable_patterns)]
         _ => {
             eprintln!(

@@ -104,6 +104,26 @@ impl<B: Backend> JambaExperts<B> {
         act.matmul(down.transpose())
     }
 
+    /// Every expert on every token of `x` `[n, H]`, summed with `weights` `[n, k]` placed at the
+    /// `chosen` experts `[n, k]` (zero elsewhere): equal to the grouped computation.
+    fn forward_dense(&self, x: Tensor<B, 2>, chosen: Tensor<B, 2, Int>, weights: Tensor<B, 2>) -> Tensor<B, 2> {
+        let [e, two_i, h] = self.gate_up_proj.dims();
+        let i = two_i / 2;
+        let [n, _] = x.dims();
+        let dense = Tensor::<B, 2>::zeros([n, e], (&x.device(), weights.dtype())).scatter(
+            1,
+            chosen,
+            weights,
+            IndexingUpdateOp::Add,
+        ); // [n, E]
+        let xe = x.unsqueeze::<3>().expand([e, n, h]);
+        let gu = xe.matmul(self.gate_up_proj.val().swap_dims(1, 2)); // [E, n, 2I]
+        let act = activation::silu(gu.clone().narrow(2, 0, i)) * gu.narrow(2, i, i);
+        let y = act.matmul(self.down_proj.val().swap_dims(1, 2)); // [E, n, H]
+        let w = dense.transpose().unsqueeze_dim::<3>(2).expand([e, n, h]);
+        (y * w).sum_dim(0).reshape([n, h])
+    }
+
     /// Both tensors under their fused names (see [`crate::nn::hub_split`] for the Hub layout).
     pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
         export_param(out, format!("{prefix}.gate_up_proj"), &self.gate_up_proj);
@@ -117,7 +137,15 @@ pub struct JambaSparseMoeBlock<B: Backend> {
     pub router: Linear<B>,
     pub experts: JambaExperts<B>,
     pub top_k: usize,
+    /// Up to this many tokens per call (decoding), every expert runs on every token and the
+    /// unchosen ones are weighted by zero: a few batched matmuls and no read of the routing back
+    /// to the host. Above it, tokens are grouped by expert.
+    pub dense_tokens: usize,
 }
+
+/// Default of [`JambaSparseMoeBlock::dense_tokens`]: at decode batch sizes up to this, reading
+/// every expert's weights once costs less than a host round trip and the per-expert launches.
+pub const DENSE_MOE_TOKENS: usize = 64;
 
 impl<B: Backend> JambaSparseMoeBlock<B> {
     pub fn new(cfg: &JambaConfig, w: &mut Weights<B>, prefix: &str) -> Result<Self> {
@@ -131,6 +159,7 @@ impl<B: Backend> JambaSparseMoeBlock<B> {
             )?,
             experts: JambaExperts::new(cfg, w, &format!("{prefix}.experts"))?,
             top_k: cfg.num_experts_per_tok,
+            dense_tokens: DENSE_MOE_TOKENS,
         })
     }
 
@@ -148,6 +177,10 @@ impl<B: Backend> JambaSparseMoeBlock<B> {
         let probs = activation::softmax(router_logits.clone(), 1);
         let (weights, chosen) = probs.topk_with_indices(self.top_k, 1); // [tokens, k]
         let weights = weights.cast(x.dtype());
+        if tokens <= self.dense_tokens {
+            let out = self.experts.forward_dense(x, chosen, weights);
+            return (out.reshape([batch, len, hidden]), router_logits);
+        }
 
         // Group (token, slot) pairs by expert on the host: routing is data-dependent.
         let chosen_host: Vec<i64> = chosen
@@ -190,5 +223,38 @@ impl<B: Backend> JambaSparseMoeBlock<B> {
     pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
         self.router.export(&format!("{prefix}.router"), out);
         self.experts.export(&format!("{prefix}.experts"), out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::NdArray;
+    use burn::tensor::Distribution;
+
+    type B = NdArray<f32>;
+
+    #[test]
+    fn dense_and_grouped_experts_agree() {
+        let cfg = JambaConfig {
+            hidden_size: 24,
+            intermediate_size: 20,
+            num_experts: 5,
+            num_experts_per_tok: 2,
+            ..JambaConfig::default()
+        };
+        let dev = Default::default();
+        let mut w = Weights::<B>::random(0.2, &dev, DType::F32);
+        let mut block = JambaSparseMoeBlock::new(&cfg, &mut w, "moe").unwrap();
+        let x = Tensor::<B, 3>::random([3, 7, 24], Distribution::Normal(0.0, 1.0), &dev);
+        block.dense_tokens = 0;
+        let (grouped, logits_g) = block.forward(x.clone());
+        block.dense_tokens = usize::MAX;
+        let (dense, logits_d) = block.forward(x);
+        logits_d.into_data().assert_eq(&logits_g.into_data(), true);
+        let scale = grouped.clone().abs().max().into_scalar();
+        let diff = (dense - grouped).abs().max().into_scalar();
+        assert!(scale > 0.1, "the experts produced (almost) nothing: {scale}");
+        assert!(diff <= 1e-5 * scale.max(1.0), "dense vs grouped: {diff} (scale {scale})");
     }
 }

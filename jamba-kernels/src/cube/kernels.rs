@@ -57,8 +57,150 @@ fn tile_pos(e: usize, time_major: bool, #[comptime] tile: usize, #[comptime] blo
     (tl, dl)
 }
 
-/// Selective scan forward. Cube `(x, y)` = (channel block, batch row); `block` units per cube.
-#[cube(launch_unchecked)]
+/// Sum of `v` over the `split` adjacent units that share a channel (xor butterfly); every one of
+/// them gets the total.
+#[cube]
+fn sum_over_split(v: f32, #[comptime] split_log2: u32) -> f32 {
+    let mut acc = v;
+    #[unroll]
+    for k in 0..split_log2 {
+        acc += plane_shuffle_xor(acc, 1u32 << k);
+    }
+    acc
+}
+
+/// Stages `[tile, block]` of a `[batch, d, len]` tensor into shared memory (f32, zero outside),
+/// applying `op` (0: none, 1: + delta_bias then softplus, 2: silu gate, 3: softplus' of
+/// (x + delta_bias)) on the way. Loads are unrolled so that they are all in flight at once.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage<F: Float>(
+    src: &Tensor<F>,
+    dst: &mut SharedMemory<f32>,
+    delta_bias: &Tensor<f32>,
+    bi: usize,
+    d0: usize,
+    t0: usize,
+    dim: usize,
+    len: usize,
+    #[comptime] op: u32,
+    #[comptime] has_bias: bool,
+    #[comptime] softplus: bool,
+    #[comptime] tile: usize,
+    #[comptime] block: usize,
+    #[comptime] units: usize,
+) {
+    let tid = UNIT_POS_X as usize;
+    let time_major = src.stride(2) == 1;
+    #[unroll]
+    for i in 0..comptime!((tile * block).div_ceil(units)) {
+        let e = tid + i * units;
+        if e < tile * block {
+            let (tl, dl) = tile_pos(e, time_major, tile, block);
+            let t = t0 + tl;
+            let dd = d0 + dl;
+            let mut v = 0.0f32;
+            if op == 2 {
+                v = 1.0;
+            }
+            if t < len && dd < dim {
+                v = f32::cast_from(src[bi * src.stride(0) + dd * src.stride(1) + t * src.stride(2)]);
+                if op == 1 || op == 3 {
+                    if has_bias {
+                        v += delta_bias[dd * delta_bias.stride(0)];
+                    }
+                }
+                if op == 1 {
+                    if softplus {
+                        v = softplus_f32(v);
+                    }
+                }
+                if op == 3 {
+                    let mut g = 1.0f32;
+                    if softplus {
+                        g = softplus_grad_f32(v);
+                    }
+                    v = g;
+                }
+                if op == 2 {
+                    v *= sigmoid_f32(v);
+                }
+            }
+            dst[tl * block + dl] = v;
+        }
+    }
+}
+
+/// Stages `[tile, d_state]` of B or C (`[batch, d_state, len]`) into shared memory.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_state_input<F: Float>(
+    src: &Tensor<F>,
+    dst: &mut SharedMemory<f32>,
+    bi: usize,
+    t0: usize,
+    len: usize,
+    #[comptime] n_state: usize,
+    #[comptime] tile: usize,
+    #[comptime] units: usize,
+) {
+    let tid = UNIT_POS_X as usize;
+    let state_major = src.stride(1) == 1;
+    #[unroll]
+    for i in 0..comptime!((tile * n_state).div_ceil(units)) {
+        let e = tid + i * units;
+        if e < tile * n_state {
+            let mut tl = e / n_state;
+            let mut n = e % n_state;
+            if !state_major {
+                tl = e % tile;
+                n = e / tile;
+            }
+            let t = t0 + tl;
+            let mut v = 0.0f32;
+            if t < len {
+                v = f32::cast_from(src[bi * src.stride(0) + n * src.stride(1) + t * src.stride(2)]);
+            }
+            dst[tl * n_state + n] = v;
+        }
+    }
+}
+
+/// Writes `[tile, block]` from shared memory to a `[batch, d, len]` tensor.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn unstage<F: Float>(
+    src: &SharedMemory<f32>,
+    dst: &mut Tensor<F>,
+    bi: usize,
+    d0: usize,
+    t0: usize,
+    dim: usize,
+    len: usize,
+    #[comptime] tile: usize,
+    #[comptime] block: usize,
+    #[comptime] units: usize,
+) {
+    let tid = UNIT_POS_X as usize;
+    let time_major = dst.stride(2) == 1;
+    #[unroll]
+    for i in 0..comptime!((tile * block).div_ceil(units)) {
+        let e = tid + i * units;
+        if e < tile * block {
+            let (tl, dl) = tile_pos(e, time_major, tile, block);
+            let t = t0 + tl;
+            let dd = d0 + dl;
+            if t < len && dd < dim {
+                dst[bi * dst.stride(0) + dd * dst.stride(1) + t * dst.stride(2)] =
+                    F::cast_from(src[tl * block + dl]);
+            }
+        }
+    }
+}
+
+/// Selective scan forward. Cube `(x, y)` = (block of `block` channels, batch row), with
+/// `split` adjacent units per channel, each holding `d_state / split` of its states.
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
 pub fn scan_fwd_kernel<F: Float>(
     u: &Tensor<F>,
@@ -74,6 +216,7 @@ pub fn scan_fwd_kernel<F: Float>(
     last: &mut Tensor<f32>,
     chunks: &mut Tensor<f32>,
     #[comptime] n_state: usize,
+    #[comptime] split_log2: u32,
     #[comptime] tile: usize,
     #[comptime] block: usize,
     #[comptime] has_z: bool,
@@ -83,12 +226,18 @@ pub fn scan_fwd_kernel<F: Float>(
     #[comptime] save: bool,
     #[define(F)] _dtype: StorageType,
 ) {
+    let split = comptime!(1usize << split_log2);
+    let ns = comptime!(n_state / split);
+    let units = comptime!(block * split);
     let dim = u.shape(1);
     let len = u.shape(2);
     let bi = CUBE_POS_Y as usize;
     let tid = UNIT_POS_X as usize;
+    let dl = tid / split;
+    let part = tid % split;
+    let n0 = part * ns;
     let d0 = CUBE_POS_X as usize * block;
-    let di = d0 + tid;
+    let di = d0 + dl;
     let valid = di < dim;
 
     let mut s_u = SharedMemory::<f32>::new(tile * block);
@@ -97,28 +246,25 @@ pub fn scan_fwd_kernel<F: Float>(
     let mut s_b = SharedMemory::<f32>::new(tile * n_state);
     let mut s_c = SharedMemory::<f32>::new(tile * n_state);
 
-    let mut h = Array::<f32>::new(n_state);
-    let mut a_row = Array::<f32>::new(n_state);
+    let mut h = Array::<f32>::new(ns);
+    let mut a_row = Array::<f32>::new(ns);
     let mut d_val = 0.0f32;
-    #[unroll(n_state <= 64)]
-    for n in 0..n_state {
-        h[n] = 0.0;
-        a_row[n] = 0.0;
+    #[unroll(ns <= 64)]
+    for j in 0..ns {
+        h[j] = 0.0;
+        a_row[j] = 0.0;
     }
     if valid {
         d_val = d_skip[di * d_skip.stride(0)];
-        #[unroll(n_state <= 64)]
-        for n in 0..n_state {
-            a_row[n] = a[di * a.stride(0) + n * a.stride(1)];
+        #[unroll(ns <= 64)]
+        for j in 0..ns {
+            a_row[j] = a[di * a.stride(0) + (n0 + j) * a.stride(1)];
             if has_init {
-                h[n] = init[bi * init.stride(0) + di * init.stride(1) + n * init.stride(2)];
+                h[j] = init[bi * init.stride(0) + di * init.stride(1) + (n0 + j) * init.stride(2)];
             }
         }
     }
 
-    let u_time_major = u.stride(2) == 1;
-    let y_time_major = y.stride(2) == 1;
-    let b_state_major = b.stride(1) == 1;
     let n_tiles = (len + tile - 1) / tile;
     for k in 0..n_tiles {
         let t0 = k * tile;
@@ -126,106 +272,56 @@ pub fn scan_fwd_kernel<F: Float>(
         if count > tile {
             count = tile;
         }
-
-        // Stage u, delta (biased, softplus'd) and the gate silu(z).
-        let mut e = tid;
-        while e < tile * block {
-            let (tl, dl) = tile_pos(e, u_time_major, tile, block);
-            let t = t0 + tl;
-            let dd = d0 + dl;
-            let mut uv = 0.0f32;
-            let mut dtv = 0.0f32;
-            let mut gv = 1.0f32;
-            if t < len && dd < dim {
-                uv = f32::cast_from(u[bi * u.stride(0) + dd * u.stride(1) + t * u.stride(2)]);
-                dtv = f32::cast_from(
-                    delta[bi * delta.stride(0) + dd * delta.stride(1) + t * delta.stride(2)],
-                );
-                if has_bias {
-                    dtv += delta_bias[dd * delta_bias.stride(0)];
-                }
-                if softplus {
-                    dtv = softplus_f32(dtv);
-                }
-                if has_z {
-                    let zv =
-                        f32::cast_from(z[bi * z.stride(0) + dd * z.stride(1) + t * z.stride(2)]);
-                    gv = zv * sigmoid_f32(zv);
-                }
-            }
-            let slot = tl * block + dl;
-            s_u[slot] = uv;
-            s_dt[slot] = dtv;
-            s_gate[slot] = gv;
-            e += block;
+        stage::<F>(u, &mut s_u, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block, units);
+        stage::<F>(delta, &mut s_dt, delta_bias, bi, d0, t0, dim, len, 1u32, has_bias, softplus, tile, block, units);
+        if has_z {
+            stage::<F>(z, &mut s_gate, delta_bias, bi, d0, t0, dim, len, 2u32, has_bias, softplus, tile, block, units);
         }
-        // Stage B and C (shared by every channel of the cube).
-        let mut e = tid;
-        while e < tile * n_state {
-            let mut tl = e / n_state;
-            let mut n = e % n_state;
-            if !b_state_major {
-                tl = e % tile;
-                n = e / tile;
-            }
-            let t = t0 + tl;
-            let mut bv = 0.0f32;
-            let mut cv = 0.0f32;
-            if t < len {
-                bv = f32::cast_from(b[bi * b.stride(0) + n * b.stride(1) + t * b.stride(2)]);
-                cv = f32::cast_from(c[bi * c.stride(0) + n * c.stride(1) + t * c.stride(2)]);
-            }
-            s_b[tl * n_state + n] = bv;
-            s_c[tl * n_state + n] = cv;
-            e += block;
-        }
+        stage_state_input::<F>(b, &mut s_b, bi, t0, len, n_state, tile, units);
+        stage_state_input::<F>(c, &mut s_c, bi, t0, len, n_state, tile, units);
         sync_cube();
 
         if save && valid {
-            #[unroll(n_state <= 64)]
-            for n in 0..n_state {
+            #[unroll(ns <= 64)]
+            for j in 0..ns {
                 chunks[bi * chunks.stride(0)
                     + di * chunks.stride(1)
                     + k * chunks.stride(2)
-                    + n * chunks.stride(3)] = h[n];
+                    + (n0 + j) * chunks.stride(3)] = h[j];
             }
         }
 
         for tl in 0..count {
-            let slot = tl * block + tid;
+            let slot = tl * block + dl;
             let uv = s_u[slot];
             let dtv = s_dt[slot];
             let du = dtv * uv;
             let mut acc = 0.0f32;
-            #[unroll(n_state <= 64)]
-            for n in 0..n_state {
-                let decay = (dtv * a_row[n]).exp();
-                h[n] = decay * h[n] + du * s_b[tl * n_state + n];
-                acc += h[n] * s_c[tl * n_state + n];
+            #[unroll(ns <= 64)]
+            for j in 0..ns {
+                let decay = (dtv * a_row[j]).exp();
+                h[j] = decay * h[j] + du * s_b[tl * n_state + n0 + j];
+                acc += h[j] * s_c[tl * n_state + n0 + j];
             }
-            // The unit overwrites only its own column, after reading it.
-            s_u[slot] = (acc + d_val * uv) * s_gate[slot];
+            // Every unit of the channel has read the slot before the butterfly completes.
+            acc = sum_over_split(acc, split_log2);
+            if part == 0 {
+                let mut out = acc + d_val * uv;
+                if has_z {
+                    out *= s_gate[slot];
+                }
+                s_u[slot] = out;
+            }
         }
         sync_cube();
-
-        let mut e = tid;
-        while e < tile * block {
-            let (tl, dl) = tile_pos(e, y_time_major, tile, block);
-            let t = t0 + tl;
-            let dd = d0 + dl;
-            if t < len && dd < dim {
-                y[bi * y.stride(0) + dd * y.stride(1) + t * y.stride(2)] =
-                    F::cast_from(s_u[tl * block + dl]);
-            }
-            e += block;
-        }
+        unstage::<F>(&s_u, y, bi, d0, t0, dim, len, tile, block, units);
         sync_cube();
     }
 
     if valid {
-        #[unroll(n_state <= 64)]
-        for n in 0..n_state {
-            last[bi * last.stride(0) + di * last.stride(1) + n * last.stride(2)] = h[n];
+        #[unroll(ns <= 64)]
+        for j in 0..ns {
+            last[bi * last.stride(0) + di * last.stride(1) + (n0 + j) * last.stride(2)] = h[j];
         }
     }
 }
@@ -233,10 +329,10 @@ pub fn scan_fwd_kernel<F: Float>(
 /// Selective scan backward, recomputing each tile's states from the saved tile-boundary state.
 ///
 /// Per-channel outputs (`du`, `ddelta` w.r.t. the raw delta, `dz`) are written directly;
-/// `db` and `dc` are reduced over the channels of a plane with `plane_sum` and written per
+/// `db` and `dc` are reduced over the channels of a plane with xor shuffles and written per
 /// plane (`[batch, planes, d_state, len]`, summed by the caller); `da`, `dd`, `dbias` are
 /// accumulated over time in registers and written per batch row (summed by the caller).
-#[cube(launch_unchecked)]
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
 pub fn scan_bwd_kernel<F: Float>(
     u: &Tensor<F>,
@@ -259,6 +355,7 @@ pub fn scan_bwd_kernel<F: Float>(
     dbias_part: &mut Tensor<f32>,
     dinit: &mut Tensor<f32>,
     #[comptime] n_state: usize,
+    #[comptime] split_log2: u32,
     #[comptime] tile: usize,
     #[comptime] block: usize,
     #[comptime] has_z: bool,
@@ -266,15 +363,22 @@ pub fn scan_bwd_kernel<F: Float>(
     #[comptime] softplus: bool,
     #[define(F)] _dtype: StorageType,
 ) {
+    let split = comptime!(1usize << split_log2);
+    let ns = comptime!(n_state / split);
+    let units = comptime!(block * split);
     let dim = u.shape(1);
     let len = u.shape(2);
     let bi = CUBE_POS_Y as usize;
     let tid = UNIT_POS_X as usize;
+    let dl = tid / split;
+    let part = tid % split;
+    let n0 = part * ns;
     let d0 = CUBE_POS_X as usize * block;
-    let di = d0 + tid;
+    let di = d0 + dl;
     let valid = di < dim;
-    let plane_slot = (d0 + tid) / PLANE_DIM as usize;
-    let plane_leader = UNIT_POS_PLANE == 0;
+    let plane_slot = (CUBE_POS_X as usize * units + tid) / PLANE_DIM as usize;
+    // The units holding channel 0 of their plane write the plane's sums.
+    let plane_writer = (UNIT_POS_PLANE as usize) < split;
 
     let mut s_u = SharedMemory::<f32>::new(tile * block);
     let mut s_dt = SharedMemory::<f32>::new(tile * block);
@@ -284,32 +388,29 @@ pub fn scan_bwd_kernel<F: Float>(
     let mut s_b = SharedMemory::<f32>::new(tile * n_state);
     let mut s_c = SharedMemory::<f32>::new(tile * n_state);
 
-    let mut a_row = Array::<f32>::new(n_state);
-    let mut h = Array::<f32>::new(n_state);
-    let mut g = Array::<f32>::new(n_state);
-    let mut da_acc = Array::<f32>::new(n_state);
-    let mut hist = Array::<f32>::new(tile * n_state);
+    let mut a_row = Array::<f32>::new(ns);
+    let mut h = Array::<f32>::new(ns);
+    let mut g = Array::<f32>::new(ns);
+    let mut da_acc = Array::<f32>::new(ns);
+    let mut hist = Array::<f32>::new(tile * ns);
     let mut y_pre = Array::<f32>::new(tile);
     let mut d_val = 0.0f32;
-    #[unroll(n_state <= 64)]
-    for n in 0..n_state {
-        a_row[n] = 0.0;
-        g[n] = 0.0;
-        da_acc[n] = 0.0;
+    #[unroll(ns <= 64)]
+    for j in 0..ns {
+        a_row[j] = 0.0;
+        g[j] = 0.0;
+        da_acc[j] = 0.0;
     }
     if valid {
         d_val = d_skip[di * d_skip.stride(0)];
-        #[unroll(n_state <= 64)]
-        for n in 0..n_state {
-            a_row[n] = a[di * a.stride(0) + n * a.stride(1)];
+        #[unroll(ns <= 64)]
+        for j in 0..ns {
+            a_row[j] = a[di * a.stride(0) + (n0 + j) * a.stride(1)];
         }
     }
     let mut dd_acc = 0.0f32;
     let mut dbias_acc = 0.0f32;
 
-    let u_time_major = u.stride(2) == 1;
-    let o_time_major = du_out.stride(2) == 1;
-    let b_state_major = b.stride(1) == 1;
     let n_tiles = (len + tile - 1) / tile;
     for kk in 0..n_tiles {
         let k = n_tiles - 1 - kk;
@@ -318,95 +419,49 @@ pub fn scan_bwd_kernel<F: Float>(
         if count > tile {
             count = tile;
         }
-
-        let mut e = tid;
-        while e < tile * block {
-            let (tl, dl) = tile_pos(e, u_time_major, tile, block);
-            let t = t0 + tl;
-            let dd = d0 + dl;
-            let mut uv = 0.0f32;
-            let mut dtv = 0.0f32;
-            let mut spv = 1.0f32;
-            let mut zv = 0.0f32;
-            let mut gv = 0.0f32;
-            if t < len && dd < dim {
-                uv = f32::cast_from(u[bi * u.stride(0) + dd * u.stride(1) + t * u.stride(2)]);
-                dtv = f32::cast_from(
-                    delta[bi * delta.stride(0) + dd * delta.stride(1) + t * delta.stride(2)],
-                );
-                if has_bias {
-                    dtv += delta_bias[dd * delta_bias.stride(0)];
-                }
-                if softplus {
-                    spv = softplus_grad_f32(dtv);
-                    dtv = softplus_f32(dtv);
-                }
-                if has_z {
-                    zv = f32::cast_from(z[bi * z.stride(0) + dd * z.stride(1) + t * z.stride(2)]);
-                }
-                gv = f32::cast_from(
-                    dout[bi * dout.stride(0) + dd * dout.stride(1) + t * dout.stride(2)],
-                );
-            }
-            let slot = tl * block + dl;
-            s_u[slot] = uv;
-            s_dt[slot] = dtv;
-            s_sp[slot] = spv;
-            s_z[slot] = zv;
-            s_g[slot] = gv;
-            e += block;
+        stage::<F>(u, &mut s_u, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block, units);
+        stage::<F>(delta, &mut s_dt, delta_bias, bi, d0, t0, dim, len, 1u32, has_bias, softplus, tile, block, units);
+        if softplus {
+            stage::<F>(delta, &mut s_sp, delta_bias, bi, d0, t0, dim, len, 3u32, has_bias, softplus, tile, block, units);
         }
-        let mut e = tid;
-        while e < tile * n_state {
-            let mut tl = e / n_state;
-            let mut n = e % n_state;
-            if !b_state_major {
-                tl = e % tile;
-                n = e / tile;
-            }
-            let t = t0 + tl;
-            let mut bv = 0.0f32;
-            let mut cv = 0.0f32;
-            if t < len {
-                bv = f32::cast_from(b[bi * b.stride(0) + n * b.stride(1) + t * b.stride(2)]);
-                cv = f32::cast_from(c[bi * c.stride(0) + n * c.stride(1) + t * c.stride(2)]);
-            }
-            s_b[tl * n_state + n] = bv;
-            s_c[tl * n_state + n] = cv;
-            e += block;
+        if has_z {
+            stage::<F>(z, &mut s_z, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block, units);
         }
+        stage::<F>(dout, &mut s_g, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block, units);
+        stage_state_input::<F>(b, &mut s_b, bi, t0, len, n_state, tile, units);
+        stage_state_input::<F>(c, &mut s_c, bi, t0, len, n_state, tile, units);
         sync_cube();
 
         // Recompute the tile's states from its first state: hist[t] = h_{t-1}.
-        #[unroll(n_state <= 64)]
-        for n in 0..n_state {
-            h[n] = 0.0;
+        #[unroll(ns <= 64)]
+        for j in 0..ns {
+            h[j] = 0.0;
             if valid {
-                h[n] = chunks[bi * chunks.stride(0)
+                h[j] = chunks[bi * chunks.stride(0)
                     + di * chunks.stride(1)
                     + k * chunks.stride(2)
-                    + n * chunks.stride(3)];
+                    + (n0 + j) * chunks.stride(3)];
             }
         }
         for tl in 0..count {
-            let slot = tl * block + tid;
+            let slot = tl * block + dl;
             let uv = s_u[slot];
             let dtv = s_dt[slot];
             let du = dtv * uv;
             let mut acc = 0.0f32;
-            #[unroll(n_state <= 64)]
-            for n in 0..n_state {
-                hist[tl * n_state + n] = h[n];
-                h[n] = (dtv * a_row[n]).exp() * h[n] + du * s_b[tl * n_state + n];
-                acc += h[n] * s_c[tl * n_state + n];
+            #[unroll(ns <= 64)]
+            for j in 0..ns {
+                hist[tl * ns + j] = h[j];
+                h[j] = (dtv * a_row[j]).exp() * h[j] + du * s_b[tl * n_state + n0 + j];
+                acc += h[j] * s_c[tl * n_state + n0 + j];
             }
-            y_pre[tl] = acc + d_val * uv;
+            y_pre[tl] = sum_over_split(acc, split_log2) + d_val * uv;
         }
 
         // Walk the tile backwards; g holds dL/dh_t.
         for i in 0..count {
             let tl = count - 1 - i;
-            let slot = tl * block + tid;
+            let slot = tl * block + dl;
             let uv = s_u[slot];
             let dtv = s_dt[slot];
             let go = s_g[slot];
@@ -420,17 +475,27 @@ pub fn scan_bwd_kernel<F: Float>(
             }
             let t = t0 + tl;
             let mut ddt = 0.0f32;
-            let mut du = d_val * dy;
-            #[unroll(n_state <= 64)]
-            for n in 0..n_state {
-                let hp = hist[tl * n_state + n];
+            let mut du = 0.0f32;
+            #[unroll(ns <= 64)]
+            for j in 0..ns {
+                let n = n0 + j;
+                let hp = hist[tl * ns + j];
                 let bn = s_b[tl * n_state + n];
-                let decay = (dtv * a_row[n]).exp();
+                let decay = (dtv * a_row[j]).exp();
                 let ht = decay * hp + dtv * bn * uv;
-                g[n] += s_c[tl * n_state + n] * dy;
-                let dc = plane_sum(dy * ht);
-                let db = plane_sum(g[n] * dtv * uv);
-                if plane_leader {
+                g[j] += s_c[tl * n_state + n] * dy;
+                // Sum over the channels of the plane: units with the same `part`.
+                let mut dc = dy * ht;
+                let mut db = g[j] * dtv * uv;
+                #[unroll]
+                for k in split_log2..7u32 {
+                    let mask = 1u32 << k;
+                    if mask < PLANE_DIM {
+                        dc += plane_shuffle_xor(dc, mask);
+                        db += plane_shuffle_xor(db, mask);
+                    }
+                }
+                if plane_writer {
                     dc_part[bi * dc_part.stride(0)
                         + plane_slot * dc_part.stride(1)
                         + n * dc_part.stride(2)
@@ -440,52 +505,45 @@ pub fn scan_bwd_kernel<F: Float>(
                         + n * db_part.stride(2)
                         + t * db_part.stride(3)] = db;
                 }
-                let gdh = g[n] * decay * hp;
-                ddt += gdh * a_row[n] + g[n] * bn * uv;
-                du += g[n] * dtv * bn;
-                da_acc[n] += gdh * dtv;
-                g[n] *= decay;
+                let gdh = g[j] * decay * hp;
+                ddt += gdh * a_row[j] + g[j] * bn * uv;
+                du += g[j] * dtv * bn;
+                da_acc[j] += gdh * dtv;
+                g[j] *= decay;
             }
+            ddt = sum_over_split(ddt, split_log2);
+            du = sum_over_split(du, split_log2) + d_val * dy;
             dd_acc += dy * uv;
-            ddt *= s_sp[slot];
+            if softplus {
+                ddt *= s_sp[slot];
+            }
             dbias_acc += ddt;
-            s_u[slot] = du;
-            s_dt[slot] = ddt;
-            s_z[slot] = dz;
+            if part == 0 {
+                s_u[slot] = du;
+                s_dt[slot] = ddt;
+                s_z[slot] = dz;
+            }
         }
         sync_cube();
-
-        let mut e = tid;
-        while e < tile * block {
-            let (tl, dl) = tile_pos(e, o_time_major, tile, block);
-            let t = t0 + tl;
-            let dd = d0 + dl;
-            if t < len && dd < dim {
-                let slot = tl * block + dl;
-                du_out[bi * du_out.stride(0) + dd * du_out.stride(1) + t * du_out.stride(2)] =
-                    F::cast_from(s_u[slot]);
-                ddelta_out[bi * ddelta_out.stride(0)
-                    + dd * ddelta_out.stride(1)
-                    + t * ddelta_out.stride(2)] = F::cast_from(s_dt[slot]);
-                if has_z {
-                    dz_out[bi * dz_out.stride(0) + dd * dz_out.stride(1) + t * dz_out.stride(2)] =
-                        F::cast_from(s_z[slot]);
-                }
-            }
-            e += block;
+        unstage::<F>(&s_u, du_out, bi, d0, t0, dim, len, tile, block, units);
+        unstage::<F>(&s_dt, ddelta_out, bi, d0, t0, dim, len, tile, block, units);
+        if has_z {
+            unstage::<F>(&s_z, dz_out, bi, d0, t0, dim, len, tile, block, units);
         }
         sync_cube();
     }
 
     if valid {
-        #[unroll(n_state <= 64)]
-        for n in 0..n_state {
-            dinit[bi * dinit.stride(0) + di * dinit.stride(1) + n * dinit.stride(2)] = g[n];
-            da_part[bi * da_part.stride(0) + di * da_part.stride(1) + n * da_part.stride(2)] =
-                da_acc[n];
+        #[unroll(ns <= 64)]
+        for j in 0..ns {
+            dinit[bi * dinit.stride(0) + di * dinit.stride(1) + (n0 + j) * dinit.stride(2)] = g[j];
+            da_part[bi * da_part.stride(0) + di * da_part.stride(1) + (n0 + j) * da_part.stride(2)] =
+                da_acc[j];
         }
-        dd_part[bi * dd_part.stride(0) + di * dd_part.stride(1)] = dd_acc;
-        dbias_part[bi * dbias_part.stride(0) + di * dbias_part.stride(1)] = dbias_acc;
+        if part == 0 {
+            dd_part[bi * dd_part.stride(0) + di * dd_part.stride(1)] = dd_acc;
+            dbias_part[bi * dbias_part.stride(0) + di * dbias_part.stride(1)] = dbias_acc;
+        }
     }
 }
 

@@ -14,10 +14,20 @@ use crate::{
     SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput, SelectiveStateUpdate,
 };
 
-/// Channels per cube of the scan forward.
-const FWD_BLOCK: usize = 64;
-/// Channels per cube of the scan backward (it stages more per channel).
-const BWD_BLOCK: usize = 32;
+/// Channels per cube of the scan kernels.
+const SCAN_BLOCK: usize = 32;
+/// At most this many units share a channel's states.
+const MAX_SPLIT_LOG2: u32 = 2;
+
+/// log2 of the units per channel: the largest power of two up to 4 that divides `d_state` and
+/// fits in the smallest plane (so that a channel's units always share a plane).
+fn split_log2(d_state: usize, plane_min: usize) -> u32 {
+    let mut k = MAX_SPLIT_LOG2;
+    while k > 0 && (d_state % (1 << k) != 0 || (1 << k) > plane_min) {
+        k -= 1;
+    }
+    k
+}
 /// Units per cube of the element-wise conv kernels.
 const ELEMWISE_BLOCK: u32 = 256;
 
@@ -150,8 +160,10 @@ where
         dummy(&device)
     };
     let client = u.client.clone();
-    let cube_count = CubeCount::Static(d_inner.div_ceil(FWD_BLOCK) as u32, batch as u32, 1);
-    let cube_dim = CubeDim::new_1d(FWD_BLOCK as u32);
+    let plane_min = client.properties().hardware.plane_size_min.max(1) as usize;
+    let split = split_log2(d_state, plane_min);
+    let cube_count = CubeCount::Static(d_inner.div_ceil(SCAN_BLOCK) as u32, batch as u32, 1);
+    let cube_dim = CubeDim::new_1d((SCAN_BLOCK << split) as u32);
     let f = |t: &Tensor<Cube<R, F, I, BT>, 3>| prim(t.clone().cast(dtype));
     unsafe {
         kernels::scan_fwd_kernel::launch_unchecked::<R>(
@@ -190,8 +202,9 @@ where
             prim(last.clone()).into_tensor_arg(),
             prim(saved.clone()).into_tensor_arg(),
             d_state,
+            split,
             tile,
-            FWD_BLOCK,
+            SCAN_BLOCK,
             input.z.is_some(),
             input.delta_bias.is_some(),
             input.initial_state.is_some(),
@@ -232,8 +245,9 @@ where
     let client = u.client.clone();
     let channel_last = is_channel_last(&u);
     let plane_min = client.properties().hardware.plane_size_min.max(1) as usize;
-    let cubes = d_inner.div_ceil(BWD_BLOCK);
-    let slots = (cubes * BWD_BLOCK).div_ceil(plane_min);
+    let split = split_log2(d_state, plane_min);
+    let cubes = d_inner.div_ceil(SCAN_BLOCK);
+    let slots = (cubes * (SCAN_BLOCK << split)).div_ceil(plane_min);
 
     let du = empty_like_layout(&input.u, dtype, channel_last);
     let ddelta = empty_like_layout(&input.u, dtype, channel_last);
@@ -251,7 +265,7 @@ where
 
     let f = |t: &T<R, F, I, BT, 3>| prim(t.clone().cast(dtype));
     let cube_count = CubeCount::Static(cubes as u32, batch as u32, 1);
-    let cube_dim = CubeDim::new_1d(BWD_BLOCK as u32);
+    let cube_dim = CubeDim::new_1d((SCAN_BLOCK << split) as u32);
     unsafe {
         kernels::scan_bwd_kernel::launch_unchecked::<R>(
             &client,
@@ -289,8 +303,9 @@ where
             prim(dbias_part.clone()).into_tensor_arg(),
             prim(dinit.clone()).into_tensor_arg(),
             d_state,
+            split,
             tile,
-            BWD_BLOCK,
+            SCAN_BLOCK,
             input.z.is_some(),
             input.delta_bias.is_some(),
             input.delta_softplus,
