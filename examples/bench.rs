@@ -27,7 +27,7 @@ struct Args {
     /// Prompt length before the decode steps.
     #[arg(long, default_value_t = 512)]
     prompt: usize,
-    /// Batch sizes for decode.
+    /// Batch sizes for decode (0: none).
     #[arg(long, value_delimiter = ',', default_value = "1")]
     batches: Vec<usize>,
     /// Timed decode steps per batch size (after `warmup` untimed ones).
@@ -48,6 +48,9 @@ struct Args {
     /// Skip the model (kernel checks and scan timings only).
     #[arg(long)]
     no_model: bool,
+    /// Timed repetitions of each prefill (after one untimed).
+    #[arg(long, default_value_t = 2)]
+    reps: usize,
     /// Prefill chunk.
     #[arg(long, default_value_t = 2048)]
     chunk: usize,
@@ -122,7 +125,7 @@ where
             None => (1, spec.parse().expect("length")),
         };
         let mut times = Vec::new();
-        for rep in 0..3 {
+        for rep in 0..=args.reps.max(1) {
             let mut cache = model.new_cache_with_capacity(batch, len + 1);
             B::sync(device).unwrap();
             let t = Instant::now();
@@ -143,7 +146,7 @@ where
         );
     }
 
-    for &batch in &args.batches {
+    for &batch in args.batches.iter().filter(|&&b| b > 0) {
         let mut cache =
             model.new_cache_with_capacity(batch, args.prompt + args.warmup + args.steps + 1);
         let t = Instant::now();
@@ -162,6 +165,9 @@ where
             if step >= args.warmup {
                 times.push(t.elapsed().as_secs_f64());
             }
+        }
+        if times.is_empty() {
+            continue;
         }
         let ms = median(times) * 1e3;
         println!(

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine: the Mamba kernels against the reference on CUDA (unfused and fused), the
 # selective-scan timings at the shapes of benches/ANCHORS.md, the "block" model's prefill and
-# decode rows with the peak GPU memory, and training steps of the "block" model at batch 8 x 2048.
+# decode rows with the peak GPU memory, training steps of the "block" model at batch 8 x 2048,
+# and (with PROFILE=1) the GPU time per kernel of decode steps and of a prefill under ncu.
 # Usage: scripts/device_kernels.sh BIN_DIR OUT_DIR
 set -uo pipefail
 bin=$1; out=$2
@@ -20,12 +21,25 @@ smi=$!
     --batches 1,8,32 --steps 16 --warmup 4 --prefill 4096,16384,8x2048 --chunk 4096 2>&1 | tee "$out/model.txt"
 kill $smi
 echo "peak GPU memory (nvidia-smi, MiB): $(sort -n "$out/mem-model.log" | tail -1)"
+echo "== block model, decode without fusion"
+"$bin/bench" --config benches/configs/block.json --backend cuda-unfused --dtype bf16 --prompt 512 \
+    --batches 1,32 --steps 16 --warmup 4 2>&1 | grep decode
 echo "== block model, training steps, batch 8 x 2048, bf16"
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$out/mem-train.log" &
 smi=$!
-timeout 300 "$bin/train" --backend cuda-unfused --dtype bf16 --config benches/configs/block.json --out /tmp/block \
-    --seq-len 2048 --batch 8 --steps 6 --warmup 1 --no-save --max-corpus-bytes 3000000 2>&1 \
-    | tr '\r' '\n' | grep -v '^\s*$' | tail -5 | cut -c1-300
+timeout 200 "$bin/train" --backend cuda-unfused --dtype bf16 --config benches/configs/block.json --out /tmp/block \
+    --seq-len 2048 --batch 8 --steps 6 --warmup 1 --lr 3e-4 --no-save --max-corpus-bytes 3000000 2>&1 \
+    | tr '\r' '\n' | grep -v '^\s*$' | tail -3 | cut -c1-300
 kill $smi
 cat /tmp/block/metrics.csv
 echo "peak GPU memory in training (nvidia-smi, MiB): $(sort -n "$out/mem-train.log" | tail -1)"
+[ "${PROFILE:-0}" = 1 ] || exit 0
+echo "== ncu: kernel time, model set-up + prompt of 64 with and without 8 decode steps (batch 1)"
+prof() { timeout 100 ncu --clock-control none --print-summary per-kernel --metrics gpu__time_duration.sum "$@"; }
+prof "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 --prompt 64 \
+    --batches 1 --steps 8 --warmup 0 > "$out/ncu-decode8.txt" 2>&1
+prof "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 --prompt 64 \
+    --batches 1 --steps 0 --warmup 0 > "$out/ncu-decode0.txt" 2>&1
+prof "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 --batches 0 \
+    --prefill 4096 --chunk 4096 --reps 1 > "$out/ncu-prefill.txt" 2>&1
+ls -la "$out"

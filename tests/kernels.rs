@@ -490,3 +490,101 @@ fn kernels_run_on_the_lavapipe_plane_size() {
     assert!(p >= 1, "plane size {p}");
     eprintln!("plane_size_min = {p}");
 }
+
+#[test]
+fn rms_norm_matches_reference() {
+    let dev = Default::default();
+    for (rows, dim) in [(1, 1), (3, 16), (5, 128), (2, 2048), (1, 4099)] {
+        let x = random(rows * dim, Distribution::Normal(0.5, 2.0));
+        let w = random(dim, Distribution::Normal(1.0, 0.5));
+        for (x_dtype, w_dtype, tol) in [(DType::F32, DType::F32, 1e-5), (DType::F32, DType::F16, 2e-3)] {
+            let want = reference::rms_norm(
+                Tensor::<Ref, 2>::from_data(TensorData::new(x.clone(), [rows, dim]), &dev),
+                Tensor::<Ref, 1>::from_data(TensorData::new(w.clone(), [dim]), &dev),
+                1e-6,
+            );
+            fn ours<B: JambaBackend>(x: &[f32], w: &[f32], s: [usize; 2], dt: [DType; 2]) -> Tensor<B, 2> {
+                let dev = Default::default();
+                B::rms_norm(
+                    Tensor::<B, 2>::from_data(TensorData::new(x.to_vec(), s), &dev).cast(dt[0]),
+                    Tensor::<B, 1>::from_data(TensorData::new(w.to_vec(), [s[1]]), &dev).cast(dt[1]),
+                    1e-6,
+                )
+            }
+            for (label, (dtype, got)) in [
+                ("cube", {
+                    let t = ours::<Cube>(&x, &w, [rows, dim], [x_dtype, w_dtype]);
+                    (t.dtype(), to_f32_vec(t))
+                }),
+                ("fusion", {
+                    let t = ours::<Wgpu>(&x, &w, [rows, dim], [x_dtype, w_dtype]);
+                    (t.dtype(), to_f32_vec(t))
+                }),
+            ] {
+                assert_eq!(dtype, w_dtype, "{label}: output takes the weight's dtype");
+                // f16 output: the reference's f32 result rounded the same way is within 2^-11.
+                assert_close(&format!("{label} rms_norm {rows}x{dim} {w_dtype:?}"), &got, &data(want.clone()), tol);
+            }
+        }
+    }
+}
+
+#[test]
+fn decoding_linear_and_experts_match_reference() {
+    let dev = Default::default();
+    // Linear: [rows, k] x [n, k]^T (+ bias), rows around the kernel's limit.
+    for (rows, k, n) in [(1, 64, 33), (3, 130, 70), (16, 40, 9), (17, 40, 9)] {
+        let x = random(rows * k, Distribution::Normal(0.0, 1.0));
+        let w = random(n * k, Distribution::Normal(0.0, 1.0));
+        let b = random(n, Distribution::Normal(0.0, 1.0));
+        fn run<B: JambaBackend>(x: &[f32], w: &[f32], b: &[f32], [rows, k, n]: [usize; 3]) -> Tensor<B, 2> {
+            let dev = Default::default();
+            <B as JambaBackend>::linear(
+                Tensor::from_data(TensorData::new(x.to_vec(), [rows, k]), &dev),
+                Tensor::from_data(TensorData::new(w.to_vec(), [n, k]), &dev),
+                Some(Tensor::from_data(TensorData::new(b.to_vec(), [n]), &dev)),
+            )
+        }
+        let want = data(run::<Ref>(&x, &w, &b, [rows, k, n]));
+        assert_close(&format!("cube linear {rows}x{k}x{n}"), &to_f32_vec(run::<Cube>(&x, &w, &b, [rows, k, n])), &want, 1e-4);
+        assert_close(&format!("fusion linear {rows}x{k}x{n}"), &to_f32_vec(run::<Wgpu>(&x, &w, &b, [rows, k, n])), &want, 1e-4);
+    }
+    // Experts: 5 experts, rows routed to two of them; expert 3 gets no row (its weights are
+    // filled with NaN: a kernel that read them would poison the output).
+    let (e, h, i) = (5, 24, 20);
+    for rows in [1, 4] {
+        let x = random(rows * h, Distribution::Normal(0.0, 1.0));
+        let mut gu = random(e * 2 * i * h, Distribution::Normal(0.0, 0.3));
+        let mut down = random(e * h * i, Distribution::Normal(0.0, 0.3));
+        let mut weights = vec![0.0f32; rows * e];
+        for r in 0..rows {
+            let (a, b) = ([0, 1, 2, 4][r % 4], [4, 2, 0, 1][r % 4]);
+            weights[r * e + a] = 0.7;
+            weights[r * e + b] += 0.3;
+        }
+        let reference = {
+            let t = |v: &Vec<f32>, s: [usize; 3]| Tensor::<Ref, 3>::from_data(TensorData::new(v.clone(), s), &dev);
+            reference::moe_experts(
+                Tensor::from_data(TensorData::new(x.clone(), [rows, h]), &dev),
+                t(&gu, [e, 2 * i, h]),
+                t(&down, [e, h, i]),
+                Tensor::from_data(TensorData::new(weights.clone(), [rows, e]), &dev),
+            )
+        };
+        let want = data(reference);
+        gu[3 * 2 * i * h..4 * 2 * i * h].fill(f32::NAN);
+        down[3 * h * i..4 * h * i].fill(f32::NAN);
+        fn run<B: JambaBackend>(x: &[f32], gu: &[f32], down: &[f32], w: &[f32], [rows, e, h, i]: [usize; 4]) -> Vec<f32> {
+            let dev = Default::default();
+            to_f32_vec(B::moe_experts(
+                Tensor::from_data(TensorData::new(x.to_vec(), [rows, h]), &dev),
+                Tensor::from_data(TensorData::new(gu.to_vec(), [e, 2 * i, h]), &dev),
+                Tensor::from_data(TensorData::new(down.to_vec(), [e, h, i]), &dev),
+                Tensor::from_data(TensorData::new(w.to_vec(), [rows, e]), &dev),
+            ))
+        }
+        let s = [rows, e, h, i];
+        assert_close(&format!("cube experts rows {rows}"), &run::<Cube>(&x, &gu, &down, &weights, s), &want, 1e-4);
+        assert_close(&format!("fusion experts rows {rows}"), &run::<Wgpu>(&x, &gu, &down, &weights, s), &want, 1e-4);
+    }
+}

@@ -357,6 +357,78 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
         }
     }
 
+    fn linear(x: Tensor<Self, 2>, weight: Tensor<Self, 2>, bias: Option<Tensor<Self, 1>>) -> Tensor<Self, 2> {
+        let [rows, _] = x.dims();
+        let [out, _] = weight.dims();
+        if !B::KERNELS || rows == 0 || rows > crate::DECODE_MAX_ROWS || x.dtype() != weight.dtype() {
+            return burn::tensor::module::linear(x, weight.transpose(), bias);
+        }
+        let dtype = x.dtype();
+        let has_bias = bias.is_some();
+        let mut tensors = vec![fprim(x), fprim(weight)];
+        tensors.extend(bias.map(fprim));
+        let outs = register::<B>(
+            "jamba_linear_small",
+            tensors,
+            vec![(vec![rows, out], dtype)],
+            Arc::new(move |prims| {
+                let mut it = prims.into_iter();
+                let x = inner(it.next().unwrap());
+                let w = inner(it.next().unwrap());
+                let b = has_bias.then(|| inner(it.next().unwrap()));
+                vec![raw(<B as JambaBackend>::linear(x, w, b))]
+            }),
+        );
+        fwrap(outs.into_iter().next().unwrap())
+    }
+
+    fn moe_experts(
+        x: Tensor<Self, 2>,
+        gate_up: Tensor<Self, 3>,
+        down: Tensor<Self, 3>,
+        weights: Tensor<Self, 2>,
+    ) -> Tensor<Self, 2> {
+        let [rows, hidden] = x.dims();
+        if !B::KERNELS || rows == 0 || rows > crate::DECODE_MAX_ROWS {
+            return crate::reference::moe_experts(x, gate_up, down, weights);
+        }
+        let dtype = x.dtype();
+        let outs = register::<B>(
+            "jamba_moe_experts",
+            vec![fprim(x), fprim(gate_up), fprim(down), fprim(weights)],
+            vec![(vec![rows, hidden], dtype)],
+            Arc::new(move |prims| {
+                let mut it = prims.into_iter();
+                let x = inner(it.next().unwrap());
+                let gate_up = inner(it.next().unwrap());
+                let down = inner(it.next().unwrap());
+                let weights = inner(it.next().unwrap());
+                vec![raw(B::moe_experts(x, gate_up, down, weights))]
+            }),
+        );
+        fwrap(outs.into_iter().next().unwrap())
+    }
+
+    fn rms_norm(x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        if !B::KERNELS {
+            return crate::reference::rms_norm(x, weight, eps);
+        }
+        let shape = x.dims().to_vec();
+        let dtype = weight.dtype();
+        let outs = register::<B>(
+            "jamba_rms_norm",
+            vec![fprim(x), fprim(weight)],
+            vec![(shape, dtype)],
+            Arc::new(move |prims| {
+                let mut it = prims.into_iter();
+                let x = inner(it.next().unwrap());
+                let w = inner(it.next().unwrap());
+                vec![raw(B::rms_norm(x, w, eps))]
+            }),
+        );
+        fwrap(outs.into_iter().next().unwrap())
+    }
+
     fn selective_state_update(
         input: SelectiveStateUpdate<Self>,
     ) -> (Tensor<Self, 2>, Tensor<Self, 3>) {

@@ -171,6 +171,31 @@ pub trait JambaBackend: Backend {
         unimplemented!("causal_conv1d_backward is only called on backends with KERNELS")
     }
 
+    /// `x @ weight^T + bias` for `x` `[rows, in]` and `weight` `[out, in]` (HF layout).
+    /// Backends with kernels use a memory-bound kernel when `rows` is small (decoding).
+    fn linear(x: Tensor<Self, 2>, weight: Tensor<Self, 2>, bias: Option<Tensor<Self, 1>>) -> Tensor<Self, 2> {
+        burn::tensor::module::linear(x, weight.transpose(), bias)
+    }
+
+    /// The experts of a MoE layer on `x` `[n, hidden]`, summed with `weights` `[n, experts]`
+    /// (zero for the experts a token is not routed to): `sum_e weights[:, e] * down_e(silu(gate_e
+    /// x) * up_e x)`, with `gate_up` `[experts, 2 * inter, hidden]` and `down` `[experts, hidden,
+    /// inter]`. Backends with kernels read only the routed experts' weights when `n` is small.
+    fn moe_experts(
+        x: Tensor<Self, 2>,
+        gate_up: Tensor<Self, 3>,
+        down: Tensor<Self, 3>,
+        weights: Tensor<Self, 2>,
+    ) -> Tensor<Self, 2> {
+        reference::moe_experts(x, gate_up, down, weights)
+    }
+
+    /// RMSNorm of the rows of `x` `[rows, dim]` (any float dtype), computed in f32, cast to the
+    /// weight's dtype and scaled by `weight` `[dim]` (`JambaRMSNorm`).
+    fn rms_norm(x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        reference::rms_norm(x, weight, eps)
+    }
+
     /// One decoding position of the scan: returns `y` `[batch, d_inner]` and the new state.
     fn selective_state_update(input: SelectiveStateUpdate<Self>) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
         reference::selective_state_update(input)
@@ -181,6 +206,9 @@ pub trait JambaBackend: Backend {
         reference::causal_conv1d_update(input)
     }
 }
+
+/// Rows up to which the decoding kernels (`linear`, `moe_experts`) are used.
+pub const DECODE_MAX_ROWS: usize = 16;
 
 /// Positions per chunk of the scan kernels: the backward recomputes the states of one chunk at
 /// a time from the state saved at its start. Smaller for large `d_state` so that a chunk's

@@ -136,6 +136,33 @@ pub fn causal_conv1d<B: Backend>(input: CausalConv1dInput<B>) -> Tensor<B, 3> {
     y.cast(dtype)
 }
 
+/// Every expert on every row, weighted (see `JambaBackend::moe_experts`).
+pub fn moe_experts<B: Backend>(
+    x: Tensor<B, 2>,
+    gate_up: Tensor<B, 3>,
+    down: Tensor<B, 3>,
+    weights: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let [e, two_i, h] = gate_up.dims();
+    let i = two_i / 2;
+    let [n, _] = x.dims();
+    let xe = x.unsqueeze::<3>().expand([e, n, h]);
+    let gu = xe.matmul(gate_up.swap_dims(1, 2)); // [E, n, 2I]
+    let act = activation::silu(gu.clone().narrow(2, 0, i)) * gu.narrow(2, i, i);
+    let y = act.matmul(down.swap_dims(1, 2)); // [E, n, H]
+    // An explicit expand: a broadcast multiply here is mis-fused on wgpu in Burn 0.21.
+    let w = weights.transpose().unsqueeze_dim::<3>(2).expand([e, n, h]);
+    (y * w).sum_dim(0).reshape([n, h])
+}
+
+/// RMSNorm over the last dimension in f32, cast to the weight's dtype, then scaled.
+pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
+    let x = x.cast(DType::F32);
+    let var = x.clone().square().mean_dim(1);
+    let y = x * var.add_scalar(eps).sqrt().recip();
+    y.cast(weight.dtype()) * weight.unsqueeze::<2>()
+}
+
 /// One decoding position of the scan: the scan of length 1 continuing from `state`.
 pub fn selective_state_update<B: Backend>(
     input: SelectiveStateUpdate<B>,

@@ -106,7 +106,7 @@ pub struct JambaAttention<B: Backend> {
     pub head_dim: usize,
 }
 
-impl<B: Backend> JambaAttention<B> {
+impl<B: jamba_kernels::JambaBackend> JambaAttention<B> {
     pub fn new(cfg: &JambaConfig, w: &mut Weights<B>, prefix: &str) -> Result<Self> {
         let h = cfg.hidden_size;
         let (nh, nkv, hd) = (cfg.num_attention_heads, cfg.num_kv_heads(), cfg.head_dim());

@@ -157,7 +157,7 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
             .forward(ssm_params.clone().narrow(2, 0, r));
         let b = self.b_layernorm.forward(ssm_params.clone().narrow(2, r, n));
         let c = self.c_layernorm.forward(ssm_params.narrow(2, r + n, n));
-        let dt = burn::tensor::module::linear(dt, self.dt_proj.weight.val().transpose(), None);
+        let dt = project(dt, self.dt_proj.weight.val());
 
         let a = self.a_log.val().cast(DType::F32).exp().neg();
         let out = B::selective_scan(SelectiveScanInput {
@@ -226,7 +226,7 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
             .forward(ssm_params.clone().narrow(1, 0, r));
         let b = self.b_layernorm.forward(ssm_params.clone().narrow(1, r, n));
         let c = self.c_layernorm.forward(ssm_params.narrow(1, r + n, n));
-        let dt = burn::tensor::module::linear(dt, self.dt_proj.weight.val().transpose(), None);
+        let dt = project(dt, self.dt_proj.weight.val());
         let a = self.a_log.val().cast(DType::F32).exp().neg();
         let ssm_state = std::mem::replace(&mut state.ssm, placeholder());
         let (y, ssm_state) = B::selective_state_update(SelectiveStateUpdate {
@@ -276,4 +276,14 @@ fn last_inputs<B: Backend>(
         .unwrap_or_else(|| Tensor::zeros([batch, channels, keep], (&x.device(), DType::F32)));
     let joined = Tensor::cat(vec![previous, x.cast(DType::F32)], 2);
     joined.narrow(2, len, keep)
+}
+
+/// `x @ weight^T` over the last dimension through `JambaBackend::linear`.
+fn project<B: JambaBackend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2>) -> Tensor<B, D> {
+    let shape = x.dims();
+    let rows = shape.iter().take(D - 1).product();
+    let y = <B as JambaBackend>::linear(x.reshape([rows, shape[D - 1]]), weight, None);
+    let mut out = shape;
+    out[D - 1] = y.dims()[1];
+    y.reshape(out)
 }

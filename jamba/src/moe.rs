@@ -8,6 +8,7 @@ use burn::tensor::{
 };
 
 use crate::config::JambaConfig;
+use jamba_kernels::JambaBackend;
 use crate::error::Result;
 use crate::nn::{export_param, Export, Linear};
 use crate::weights::{Init, Weights};
@@ -20,7 +21,7 @@ pub struct JambaMlp<B: Backend> {
     pub down_proj: Linear<B>,
 }
 
-impl<B: Backend> JambaMlp<B> {
+impl<B: JambaBackend> JambaMlp<B> {
     pub fn new(cfg: &JambaConfig, w: &mut Weights<B>, prefix: &str) -> Result<Self> {
         let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
         Ok(Self {
@@ -106,9 +107,11 @@ impl<B: Backend> JambaExperts<B> {
 
     /// Every expert on every token of `x` `[n, H]`, summed with `weights` `[n, k]` placed at the
     /// `chosen` experts `[n, k]` (zero elsewhere): equal to the grouped computation.
-    fn forward_dense(&self, x: Tensor<B, 2>, chosen: Tensor<B, 2, Int>, weights: Tensor<B, 2>) -> Tensor<B, 2> {
-        let [e, two_i, h] = self.gate_up_proj.dims();
-        let i = two_i / 2;
+    fn forward_dense(&self, x: Tensor<B, 2>, chosen: Tensor<B, 2, Int>, weights: Tensor<B, 2>) -> Tensor<B, 2>
+    where
+        B: JambaBackend,
+    {
+        let e = self.num_experts();
         let [n, _] = x.dims();
         let dense = Tensor::<B, 2>::zeros([n, e], (&x.device(), weights.dtype())).scatter(
             1,
@@ -116,12 +119,7 @@ impl<B: Backend> JambaExperts<B> {
             weights,
             IndexingUpdateOp::Add,
         ); // [n, E]
-        let xe = x.unsqueeze::<3>().expand([e, n, h]);
-        let gu = xe.matmul(self.gate_up_proj.val().swap_dims(1, 2)); // [E, n, 2I]
-        let act = activation::silu(gu.clone().narrow(2, 0, i)) * gu.narrow(2, i, i);
-        let y = act.matmul(self.down_proj.val().swap_dims(1, 2)); // [E, n, H]
-        let w = dense.transpose().unsqueeze_dim::<3>(2).expand([e, n, h]);
-        (y * w).sum_dim(0).reshape([n, h])
+        B::moe_experts(x, self.gate_up_proj.val(), self.down_proj.val(), dense)
     }
 
     /// Both tensors under their fused names (see [`crate::nn::hub_split`] for the Hub layout).
@@ -147,7 +145,7 @@ pub struct JambaSparseMoeBlock<B: Backend> {
 /// every expert's weights once costs less than a host round trip and the per-expert launches.
 pub const DENSE_MOE_TOKENS: usize = 64;
 
-impl<B: Backend> JambaSparseMoeBlock<B> {
+impl<B: JambaBackend> JambaSparseMoeBlock<B> {
     pub fn new(cfg: &JambaConfig, w: &mut Weights<B>, prefix: &str) -> Result<Self> {
         Ok(Self {
             router: Linear::new(
@@ -169,9 +167,9 @@ impl<B: Backend> JambaSparseMoeBlock<B> {
         let tokens = batch * len;
         let x = x.reshape([tokens, hidden]);
         // Routing in f32: a near-tie between experts must not flip with the weights' rounding.
-        let router_logits = burn::tensor::module::linear(
+        let router_logits = <B as JambaBackend>::linear(
             x.clone().cast(DType::F32),
-            self.router.weight.val().cast(DType::F32).transpose(),
+            self.router.weight.val().cast(DType::F32),
             None,
         );
         let probs = activation::softmax(router_logits.clone(), 1);

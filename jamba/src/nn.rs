@@ -2,7 +2,7 @@
 //! checkpoints load and save without copies, and `RmsNorm` normalises in f32 like `JambaRMSNorm`.
 
 use burn::module::{Module, Param};
-use burn::tensor::{backend::Backend, DType, Tensor, TensorData};
+use burn::tensor::{backend::Backend, Tensor, TensorData};
 
 use crate::error::Result;
 use crate::weights::{Init, Weights};
@@ -142,14 +142,6 @@ impl<B: Backend> Linear<B> {
         })
     }
 
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        burn::tensor::module::linear(
-            x,
-            self.weight.val().transpose(),
-            self.bias.as_ref().map(|b| b.val()),
-        )
-    }
-
     pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
         export_param(out, format!("{prefix}.weight"), &self.weight);
         if let Some(b) = &self.bias {
@@ -176,15 +168,38 @@ impl<B: Backend> RmsNorm<B> {
         })
     }
 
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let weight = self.weight.val();
-        let x = x.cast(DType::F32);
-        let var = x.clone().square().mean_dim(D - 1);
-        let y = x * var.add_scalar(self.eps).sqrt().recip();
-        y.cast(weight.dtype()) * weight.unsqueeze::<D>()
-    }
-
     pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
         export_param(out, format!("{prefix}.weight"), &self.weight);
+    }
+}
+
+impl<B: jamba_kernels::JambaBackend> Linear<B> {
+    /// `x @ weight^T + bias` over the last dimension (through `JambaBackend::linear`: a
+    /// memory-bound kernel for the few rows of decoding on backends that have it).
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let shape = x.dims();
+        let d_in = shape[D - 1];
+        let rows = shape.iter().take(D - 1).product();
+        let y = <B as jamba_kernels::JambaBackend>::linear(
+            x.reshape([rows, d_in]),
+            self.weight.val(),
+            self.bias.as_ref().map(|b| b.val()),
+        );
+        let mut out = shape;
+        out[D - 1] = y.dims()[1];
+        y.reshape(out)
+    }
+}
+
+impl<B: jamba_kernels::JambaBackend> RmsNorm<B> {
+    /// Normalises over the last dimension (through [`JambaBackend::rms_norm`]: one kernel on
+    /// backends that have it).
+    ///
+    /// [`JambaBackend::rms_norm`]: jamba_kernels::JambaBackend::rms_norm
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let shape = x.dims();
+        let dim = shape[D - 1];
+        let rows = shape.iter().take(D - 1).product();
+        B::rms_norm(x.reshape([rows, dim]), self.weight.val(), self.eps).reshape(shape)
     }
 }

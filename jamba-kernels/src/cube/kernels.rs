@@ -869,3 +869,257 @@ pub fn conv_step_kernel<F: Float>(
     }
     y[bi * y.stride(0) + di * y.stride(1)] = F::cast_from(acc);
 }
+
+/// RMSNorm of one row per cube: the sum of squares is reduced in shared memory (no plane size
+/// assumed), then each unit writes its strided share of `cast(x * rsqrt(mean + eps)) * weight`.
+#[cube(launch_unchecked)]
+pub fn rms_norm_kernel<F: Float, W: Float>(
+    x: &Tensor<F>,
+    weight: &Tensor<W>,
+    out: &mut Tensor<W>,
+    eps: f32,
+    #[comptime] units: usize,
+    #[define(F, W)] _dtypes: [StorageType; 2],
+) {
+    let row = CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize;
+    let rows = x.shape(0);
+    if row >= rows {
+        terminate!();
+    }
+    let dim = x.shape(1);
+    let tid = UNIT_POS_X as usize;
+    let mut partial = SharedMemory::<f32>::new(units);
+    let mut acc = 0.0f32;
+    let mut i = tid;
+    while i < dim {
+        let v = f32::cast_from(x[row * x.stride(0) + i * x.stride(1)]);
+        acc += v * v;
+        i += units;
+    }
+    partial[tid] = acc;
+    sync_cube();
+    #[unroll]
+    for k in 0..units.trailing_zeros() {
+        let half = comptime!(units >> (k + 1));
+        if tid < half {
+            partial[tid] += partial[tid + half];
+        }
+        sync_cube();
+    }
+    let inv = 1.0f32 / (partial[0] / f32::cast_from(dim as u32) + eps).sqrt();
+    let mut i = tid;
+    while i < dim {
+        let v = f32::cast_from(x[row * x.stride(0) + i * x.stride(1)]);
+        out[row * out.stride(0) + i * out.stride(1)] =
+            W::cast_from(v * inv) * weight[i * weight.stride(0)];
+        i += units;
+    }
+}
+
+/// Sums `acc[m]` (per unit) over the `group` consecutive units that share a column, through
+/// shared memory (no plane size assumed); afterwards `scratch[(tid - tid % group) * rows + m]`
+/// holds the column's total for row `m`.
+#[cube]
+fn reduce_groups(
+    acc: &Array<f32>,
+    scratch: &mut SharedMemory<f32>,
+    #[comptime] rows: usize,
+    #[comptime] group: usize,
+) {
+    let tid = UNIT_POS_X as usize;
+    #[unroll]
+    for m in 0..rows {
+        scratch[tid * rows + m] = acc[m];
+    }
+    sync_cube();
+    let lane = tid % group;
+    #[unroll]
+    for k in 0..group.trailing_zeros() {
+        let half = comptime!(group >> (k + 1));
+        if lane < half {
+            #[unroll]
+            for m in 0..rows {
+                scratch[tid * rows + m] += scratch[(tid + half) * rows + m];
+            }
+        }
+        sync_cube();
+    }
+}
+
+/// `out[m, n] = bias[n] + sum_k x[m, k] * w[n, k]` for few rows `m` (decoding): each column is
+/// a dot product along a contiguous row of `w`, read once for all rows of `x`. A cube computes
+/// `units / group` columns with `group` units each.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_kernel<F: Float>(
+    x: &Tensor<F>,
+    w: &Tensor<F>,
+    bias: &Tensor<F>,
+    out: &mut Tensor<F>,
+    #[comptime] rows: usize,
+    #[comptime] units: usize,
+    #[comptime] group: usize,
+    #[comptime] has_bias: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let k_len = x.shape(1);
+    let n_len = w.shape(0);
+    let tid = UNIT_POS_X as usize;
+    let cube = CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize;
+    let n = cube * comptime!(units / group) + tid / group;
+    let lane = tid % group;
+    let mut scratch = SharedMemory::<f32>::new(units * rows);
+    let mut acc = Array::<f32>::new(rows);
+    #[unroll]
+    for m in 0..rows {
+        acc[m] = 0.0;
+    }
+    if n < n_len {
+        let mut k = lane;
+        while k < k_len {
+            let wv = f32::cast_from(w[n * w.stride(0) + k * w.stride(1)]);
+            #[unroll]
+            for m in 0..rows {
+                acc[m] += f32::cast_from(x[m * x.stride(0) + k * x.stride(1)]) * wv;
+            }
+            k += group;
+        }
+    }
+    reduce_groups(&acc, &mut scratch, rows, group);
+    if lane == 0 && n < n_len {
+        #[unroll]
+        for m in 0..rows {
+            let mut v = scratch[tid * rows + m];
+            if has_bias {
+                v += f32::cast_from(bias[n * bias.stride(0)]);
+            }
+            out[m * out.stride(0) + n * out.stride(1)] = F::cast_from(v);
+        }
+    }
+}
+
+/// First half of a decoding MoE layer: `act[e, m, i] = silu(x[m] . gate_up[e, i]) *
+/// (x[m] . gate_up[e, I + i])` for the experts `e` that some row routes to (`weights[m, e] != 0`);
+/// the other experts' weights are not read. Cube `(x, y)` = (block of columns `i`, expert).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn moe_gate_up_kernel<F: Float>(
+    x: &Tensor<F>,
+    gate_up: &Tensor<F>,
+    weights: &Tensor<F>,
+    act: &mut Tensor<F>,
+    #[comptime] rows: usize,
+    #[comptime] units: usize,
+    #[comptime] group: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let h_len = x.shape(1);
+    let inter = act.shape(2);
+    let e = CUBE_POS_Y as usize;
+    let mut used = false;
+    #[unroll]
+    for m in 0..rows {
+        used = used || f32::cast_from(weights[m * weights.stride(0) + e * weights.stride(1)]) != 0.0;
+    }
+    if !used {
+        terminate!();
+    }
+    let tid = UNIT_POS_X as usize;
+    let i = CUBE_POS_X as usize * comptime!(units / group) + tid / group;
+    let lane = tid % group;
+    let mut scratch = SharedMemory::<f32>::new(units * rows);
+    let mut scratch_up = SharedMemory::<f32>::new(units * rows);
+    let mut acc_g = Array::<f32>::new(rows);
+    let mut acc_u = Array::<f32>::new(rows);
+    #[unroll]
+    for m in 0..rows {
+        acc_g[m] = 0.0;
+        acc_u[m] = 0.0;
+    }
+    if i < inter {
+        let base_g = e * gate_up.stride(0) + i * gate_up.stride(1);
+        let base_u = e * gate_up.stride(0) + (inter + i) * gate_up.stride(1);
+        let mut k = lane;
+        while k < h_len {
+            let wg = f32::cast_from(gate_up[base_g + k * gate_up.stride(2)]);
+            let wu = f32::cast_from(gate_up[base_u + k * gate_up.stride(2)]);
+            #[unroll]
+            for m in 0..rows {
+                let xv = f32::cast_from(x[m * x.stride(0) + k * x.stride(1)]);
+                acc_g[m] += xv * wg;
+                acc_u[m] += xv * wu;
+            }
+            k += group;
+        }
+    }
+    reduce_groups(&acc_g, &mut scratch, rows, group);
+    reduce_groups(&acc_u, &mut scratch_up, rows, group);
+    if lane == 0 && i < inter {
+        #[unroll]
+        for m in 0..rows {
+            let g = scratch[tid * rows + m];
+            let u = scratch_up[tid * rows + m];
+            act[e * act.stride(0) + m * act.stride(1) + i * act.stride(2)] =
+                F::cast_from(g * sigmoid_f32(g) * u);
+        }
+    }
+}
+
+/// Second half: `out[m, n] = sum_e weights[m, e] * (act[e, m] . down[e, n])` over the routed
+/// experts only. A cube computes `units / group` output columns.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn moe_down_kernel<F: Float>(
+    act: &Tensor<F>,
+    down: &Tensor<F>,
+    weights: &Tensor<F>,
+    out: &mut Tensor<F>,
+    #[comptime] rows: usize,
+    #[comptime] units: usize,
+    #[comptime] group: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let experts = down.shape(0);
+    let h_len = down.shape(1);
+    let inter = down.shape(2);
+    let tid = UNIT_POS_X as usize;
+    let cube = CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize;
+    let n = cube * comptime!(units / group) + tid / group;
+    let lane = tid % group;
+    let mut scratch = SharedMemory::<f32>::new(units * rows);
+    let mut acc = Array::<f32>::new(rows);
+    let mut wm = Array::<f32>::new(rows);
+    #[unroll]
+    for m in 0..rows {
+        acc[m] = 0.0;
+    }
+    for e in 0..experts {
+        let mut used = false;
+        #[unroll]
+        for m in 0..rows {
+            wm[m] = f32::cast_from(weights[m * weights.stride(0) + e * weights.stride(1)]);
+            used = used || wm[m] != 0.0;
+        }
+        if used && n < h_len {
+            let base = e * down.stride(0) + n * down.stride(1);
+            let mut k = lane;
+            while k < inter {
+                let wv = f32::cast_from(down[base + k * down.stride(2)]);
+                #[unroll]
+                for m in 0..rows {
+                    acc[m] += wm[m]
+                        * f32::cast_from(act[e * act.stride(0) + m * act.stride(1) + k * act.stride(2)])
+                        * wv;
+                }
+                k += group;
+            }
+        }
+    }
+    reduce_groups(&acc, &mut scratch, rows, group);
+    if lane == 0 && n < h_len {
+        #[unroll]
+        for m in 0..rows {
+            out[m * out.stride(0) + n * out.stride(1)] = F::cast_from(scratch[tid * rows + m]);
+        }
+    }
+}

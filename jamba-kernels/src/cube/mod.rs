@@ -122,6 +122,36 @@ where
         scan_step(input)
     }
 
+    fn rms_norm(x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        rms_norm(x, weight, eps)
+    }
+
+    fn linear(x: Tensor<Self, 2>, weight: Tensor<Self, 2>, bias: Option<Tensor<Self, 1>>) -> Tensor<Self, 2> {
+        let [rows, _] = x.dims();
+        if rows == 0 || rows > crate::DECODE_MAX_ROWS || x.dtype() != weight.dtype() {
+            return burn::tensor::module::linear(x, weight.transpose(), bias);
+        }
+        gemv(x, weight, bias)
+    }
+
+    fn moe_experts(
+        x: Tensor<Self, 2>,
+        gate_up: Tensor<Self, 3>,
+        down: Tensor<Self, 3>,
+        weights: Tensor<Self, 2>,
+    ) -> Tensor<Self, 2> {
+        let [rows, _] = x.dims();
+        let dtype = x.dtype();
+        if rows == 0
+            || rows > crate::DECODE_MAX_ROWS
+            || gate_up.dtype() != dtype
+            || down.dtype() != dtype
+        {
+            return crate::reference::moe_experts(x, gate_up, down, weights);
+        }
+        moe_decode(x, gate_up, down, weights.cast(dtype))
+    }
+
     fn causal_conv1d_update(input: CausalConv1dUpdate<Self>) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
         conv_step(input)
     }
@@ -580,4 +610,154 @@ where
         );
     }
     (y, wrap(state))
+}
+
+/// Units per cube of the RMSNorm kernel (a power of two).
+const NORM_UNITS: usize = 256;
+
+fn rms_norm<R, F, I, BT>(
+    x: Tensor<Cube<R, F, I, BT>, 2>,
+    weight: Tensor<Cube<R, F, I, BT>, 1>,
+    eps: f64,
+) -> Tensor<Cube<R, F, I, BT>, 2>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [rows, dim] = x.dims();
+    let (x_dtype, w_dtype) = (x.dtype(), weight.dtype());
+    let out = Tensor::<Cube<R, F, I, BT>, 2>::empty([rows, dim], (&x.device(), w_dtype));
+    if rows == 0 {
+        return out;
+    }
+    let units = NORM_UNITS.min(dim.next_power_of_two()).max(1);
+    let x = prim(x);
+    let client = x.client.clone();
+    let gx = (rows as u32).min(65535);
+    let gy = (rows as u32).div_ceil(gx);
+    unsafe {
+        kernels::rms_norm_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(gx, gy, 1),
+            CubeDim::new_1d(units as u32),
+            x.into_tensor_arg(),
+            prim(weight).into_tensor_arg(),
+            prim(out.clone()).into_tensor_arg(),
+            eps as f32,
+            units,
+            [x_dtype.into(), w_dtype.into()],
+        );
+    }
+    out
+}
+
+/// Units per cube of the decoding kernels, and units per output column.
+const GEMV_UNITS: usize = 128;
+const GEMV_GROUP: usize = 32;
+
+/// A grid of `cubes` cubes (2-D when one dimension would pass 65535).
+fn grid(cubes: usize, y: u32) -> CubeCount {
+    let cubes = cubes.max(1) as u32;
+    if y == 1 {
+        let x = cubes.min(65535);
+        CubeCount::Static(x, cubes.div_ceil(x), 1)
+    } else {
+        CubeCount::Static(cubes, y, 1)
+    }
+}
+
+fn gemv<R, F, I, BT>(
+    x: Tensor<Cube<R, F, I, BT>, 2>,
+    weight: Tensor<Cube<R, F, I, BT>, 2>,
+    bias: Option<Tensor<Cube<R, F, I, BT>, 1>>,
+) -> Tensor<Cube<R, F, I, BT>, 2>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [rows, _] = x.dims();
+    let [n, _] = weight.dims();
+    let dtype = x.dtype();
+    let device = x.device();
+    let out = Tensor::<Cube<R, F, I, BT>, 2>::empty([rows, n], (&device, dtype));
+    let has_bias = bias.is_some();
+    let bias = bias
+        .map(|b| b.cast(dtype))
+        .unwrap_or_else(|| dummy::<Cube<R, F, I, BT>, 1>(&device).cast(dtype));
+    let x = prim(x);
+    let client = x.client.clone();
+    unsafe {
+        kernels::gemv_kernel::launch_unchecked::<R>(
+            &client,
+            grid(n.div_ceil(GEMV_UNITS / GEMV_GROUP), 1),
+            CubeDim::new_1d(GEMV_UNITS as u32),
+            x.into_tensor_arg(),
+            prim(weight).into_tensor_arg(),
+            prim(bias).into_tensor_arg(),
+            prim(out.clone()).into_tensor_arg(),
+            rows,
+            GEMV_UNITS,
+            GEMV_GROUP,
+            has_bias,
+            dtype.into(),
+        );
+    }
+    out
+}
+
+fn moe_decode<R, F, I, BT>(
+    x: Tensor<Cube<R, F, I, BT>, 2>,
+    gate_up: Tensor<Cube<R, F, I, BT>, 3>,
+    down: Tensor<Cube<R, F, I, BT>, 3>,
+    weights: Tensor<Cube<R, F, I, BT>, 2>,
+) -> Tensor<Cube<R, F, I, BT>, 2>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [rows, hidden] = x.dims();
+    let [experts, two_i, _] = gate_up.dims();
+    let inter = two_i / 2;
+    let dtype = x.dtype();
+    let device = x.device();
+    let act = Tensor::<Cube<R, F, I, BT>, 3>::empty([experts, rows, inter], (&device, dtype));
+    let out = Tensor::<Cube<R, F, I, BT>, 2>::empty([rows, hidden], (&device, dtype));
+    let x = prim(x);
+    let client = x.client.clone();
+    let cols = GEMV_UNITS / GEMV_GROUP;
+    unsafe {
+        kernels::moe_gate_up_kernel::launch_unchecked::<R>(
+            &client,
+            grid(inter.div_ceil(cols), experts as u32),
+            CubeDim::new_1d(GEMV_UNITS as u32),
+            x.into_tensor_arg(),
+            prim(gate_up).into_tensor_arg(),
+            prim(weights.clone()).into_tensor_arg(),
+            prim(act.clone()).into_tensor_arg(),
+            rows,
+            GEMV_UNITS,
+            GEMV_GROUP,
+            dtype.into(),
+        );
+        kernels::moe_down_kernel::launch_unchecked::<R>(
+            &client,
+            grid(hidden.div_ceil(cols), 1),
+            CubeDim::new_1d(GEMV_UNITS as u32),
+            prim(act).into_tensor_arg(),
+            prim(down).into_tensor_arg(),
+            prim(weights).into_tensor_arg(),
+            prim(out.clone()).into_tensor_arg(),
+            rows,
+            GEMV_UNITS,
+            GEMV_GROUP,
+            dtype.into(),
+        );
+    }
+    out
 }
