@@ -9,30 +9,30 @@ bin=$1; out=$2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 date -u
 echo "== kernel checks, CUDA without fusion"
-"$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | tee "$out/check-cuda-unfused.txt" | grep -v " ok$"
+"$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | tee /tmp/check-cuda-unfused.txt | grep -v " ok$"
 echo "== kernel checks, CUDA with fusion"
-"$bin/bench" --backend cuda --check-kernels --no-model 2>&1 | tee "$out/check-cuda.txt" | grep -v " ok$"
+"$bin/bench" --backend cuda --check-kernels --no-model 2>&1 | tee /tmp/check-cuda.txt | grep -v " ok$"
 echo "== selective scan, bf16, mamba-ssm's layout"
 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096,1x8192x16384,8x8192x2048,4x4096x8192
 echo "== block model, bf16"
-nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$out/mem-model.log" &
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > /tmp/mem-model.log &
 smi=$!
 "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 --prompt 512 \
-    --batches 1,8,32 --steps 16 --warmup 4 --prefill 4096,16384,8x2048 --chunk 4096 2>&1 | tee "$out/model.txt"
+    --batches 1,8,32 --steps 16 --warmup 4 --prefill 4096,16384,8x2048 --chunk 4096
 kill $smi
-echo "peak GPU memory (nvidia-smi, MiB): $(sort -n "$out/mem-model.log" | tail -1)"
+echo "peak GPU memory (nvidia-smi, MiB): $(sort -n /tmp/mem-model.log | tail -1)"
 echo "== block model, decode without fusion"
 "$bin/bench" --config benches/configs/block.json --backend cuda-unfused --dtype bf16 --prompt 512 \
     --batches 1,32 --steps 16 --warmup 4 2>&1 | grep decode
 echo "== block model, training steps, batch 8 x 2048, bf16"
-nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$out/mem-train.log" &
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > /tmp/mem-train.log &
 smi=$!
 timeout 200 "$bin/train" --backend cuda-unfused --dtype bf16 --config benches/configs/block.json --out /tmp/block \
     --seq-len 2048 --batch 8 --steps 6 --warmup 1 --lr 3e-4 --no-save --max-corpus-bytes 3000000 2>&1 \
     | tr '\r' '\n' | grep -v '^\s*$' | tail -3 | cut -c1-300
 kill $smi
 cat /tmp/block/metrics.csv
-echo "peak GPU memory in training (nvidia-smi, MiB): $(sort -n "$out/mem-train.log" | tail -1)"
+echo "peak GPU memory in training (nvidia-smi, MiB): $(sort -n /tmp/mem-train.log | tail -1)"
 [ "${PROFILE:-0}" = 1 ] || exit 0
 echo "== ncu: kernel time, model set-up + prompt of 64 with and without 8 decode steps (batch 1)"
 prof() { timeout 100 ncu --clock-control none --print-summary per-kernel --metrics gpu__time_duration.sum "$@"; }
@@ -42,4 +42,13 @@ prof "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf1
     --batches 1 --steps 0 --warmup 0 > "$out/ncu-decode0.txt" 2>&1
 prof "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 --batches 0 \
     --prefill 4096 --chunk 4096 --reps 1 > "$out/ncu-prefill.txt" 2>&1
+echo "== ncu: the scan kernels at 1 x 8192 x 4096 (bf16)"
+for k in scan_fwd scan_bwd; do
+  timeout 100 ncu --clock-control none -k regex:$k --launch-count 1 --section SpeedOfLight \
+      --section LaunchStats --section Occupancy --section WarpStateStats --section SourceCounters \
+      "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096 > "$out/ncu-$k.txt" 2>&1
+done
+CUBECL_DEBUG_LOG=/tmp/cubecl.log timeout 60 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model \
+    --scan 1x8192x64 > /dev/null 2>&1
+head -c 15000000 /tmp/cubecl.log > "$out/cubecl.log"
 ls -la "$out"

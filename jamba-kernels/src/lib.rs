@@ -208,7 +208,7 @@ pub trait JambaBackend: Backend {
 }
 
 /// Rows up to which the decoding kernels (`linear`, `moe_experts`) are used.
-pub const DECODE_MAX_ROWS: usize = 16;
+pub const DECODE_MAX_ROWS: usize = 4;
 
 /// Positions per chunk of the scan kernels: the backward recomputes the states of one chunk at
 /// a time from the state saved at its start. Smaller for large `d_state` so that a chunk's

@@ -126,7 +126,7 @@ fn stage<F: Float>(
                     v *= sigmoid_f32(v);
                 }
             }
-            dst[tl * block + dl] = v;
+            dst[tl * (block + 1) + dl] = v;
         }
     }
 }
@@ -161,7 +161,7 @@ fn stage_state_input<F: Float>(
             if t < len {
                 v = f32::cast_from(src[bi * src.stride(0) + n * src.stride(1) + t * src.stride(2)]);
             }
-            dst[tl * n_state + n] = v;
+            dst[tl * (n_state + 1) + n] = v;
         }
     }
 }
@@ -192,7 +192,7 @@ fn unstage<F: Float>(
             let dd = d0 + dl;
             if t < len && dd < dim {
                 dst[bi * dst.stride(0) + dd * dst.stride(1) + t * dst.stride(2)] =
-                    F::cast_from(src[tl * block + dl]);
+                    F::cast_from(src[tl * (block + 1) + dl]);
             }
         }
     }
@@ -240,11 +240,11 @@ pub fn scan_fwd_kernel<F: Float>(
     let di = d0 + dl;
     let valid = di < dim;
 
-    let mut s_u = SharedMemory::<f32>::new(tile * block);
-    let mut s_dt = SharedMemory::<f32>::new(tile * block);
-    let mut s_gate = SharedMemory::<f32>::new(tile * block);
-    let mut s_b = SharedMemory::<f32>::new(tile * n_state);
-    let mut s_c = SharedMemory::<f32>::new(tile * n_state);
+    let mut s_u = SharedMemory::<f32>::new(tile * (block + 1));
+    let mut s_dt = SharedMemory::<f32>::new(tile * (block + 1));
+    let mut s_gate = SharedMemory::<f32>::new(tile * (block + 1));
+    let mut s_b = SharedMemory::<f32>::new(tile * (n_state + 1));
+    let mut s_c = SharedMemory::<f32>::new(tile * (n_state + 1));
 
     let mut h = Array::<f32>::new(ns);
     let mut a_row = Array::<f32>::new(ns);
@@ -292,7 +292,7 @@ pub fn scan_fwd_kernel<F: Float>(
         }
 
         for tl in 0..count {
-            let slot = tl * block + dl;
+            let slot = tl * (block + 1) + dl;
             let uv = s_u[slot];
             let dtv = s_dt[slot];
             let du = dtv * uv;
@@ -300,8 +300,8 @@ pub fn scan_fwd_kernel<F: Float>(
             #[unroll(ns <= 64)]
             for j in 0..ns {
                 let decay = (dtv * a_row[j]).exp();
-                h[j] = decay * h[j] + du * s_b[tl * n_state + n0 + j];
-                acc += h[j] * s_c[tl * n_state + n0 + j];
+                h[j] = decay * h[j] + du * s_b[tl * (n_state + 1) + n0 + j];
+                acc += h[j] * s_c[tl * (n_state + 1) + n0 + j];
             }
             // Every unit of the channel has read the slot before the butterfly completes.
             acc = sum_over_split(acc, split_log2);
@@ -330,7 +330,7 @@ pub fn scan_fwd_kernel<F: Float>(
 ///
 /// Per-channel outputs (`du`, `ddelta` w.r.t. the raw delta, `dz`) are written directly;
 /// `db` and `dc` are reduced over the channels of a plane with xor shuffles and written per
-/// plane (`[batch, planes, d_state, len]`, summed by the caller); `da`, `dd`, `dbias` are
+/// plane (`[batch, planes, len, d_state]`, summed by the caller); `da`, `dd`, `dbias` are
 /// accumulated over time in registers and written per batch row (summed by the caller).
 #[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
@@ -380,13 +380,13 @@ pub fn scan_bwd_kernel<F: Float>(
     // The units holding channel 0 of their plane write the plane's sums.
     let plane_writer = (UNIT_POS_PLANE as usize) < split;
 
-    let mut s_u = SharedMemory::<f32>::new(tile * block);
-    let mut s_dt = SharedMemory::<f32>::new(tile * block);
-    let mut s_sp = SharedMemory::<f32>::new(tile * block);
-    let mut s_z = SharedMemory::<f32>::new(tile * block);
-    let mut s_g = SharedMemory::<f32>::new(tile * block);
-    let mut s_b = SharedMemory::<f32>::new(tile * n_state);
-    let mut s_c = SharedMemory::<f32>::new(tile * n_state);
+    let mut s_u = SharedMemory::<f32>::new(tile * (block + 1));
+    let mut s_dt = SharedMemory::<f32>::new(tile * (block + 1));
+    let mut s_sp = SharedMemory::<f32>::new(tile * (block + 1));
+    let mut s_z = SharedMemory::<f32>::new(tile * (block + 1));
+    let mut s_g = SharedMemory::<f32>::new(tile * (block + 1));
+    let mut s_b = SharedMemory::<f32>::new(tile * (n_state + 1));
+    let mut s_c = SharedMemory::<f32>::new(tile * (n_state + 1));
 
     let mut a_row = Array::<f32>::new(ns);
     let mut h = Array::<f32>::new(ns);
@@ -444,7 +444,7 @@ pub fn scan_bwd_kernel<F: Float>(
             }
         }
         for tl in 0..count {
-            let slot = tl * block + dl;
+            let slot = tl * (block + 1) + dl;
             let uv = s_u[slot];
             let dtv = s_dt[slot];
             let du = dtv * uv;
@@ -452,8 +452,8 @@ pub fn scan_bwd_kernel<F: Float>(
             #[unroll(ns <= 64)]
             for j in 0..ns {
                 hist[tl * ns + j] = h[j];
-                h[j] = (dtv * a_row[j]).exp() * h[j] + du * s_b[tl * n_state + n0 + j];
-                acc += h[j] * s_c[tl * n_state + n0 + j];
+                h[j] = (dtv * a_row[j]).exp() * h[j] + du * s_b[tl * (n_state + 1) + n0 + j];
+                acc += h[j] * s_c[tl * (n_state + 1) + n0 + j];
             }
             y_pre[tl] = sum_over_split(acc, split_log2) + d_val * uv;
         }
@@ -461,7 +461,7 @@ pub fn scan_bwd_kernel<F: Float>(
         // Walk the tile backwards; g holds dL/dh_t.
         for i in 0..count {
             let tl = count - 1 - i;
-            let slot = tl * block + dl;
+            let slot = tl * (block + 1) + dl;
             let uv = s_u[slot];
             let dtv = s_dt[slot];
             let go = s_g[slot];
@@ -480,10 +480,10 @@ pub fn scan_bwd_kernel<F: Float>(
             for j in 0..ns {
                 let n = n0 + j;
                 let hp = hist[tl * ns + j];
-                let bn = s_b[tl * n_state + n];
+                let bn = s_b[tl * (n_state + 1) + n];
                 let decay = (dtv * a_row[j]).exp();
                 let ht = decay * hp + dtv * bn * uv;
-                g[j] += s_c[tl * n_state + n] * dy;
+                g[j] += s_c[tl * (n_state + 1) + n] * dy;
                 // Sum over the channels of the plane: units with the same `part`.
                 let mut dc = dy * ht;
                 let mut db = g[j] * dtv * uv;
@@ -498,12 +498,12 @@ pub fn scan_bwd_kernel<F: Float>(
                 if plane_writer {
                     dc_part[bi * dc_part.stride(0)
                         + plane_slot * dc_part.stride(1)
-                        + n * dc_part.stride(2)
-                        + t * dc_part.stride(3)] = dc;
+                        + t * dc_part.stride(2)
+                        + n * dc_part.stride(3)] = dc;
                     db_part[bi * db_part.stride(0)
                         + plane_slot * db_part.stride(1)
-                        + n * db_part.stride(2)
-                        + t * db_part.stride(3)] = db;
+                        + t * db_part.stride(2)
+                        + n * db_part.stride(3)] = db;
                 }
                 let gdh = g[j] * decay * hp;
                 ddt += gdh * a_row[j] + g[j] * bn * uv;
@@ -916,6 +916,9 @@ pub fn rms_norm_kernel<F: Float, W: Float>(
     }
 }
 
+/// Loads each unit of the decoding kernels keeps in flight along the reduced dimension.
+const UNROLL: usize = 4;
+
 /// Sums `acc[m]` (per unit) over the `group` consecutive units that share a column, through
 /// shared memory (no plane size assumed); afterwards `scratch[(tid - tid % group) * rows + m]`
 /// holds the column's total for row `m`.
@@ -975,12 +978,31 @@ pub fn gemv_kernel<F: Float>(
         acc[m] = 0.0;
     }
     if n < n_len {
+        let w_row = n * w.stride(0);
+        let w_k = w.stride(1);
+        let (x_m, x_k) = (x.stride(0), x.stride(1));
+        let mut wv = Array::<f32>::new(UNROLL);
         let mut k = lane;
+        // UNROLL independent loads in flight per unit.
+        while k + (UNROLL - 1) * group < k_len {
+            #[unroll]
+            for u in 0..UNROLL {
+                wv[u] = f32::cast_from(w[w_row + (k + u * group) * w_k]);
+            }
+            #[unroll]
+            for u in 0..UNROLL {
+                #[unroll]
+                for m in 0..rows {
+                    acc[m] += f32::cast_from(x[m * x_m + (k + u * group) * x_k]) * wv[u];
+                }
+            }
+            k += UNROLL * group;
+        }
         while k < k_len {
-            let wv = f32::cast_from(w[n * w.stride(0) + k * w.stride(1)]);
+            let v = f32::cast_from(w[w_row + k * w_k]);
             #[unroll]
             for m in 0..rows {
-                acc[m] += f32::cast_from(x[m * x.stride(0) + k * x.stride(1)]) * wv;
+                acc[m] += f32::cast_from(x[m * x_m + k * x_k]) * v;
             }
             k += group;
         }
@@ -1039,15 +1061,36 @@ pub fn moe_gate_up_kernel<F: Float>(
     if i < inter {
         let base_g = e * gate_up.stride(0) + i * gate_up.stride(1);
         let base_u = e * gate_up.stride(0) + (inter + i) * gate_up.stride(1);
+        let w_k = gate_up.stride(2);
+        let (x_m, x_k) = (x.stride(0), x.stride(1));
+        let mut wg = Array::<f32>::new(UNROLL);
+        let mut wu = Array::<f32>::new(UNROLL);
         let mut k = lane;
+        while k + (UNROLL - 1) * group < h_len {
+            #[unroll]
+            for u in 0..UNROLL {
+                wg[u] = f32::cast_from(gate_up[base_g + (k + u * group) * w_k]);
+                wu[u] = f32::cast_from(gate_up[base_u + (k + u * group) * w_k]);
+            }
+            #[unroll]
+            for u in 0..UNROLL {
+                #[unroll]
+                for m in 0..rows {
+                    let xv = f32::cast_from(x[m * x_m + (k + u * group) * x_k]);
+                    acc_g[m] += xv * wg[u];
+                    acc_u[m] += xv * wu[u];
+                }
+            }
+            k += UNROLL * group;
+        }
         while k < h_len {
-            let wg = f32::cast_from(gate_up[base_g + k * gate_up.stride(2)]);
-            let wu = f32::cast_from(gate_up[base_u + k * gate_up.stride(2)]);
+            let g1 = f32::cast_from(gate_up[base_g + k * w_k]);
+            let u1 = f32::cast_from(gate_up[base_u + k * w_k]);
             #[unroll]
             for m in 0..rows {
-                let xv = f32::cast_from(x[m * x.stride(0) + k * x.stride(1)]);
-                acc_g[m] += xv * wg;
-                acc_u[m] += xv * wu;
+                let xv = f32::cast_from(x[m * x_m + k * x_k]);
+                acc_g[m] += xv * g1;
+                acc_u[m] += xv * u1;
             }
             k += group;
         }
@@ -1102,14 +1145,32 @@ pub fn moe_down_kernel<F: Float>(
         }
         if used && n < h_len {
             let base = e * down.stride(0) + n * down.stride(1);
+            let w_k = down.stride(2);
+            let a_base = e * act.stride(0);
+            let (a_m, a_k) = (act.stride(1), act.stride(2));
+            let mut wv = Array::<f32>::new(UNROLL);
             let mut k = lane;
+            while k + (UNROLL - 1) * group < inter {
+                #[unroll]
+                for u in 0..UNROLL {
+                    wv[u] = f32::cast_from(down[base + (k + u * group) * w_k]);
+                }
+                #[unroll]
+                for u in 0..UNROLL {
+                    #[unroll]
+                    for m in 0..rows {
+                        acc[m] += wm[m]
+                            * f32::cast_from(act[a_base + m * a_m + (k + u * group) * a_k])
+                            * wv[u];
+                    }
+                }
+                k += UNROLL * group;
+            }
             while k < inter {
-                let wv = f32::cast_from(down[base + k * down.stride(2)]);
+                let v = f32::cast_from(down[base + k * w_k]);
                 #[unroll]
                 for m in 0..rows {
-                    acc[m] += wm[m]
-                        * f32::cast_from(act[e * act.stride(0) + m * act.stride(1) + k * act.stride(2)])
-                        * wv;
+                    acc[m] += wm[m] * f32::cast_from(act[a_base + m * a_m + k * a_k]) * v;
                 }
                 k += group;
             }

@@ -17,9 +17,9 @@ use crate::{
 /// Channels per cube of the scan kernels.
 const SCAN_BLOCK: usize = 32;
 /// At most this many units share a channel's states.
-const MAX_SPLIT_LOG2: u32 = 2;
+const MAX_SPLIT_LOG2: u32 = 3;
 
-/// log2 of the units per channel: the largest power of two up to 4 that divides `d_state` and
+/// log2 of the units per channel: the largest power of two up to 8 that divides `d_state` and
 /// fits in the smallest plane (so that a channel's units always share a plane).
 fn split_log2(d_state: usize, plane_min: usize) -> u32 {
     let mut k = MAX_SPLIT_LOG2;
@@ -64,9 +64,17 @@ fn is_channel_last<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
     strides[1] == 1 && strides[2] != 1
 }
 
-/// A placeholder for an absent optional argument (never read: its comptime flag is off).
+/// A placeholder for an absent optional argument (never read: its comptime flag is off). An
+/// uninitialised allocation: no kernel runs to make it.
 fn dummy<B: burn::tensor::backend::Backend, const D: usize>(device: &B::Device) -> Tensor<B, D> {
-    Tensor::zeros([1; D], (device, DType::F32))
+    dummy_of(device, DType::F32)
+}
+
+fn dummy_of<B: burn::tensor::backend::Backend, const D: usize>(
+    device: &B::Device,
+    dtype: DType,
+) -> Tensor<B, D> {
+    Tensor::empty([1; D], (device, dtype))
 }
 
 fn elemwise_launch(n: usize) -> (CubeCount, CubeDim) {
@@ -206,7 +214,7 @@ where
                 .z
                 .as_ref()
                 .map(f)
-                .unwrap_or_else(|| prim(dummy::<Cube<R, F, I, BT>, 3>(&device).cast(dtype)))
+                .unwrap_or_else(|| prim(dummy_of::<Cube<R, F, I, BT>, 3>(&device, dtype)))
                 .into_tensor_arg(),
             f(&input.b).into_tensor_arg(),
             f(&input.c).into_tensor_arg(),
@@ -284,10 +292,11 @@ where
     let dz = if input.z.is_some() {
         empty_like_layout(&input.u, dtype, channel_last)
     } else {
-        dummy::<Cube<R, F, I, BT>, 3>(&device).cast(dtype)
+        dummy_of::<Cube<R, F, I, BT>, 3>(&device, dtype)
     };
-    let db_part = T::<R, F, I, BT, 4>::zeros([batch, slots, d_state, len], (&device, f32));
-    let dc_part = T::<R, F, I, BT, 4>::zeros([batch, slots, d_state, len], (&device, f32));
+    // [batch, planes, len, d_state]: the writers of a plane store one position's states together.
+    let db_part = T::<R, F, I, BT, 4>::zeros([batch, slots, len, d_state], (&device, f32));
+    let dc_part = T::<R, F, I, BT, 4>::zeros([batch, slots, len, d_state], (&device, f32));
     let da_part = T::<R, F, I, BT, 3>::empty([batch, d_inner, d_state], (&device, f32));
     let dd_part = T::<R, F, I, BT, 2>::empty([batch, d_inner], (&device, f32));
     let dbias_part = T::<R, F, I, BT, 2>::empty([batch, d_inner], (&device, f32));
@@ -307,7 +316,7 @@ where
                 .z
                 .as_ref()
                 .map(f)
-                .unwrap_or_else(|| prim(dummy::<Cube<R, F, I, BT>, 3>(&device).cast(dtype)))
+                .unwrap_or_else(|| prim(dummy_of::<Cube<R, F, I, BT>, 3>(&device, dtype)))
                 .into_tensor_arg(),
             f(&input.b).into_tensor_arg(),
             f(&input.c).into_tensor_arg(),
@@ -342,7 +351,7 @@ where
             dtype.into(),
         );
     }
-    let sum_parts = |p: T<R, F, I, BT, 4>| p.sum_dim(1).squeeze_dim::<3>(1);
+    let sum_parts = |p: T<R, F, I, BT, 4>| p.sum_dim(1).squeeze_dim::<3>(1).swap_dims(1, 2);
     SelectiveScanGrads {
         u: du,
         delta: ddelta.cast(input.delta.dtype()),
@@ -550,7 +559,7 @@ where
             dim,
             f(input.x).into_tensor_arg(),
             f(input.delta).into_tensor_arg(),
-            f(input.z.unwrap_or_else(|| dummy(&device))).into_tensor_arg(),
+            f(input.z.unwrap_or_else(|| dummy_of(&device, dtype))).into_tensor_arg(),
             f(input.b).into_tensor_arg(),
             f(input.c).into_tensor_arg(),
             prim(input.a.cast(f32)).into_tensor_arg(),
@@ -687,7 +696,7 @@ where
     let has_bias = bias.is_some();
     let bias = bias
         .map(|b| b.cast(dtype))
-        .unwrap_or_else(|| dummy::<Cube<R, F, I, BT>, 1>(&device).cast(dtype));
+        .unwrap_or_else(|| dummy_of::<Cube<R, F, I, BT>, 1>(&device, dtype));
     let x = prim(x);
     let client = x.client.clone();
     unsafe {
