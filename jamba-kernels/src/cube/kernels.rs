@@ -69,16 +69,51 @@ fn sum_over_split(v: f32, #[comptime] split_log2: u32) -> f32 {
     acc
 }
 
-/// Stages `[tile, block]` of a `[batch, d, len]` tensor into shared memory (f32, zero outside),
-/// applying `op` (0: none, 1: + delta_bias then softplus, 2: silu gate, 3: softplus' of
-/// (x + delta_bias)) on the way. Loads are unrolled so that they are all in flight at once.
+/// Issues the loads of `[tile, block]` of a `[batch, d, len]` tensor into `regs` (raw values,
+/// zero outside the tensor), without waiting for them: the caller computes on the previous tile
+/// meanwhile, then [`put`]s them into shared memory.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn stage<F: Float>(
+fn fetch<F: Float>(
     src: &Tensor<F>,
+    regs: &mut Array<f32>,
+    bi: usize,
+    d0: usize,
+    t0: usize,
+    dim: usize,
+    len: usize,
+    #[comptime] tile: usize,
+    #[comptime] block: usize,
+    #[comptime] units: usize,
+) {
+    let tid = UNIT_POS_X as usize;
+    let time_major = src.stride(2) == 1;
+    let base = bi * src.stride(0);
+    let (s_d, s_t) = (src.stride(1), src.stride(2));
+    #[unroll]
+    for i in 0..comptime!((tile * block).div_ceil(units)) {
+        let e = tid + i * units;
+        let (tl, dl) = tile_pos(e, time_major, tile, block);
+        let t = t0 + tl;
+        let dd = d0 + dl;
+        let mut v = 0.0f32;
+        if e < tile * block && t < len && dd < dim {
+            v = f32::cast_from(src[base + dd * s_d + t * s_t]);
+        }
+        regs[i] = v;
+    }
+}
+
+/// Writes fetched values into a `[tile, block + 1]` shared tile (padded: no bank conflicts
+/// whichever way the tile was read), applying `op` (0: none, 1: + delta_bias then softplus,
+/// 2: silu gate, 3: softplus' of (x + delta_bias)).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn put<F: Float>(
+    src: &Tensor<F>,
+    regs: &Array<f32>,
     dst: &mut SharedMemory<f32>,
     delta_bias: &Tensor<f32>,
-    bi: usize,
     d0: usize,
     t0: usize,
     dim: usize,
@@ -99,12 +134,12 @@ fn stage<F: Float>(
             let (tl, dl) = tile_pos(e, time_major, tile, block);
             let t = t0 + tl;
             let dd = d0 + dl;
-            let mut v = 0.0f32;
+            let mut v = regs[i];
             if op == 2 {
                 v = 1.0;
             }
             if t < len && dd < dim {
-                v = f32::cast_from(src[bi * src.stride(0) + dd * src.stride(1) + t * src.stride(2)]);
+                v = regs[i];
                 if op == 1 || op == 3 {
                     if has_bias {
                         v += delta_bias[dd * delta_bias.stride(0)];
@@ -131,15 +166,47 @@ fn stage<F: Float>(
     }
 }
 
-/// Stages `[tile, d_state]` of B or C (`[batch, d_state, len]`) into shared memory.
+/// Issues the loads of `[tile, d_state]` of B or C (`[batch, d_state, len]`) into `regs`.
 #[cube]
 #[allow(clippy::too_many_arguments)]
-fn stage_state_input<F: Float>(
+fn fetch_state_input<F: Float>(
     src: &Tensor<F>,
-    dst: &mut SharedMemory<f32>,
+    regs: &mut Array<f32>,
     bi: usize,
     t0: usize,
     len: usize,
+    #[comptime] n_state: usize,
+    #[comptime] tile: usize,
+    #[comptime] units: usize,
+) {
+    let tid = UNIT_POS_X as usize;
+    let state_major = src.stride(1) == 1;
+    let base = bi * src.stride(0);
+    let (s_n, s_t) = (src.stride(1), src.stride(2));
+    #[unroll]
+    for i in 0..comptime!((tile * n_state).div_ceil(units)) {
+        let e = tid + i * units;
+        let mut tl = e / n_state;
+        let mut n = e % n_state;
+        if !state_major {
+            tl = e % tile;
+            n = e / tile;
+        }
+        let t = t0 + tl;
+        let mut v = 0.0f32;
+        if e < tile * n_state && t < len {
+            v = f32::cast_from(src[base + n * s_n + t * s_t]);
+        }
+        regs[i] = v;
+    }
+}
+
+/// Writes fetched B or C values into a `[tile, d_state + 1]` shared tile.
+#[cube]
+fn put_state_input<F: Float>(
+    src: &Tensor<F>,
+    regs: &Array<f32>,
+    dst: &mut SharedMemory<f32>,
     #[comptime] n_state: usize,
     #[comptime] tile: usize,
     #[comptime] units: usize,
@@ -156,12 +223,7 @@ fn stage_state_input<F: Float>(
                 tl = e % tile;
                 n = e / tile;
             }
-            let t = t0 + tl;
-            let mut v = 0.0f32;
-            if t < len {
-                v = f32::cast_from(src[bi * src.stride(0) + n * src.stride(1) + t * src.stride(2)]);
-            }
-            dst[tl * (n_state + 1) + n] = v;
+            dst[tl * (n_state + 1) + n] = regs[i];
         }
     }
 }
@@ -266,20 +328,45 @@ pub fn scan_fwd_kernel<F: Float>(
     }
 
     let n_tiles = (len + tile - 1) / tile;
+    let per = comptime!((tile * block).div_ceil(units));
+    let per_bc = comptime!((tile * n_state).div_ceil(units));
+    let mut r_u = Array::<f32>::new(per);
+    let mut r_dt = Array::<f32>::new(per);
+    let mut r_z = Array::<f32>::new(per);
+    let mut r_b = Array::<f32>::new(per_bc);
+    let mut r_c = Array::<f32>::new(per_bc);
+    fetch::<F>(u, &mut r_u, bi, d0, 0, dim, len, tile, block, units);
+    fetch::<F>(delta, &mut r_dt, bi, d0, 0, dim, len, tile, block, units);
+    if has_z {
+        fetch::<F>(z, &mut r_z, bi, d0, 0, dim, len, tile, block, units);
+    }
+    fetch_state_input::<F>(b, &mut r_b, bi, 0, len, n_state, tile, units);
+    fetch_state_input::<F>(c, &mut r_c, bi, 0, len, n_state, tile, units);
     for k in 0..n_tiles {
         let t0 = k * tile;
         let mut count = len - t0;
         if count > tile {
             count = tile;
         }
-        stage::<F>(u, &mut s_u, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block, units);
-        stage::<F>(delta, &mut s_dt, delta_bias, bi, d0, t0, dim, len, 1u32, has_bias, softplus, tile, block, units);
+        put::<F>(u, &r_u, &mut s_u, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block, units);
+        put::<F>(delta, &r_dt, &mut s_dt, delta_bias, d0, t0, dim, len, 1u32, has_bias, softplus, tile, block, units);
         if has_z {
-            stage::<F>(z, &mut s_gate, delta_bias, bi, d0, t0, dim, len, 2u32, has_bias, softplus, tile, block, units);
+            put::<F>(z, &r_z, &mut s_gate, delta_bias, d0, t0, dim, len, 2u32, has_bias, softplus, tile, block, units);
         }
-        stage_state_input::<F>(b, &mut s_b, bi, t0, len, n_state, tile, units);
-        stage_state_input::<F>(c, &mut s_c, bi, t0, len, n_state, tile, units);
+        put_state_input::<F>(b, &r_b, &mut s_b, n_state, tile, units);
+        put_state_input::<F>(c, &r_c, &mut s_c, n_state, tile, units);
         sync_cube();
+        // The next tile's loads travel while this one is computed.
+        if k + 1 < n_tiles {
+            let t1 = t0 + tile;
+            fetch::<F>(u, &mut r_u, bi, d0, t1, dim, len, tile, block, units);
+            fetch::<F>(delta, &mut r_dt, bi, d0, t1, dim, len, tile, block, units);
+            if has_z {
+                fetch::<F>(z, &mut r_z, bi, d0, t1, dim, len, tile, block, units);
+            }
+            fetch_state_input::<F>(b, &mut r_b, bi, t1, len, n_state, tile, units);
+            fetch_state_input::<F>(c, &mut r_c, bi, t1, len, n_state, tile, units);
+        }
 
         if save && valid {
             #[unroll(ns <= 64)]
@@ -412,6 +499,25 @@ pub fn scan_bwd_kernel<F: Float>(
     let mut dbias_acc = 0.0f32;
 
     let n_tiles = (len + tile - 1) / tile;
+    let per = comptime!((tile * block).div_ceil(units));
+    let per_bc = comptime!((tile * n_state).div_ceil(units));
+    let mut r_u = Array::<f32>::new(per);
+    let mut r_dt = Array::<f32>::new(per);
+    let mut r_z = Array::<f32>::new(per);
+    let mut r_g = Array::<f32>::new(per);
+    let mut r_b = Array::<f32>::new(per_bc);
+    let mut r_c = Array::<f32>::new(per_bc);
+    if n_tiles > 0 {
+        let t_last = (n_tiles - 1) * tile;
+        fetch::<F>(u, &mut r_u, bi, d0, t_last, dim, len, tile, block, units);
+        fetch::<F>(delta, &mut r_dt, bi, d0, t_last, dim, len, tile, block, units);
+        if has_z {
+            fetch::<F>(z, &mut r_z, bi, d0, t_last, dim, len, tile, block, units);
+        }
+        fetch::<F>(dout, &mut r_g, bi, d0, t_last, dim, len, tile, block, units);
+        fetch_state_input::<F>(b, &mut r_b, bi, t_last, len, n_state, tile, units);
+        fetch_state_input::<F>(c, &mut r_c, bi, t_last, len, n_state, tile, units);
+    }
     for kk in 0..n_tiles {
         let k = n_tiles - 1 - kk;
         let t0 = k * tile;
@@ -419,18 +525,30 @@ pub fn scan_bwd_kernel<F: Float>(
         if count > tile {
             count = tile;
         }
-        stage::<F>(u, &mut s_u, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block, units);
-        stage::<F>(delta, &mut s_dt, delta_bias, bi, d0, t0, dim, len, 1u32, has_bias, softplus, tile, block, units);
+        put::<F>(u, &r_u, &mut s_u, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block, units);
+        put::<F>(delta, &r_dt, &mut s_dt, delta_bias, d0, t0, dim, len, 1u32, has_bias, softplus, tile, block, units);
         if softplus {
-            stage::<F>(delta, &mut s_sp, delta_bias, bi, d0, t0, dim, len, 3u32, has_bias, softplus, tile, block, units);
+            put::<F>(delta, &r_dt, &mut s_sp, delta_bias, d0, t0, dim, len, 3u32, has_bias, softplus, tile, block, units);
         }
         if has_z {
-            stage::<F>(z, &mut s_z, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block, units);
+            put::<F>(z, &r_z, &mut s_z, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block, units);
         }
-        stage::<F>(dout, &mut s_g, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block, units);
-        stage_state_input::<F>(b, &mut s_b, bi, t0, len, n_state, tile, units);
-        stage_state_input::<F>(c, &mut s_c, bi, t0, len, n_state, tile, units);
+        put::<F>(dout, &r_g, &mut s_g, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block, units);
+        put_state_input::<F>(b, &r_b, &mut s_b, n_state, tile, units);
+        put_state_input::<F>(c, &r_c, &mut s_c, n_state, tile, units);
         sync_cube();
+        // The previous tile's loads travel while this one is computed.
+        if k > 0 {
+            let t1 = t0 - tile;
+            fetch::<F>(u, &mut r_u, bi, d0, t1, dim, len, tile, block, units);
+            fetch::<F>(delta, &mut r_dt, bi, d0, t1, dim, len, tile, block, units);
+            if has_z {
+                fetch::<F>(z, &mut r_z, bi, d0, t1, dim, len, tile, block, units);
+            }
+            fetch::<F>(dout, &mut r_g, bi, d0, t1, dim, len, tile, block, units);
+            fetch_state_input::<F>(b, &mut r_b, bi, t1, len, n_state, tile, units);
+            fetch_state_input::<F>(c, &mut r_c, bi, t1, len, n_state, tile, units);
+        }
 
         // Recompute the tile's states from its first state: hist[t] = h_{t-1}.
         #[unroll(ns <= 64)]
