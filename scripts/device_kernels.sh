@@ -3,17 +3,25 @@
 # selective-scan timings at the shapes of benches/ANCHORS.md, the "block" model's prefill and
 # decode rows with the peak GPU memory, training steps of the "block" model at batch 8 x 2048,
 # and (with PROFILE=1) the GPU time per kernel of decode steps and of a prefill under ncu.
-# Usage: scripts/device_kernels.sh BIN_DIR OUT_DIR
+# SCAN=0, TRAIN=0 skip those parts. Usage: scripts/device_kernels.sh BIN_DIR OUT_DIR
 set -uo pipefail
 bin=$1; out=$2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 date -u
+if [ -x "$bin/jamba" ]; then
+  echo "== the fixtures on CUDA: jamba forward (f32, bf16) and greedy decoding (f32)"
+  mkdir -p /tmp/w
+  bash scripts/device_forward_check.sh "$bin/jamba" /tmp/w 2>&1 | grep -v "^loaded\|^forward of"
+  bash scripts/device_generate_check.sh "$bin/jamba" /tmp/g
+fi
 echo "== kernel checks, CUDA without fusion"
 "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | tee /tmp/check-cuda-unfused.txt | grep -v " ok$"
 echo "== kernel checks, CUDA with fusion"
 "$bin/bench" --backend cuda --check-kernels --no-model 2>&1 | tee /tmp/check-cuda.txt | grep -v " ok$"
+if [ "${SCAN:-1}" = 1 ]; then
 echo "== selective scan, bf16, mamba-ssm's layout"
 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096,1x8192x16384,8x8192x2048,4x4096x8192
+fi
 echo "== block model, bf16"
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > /tmp/mem-model.log &
 smi=$!
@@ -24,6 +32,7 @@ echo "peak GPU memory (nvidia-smi, MiB): $(sort -n /tmp/mem-model.log | tail -1)
 echo "== block model, decode without fusion"
 "$bin/bench" --config benches/configs/block.json --backend cuda-unfused --dtype bf16 --prompt 512 \
     --batches 1,32 --steps 16 --warmup 4 2>&1 | grep decode
+[ "${TRAIN:-1}" = 1 ] && {
 echo "== block model, training steps, batch 8 x 2048, bf16"
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > /tmp/mem-train.log &
 smi=$!
@@ -33,6 +42,7 @@ timeout 200 "$bin/train" --backend cuda-unfused --dtype bf16 --config benches/co
 kill $smi
 cat /tmp/block/metrics.csv
 echo "peak GPU memory in training (nvidia-smi, MiB): $(sort -n /tmp/mem-train.log | tail -1)"
+}
 [ "${PROFILE:-0}" = 1 ] || exit 0
 echo "== ncu: kernel time, model set-up + prompt of 64 with and without 8 decode steps (batch 1)"
 prof() { timeout 100 ncu --clock-control none --print-summary per-kernel --metrics gpu__time_duration.sum "$@"; }

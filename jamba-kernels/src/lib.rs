@@ -1,8 +1,10 @@
-//! Mamba's sequence operations as a Burn backend extension.
+//! Jamba's Mamba and decoding operations as a Burn backend extension.
 //!
 //! The Jamba model calls these through [`JambaBackend`] and never learns which backend runs them.
 //! Every backend gets the tensor-op implementations in [`reference`] (which are also the test
-//! oracle); backends with custom kernels override the trait's methods.
+//! oracle). The CubeCL backends (CUDA, wgpu) override them with the kernels of [`cube`] (feature
+//! `cube`, enabled by `wgpu` and `cuda`), `Fusion<B>` registers those as custom operations, and
+//! `Autodiff<B>` differentiates the scan and the conv with their backward kernels.
 
 pub mod reference;
 

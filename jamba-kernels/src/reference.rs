@@ -136,7 +136,10 @@ pub fn causal_conv1d<B: Backend>(input: CausalConv1dInput<B>) -> Tensor<B, 3> {
     y.cast(dtype)
 }
 
-/// Every expert on every row, weighted (see `JambaBackend::moe_experts`).
+/// Every expert on every row, weighted (see `JambaBackend::moe_experts`): one pair of 2-D
+/// matmuls per expert, the operations of the grouped path. (A single batched matmul over all
+/// experts hit an illegal memory access on CUDA (H200) for the `tiny-b` fixture's shapes; the
+/// cause inside CubeCL was not isolated.)
 pub fn moe_experts<B: Backend>(
     x: Tensor<B, 2>,
     gate_up: Tensor<B, 3>,
@@ -146,13 +149,18 @@ pub fn moe_experts<B: Backend>(
     let [e, two_i, h] = gate_up.dims();
     let i = two_i / 2;
     let [n, _] = x.dims();
-    let xe = x.unsqueeze::<3>().expand([e, n, h]);
-    let gu = xe.matmul(gate_up.swap_dims(1, 2)); // [E, n, 2I]
-    let act = activation::silu(gu.clone().narrow(2, 0, i)) * gu.narrow(2, i, i);
-    let y = act.matmul(down.swap_dims(1, 2)); // [E, n, H]
-    // An explicit expand: a broadcast multiply here is mis-fused on wgpu in Burn 0.21.
-    let w = weights.transpose().unsqueeze_dim::<3>(2).expand([e, n, h]);
-    (y * w).sum_dim(0).reshape([n, h])
+    let weights = weights.cast(x.dtype());
+    let mut out = Tensor::<B, 2>::zeros([n, h], (&x.device(), x.dtype()));
+    for k in 0..e {
+        let gu = x
+            .clone()
+            .matmul(gate_up.clone().narrow(0, k, 1).reshape([two_i, h]).transpose()); // [n, 2I]
+        let act = activation::silu(gu.clone().narrow(1, 0, i)) * gu.narrow(1, i, i);
+        let y = act.matmul(down.clone().narrow(0, k, 1).reshape([h, i]).transpose()); // [n, H]
+        // An explicit expand: a broadcast multiply is mis-fused on wgpu in Burn 0.21.
+        out = out + y * weights.clone().narrow(1, k, 1).expand([n, h]);
+    }
+    out
 }
 
 /// RMSNorm over the last dimension in f32, cast to the weight's dtype, then scaled.

@@ -135,15 +135,17 @@ pub struct JambaSparseMoeBlock<B: Backend> {
     pub router: Linear<B>,
     pub experts: JambaExperts<B>,
     pub top_k: usize,
-    /// Up to this many tokens per call (decoding), every expert runs on every token and the
-    /// unchosen ones are weighted by zero: a few batched matmuls and no read of the routing back
-    /// to the host. Above it, tokens are grouped by expert.
+    /// Up to this many tokens per call (decoding), the routing weights go to
+    /// `JambaBackend::moe_experts` as a dense `[tokens, experts]` matrix (zero for unchosen
+    /// experts) and nothing is read back to the host. Above it, tokens are grouped by expert.
     pub dense_tokens: usize,
 }
 
-/// Default of [`JambaSparseMoeBlock::dense_tokens`]: at decode batch sizes up to this, reading
-/// every expert's weights once costs less than a host round trip and the per-expert launches.
-pub const DENSE_MOE_TOKENS: usize = 64;
+/// Default of [`JambaSparseMoeBlock::dense_tokens`] (the `JAMBA_DENSE_MOE_TOKENS` environment
+/// variable overrides it): decoding batches up to this size go through
+/// `JambaBackend::moe_experts`, which on the CubeCL backends reads only the routed experts'
+/// weights without a host round trip (its kernel limit, [`jamba_kernels::DECODE_MAX_ROWS`]).
+pub const DENSE_MOE_TOKENS: usize = jamba_kernels::DECODE_MAX_ROWS;
 
 impl<B: JambaBackend> JambaSparseMoeBlock<B> {
     pub fn new(cfg: &JambaConfig, w: &mut Weights<B>, prefix: &str) -> Result<Self> {
@@ -157,7 +159,10 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
             )?,
             experts: JambaExperts::new(cfg, w, &format!("{prefix}.experts"))?,
             top_k: cfg.num_experts_per_tok,
-            dense_tokens: DENSE_MOE_TOKENS,
+            dense_tokens: std::env::var("JAMBA_DENSE_MOE_TOKENS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(DENSE_MOE_TOKENS),
         })
     }
 

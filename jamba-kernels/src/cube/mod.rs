@@ -85,6 +85,22 @@ fn elemwise_launch(n: usize) -> (CubeCount, CubeDim) {
     (CubeCount::Static(x, y, 1), CubeDim::new_1d(ELEMWISE_BLOCK))
 }
 
+/// Operations named in the `JAMBA_REFERENCE` environment variable (comma-separated: `scan`,
+/// `conv`, `step`, `rms_norm`, `linear`, `moe`, or `all`) run the tensor-op reference instead of
+/// the kernel: a switch to isolate a kernel when results differ.
+fn use_kernel(op: &str) -> bool {
+    static DISABLED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let disabled = DISABLED.get_or_init(|| {
+        std::env::var("JAMBA_REFERENCE")
+            .unwrap_or_default()
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    });
+    !disabled.iter().any(|d| d == op || d == "all")
+}
+
 impl<R, F, I, BT> JambaBackend for CubeBackend<R, F, I, BT>
 where
     R: CubeRuntime,
@@ -95,6 +111,9 @@ where
     const KERNELS: bool = true;
 
     fn selective_scan(input: SelectiveScanInput<Self>) -> SelectiveScanOutput<Self> {
+        if !use_kernel("scan") {
+            return crate::reference::selective_scan(input);
+        }
         scan_forward(&input, false).0
     }
 
@@ -114,6 +133,9 @@ where
     }
 
     fn causal_conv1d(input: CausalConv1dInput<Self>) -> Tensor<Self, 3> {
+        if !use_kernel("conv") {
+            return crate::reference::causal_conv1d(input);
+        }
         conv_forward(&input)
     }
 
@@ -127,16 +149,22 @@ where
     fn selective_state_update(
         input: SelectiveStateUpdate<Self>,
     ) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
+        if !use_kernel("step") {
+            return crate::reference::selective_state_update(input);
+        }
         scan_step(input)
     }
 
     fn rms_norm(x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        if !use_kernel("rms_norm") {
+            return crate::reference::rms_norm(x, weight, eps);
+        }
         rms_norm(x, weight, eps)
     }
 
     fn linear(x: Tensor<Self, 2>, weight: Tensor<Self, 2>, bias: Option<Tensor<Self, 1>>) -> Tensor<Self, 2> {
         let [rows, _] = x.dims();
-        if rows == 0 || rows > crate::DECODE_MAX_ROWS || x.dtype() != weight.dtype() {
+        if rows == 0 || rows > crate::DECODE_MAX_ROWS || x.dtype() != weight.dtype() || !use_kernel("linear") {
             return burn::tensor::module::linear(x, weight.transpose(), bias);
         }
         gemv(x, weight, bias)
@@ -154,6 +182,7 @@ where
             || rows > crate::DECODE_MAX_ROWS
             || gate_up.dtype() != dtype
             || down.dtype() != dtype
+            || !use_kernel("moe")
         {
             return crate::reference::moe_experts(x, gate_up, down, weights);
         }
@@ -161,6 +190,9 @@ where
     }
 
     fn causal_conv1d_update(input: CausalConv1dUpdate<Self>) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
+        if !use_kernel("step") {
+            return crate::reference::causal_conv1d_update(input);
+        }
         conv_step(input)
     }
 }
