@@ -10,10 +10,10 @@ use std::time::Instant;
 
 use burn::backend::Autodiff;
 use burn::tensor::{DType, Distribution, Tensor};
-use jamba_kernels::SelectiveScanInput;
 use clap::{Parser, ValueEnum};
 use jamba::generate::decode_step;
 use jamba::{JambaBackend, JambaConfig, JambaForCausalLM, TokenBatch};
+use jamba_kernels::SelectiveScanInput;
 
 #[derive(Parser)]
 struct Args {
@@ -90,7 +90,10 @@ where
         kernel_check::run::<B>(device);
     }
     for spec in &args.scan {
-        let dims: Vec<usize> = spec.split('x').map(|v| v.parse().expect("BATCHxDxLEN")).collect();
+        let dims: Vec<usize> = spec
+            .split('x')
+            .map(|v| v.parse().expect("BATCHxDxLEN"))
+            .collect();
         scan_timing::<B>(device, [dims[0], dims[1], dims[2]], dtype);
     }
     if args.no_model {
@@ -195,7 +198,11 @@ fn scan_timing<B: JambaBackend>(device: &B::Device, [batch, d, len]: [usize; 3],
         c: r3([batch, n, len], 0.0),
         d: Tensor::<B, 1>::random([d], Distribution::Normal(0.0, 1.0), device),
         z: Some(r3([batch, d, len], 0.0)),
-        delta_bias: Some(Tensor::<B, 1>::random([d], Distribution::Uniform(-2.0, 0.0), device)),
+        delta_bias: Some(Tensor::<B, 1>::random(
+            [d],
+            Distribution::Uniform(-2.0, 0.0),
+            device,
+        )),
         delta_softplus: true,
         initial_state: None,
     };
@@ -245,13 +252,21 @@ mod kernel_check {
     }
 
     fn vals<C: Backend, const D: usize>(t: Tensor<C, D>) -> Vec<f32> {
-        t.cast(DType::F32).into_data().convert::<f32>().to_vec::<f32>().unwrap()
+        t.cast(DType::F32)
+            .into_data()
+            .convert::<f32>()
+            .to_vec::<f32>()
+            .unwrap()
     }
 
     /// `max|a - b| / max(1, max|b|)`.
     fn rel(a: &[f32], b: &[f32]) -> f32 {
         let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
-        a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max) / scale
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+            / scale
     }
 
     struct Case {
@@ -283,7 +298,9 @@ mod kernel_check {
             let t3 = |i: usize, s: [usize; 3]| {
                 Tensor::<C, 3>::from_data(TensorData::new(self.data[i].clone(), s), dev)
             };
-            let t1 = |i: usize| Tensor::<C, 1>::from_data(TensorData::new(self.data[i].clone(), [d]), dev);
+            let t1 = |i: usize| {
+                Tensor::<C, 1>::from_data(TensorData::new(self.data[i].clone(), [d]), dev)
+            };
             SelectiveScanInput {
                 u: t3(0, [b, d, l]).cast(dtype),
                 delta: t3(1, [b, d, l]).cast(dtype),
@@ -341,19 +358,37 @@ mod kernel_check {
         let mut report = |what: String, err: f32, tol: f32| {
             let ok = err <= tol;
             failed += usize::from(!ok);
-            println!("kernel check {what}: {err:.2e} (limit {tol:.0e}) {}", if ok { "ok" } else { "FAILED" });
+            println!(
+                "kernel check {what}: {err:.2e} (limit {tol:.0e}) {}",
+                if ok { "ok" } else { "FAILED" }
+            );
         };
         let rdev = Default::default();
-        for shape in [[3, 37, 513, 16], [2, 70, 7, 64], [1, 5, 1, 1], [2, 300, 1000, 16]] {
+        for shape in [
+            [3, 37, 513, 16],
+            [2, 70, 7, 64],
+            [1, 5, 1, 1],
+            [2, 300, 1000, 16],
+        ] {
             let case = Case::new(shape);
             let want = reference::selective_scan(case.input::<Ref>(&rdev, DType::F32));
             let (wy, ws) = (vals(want.y), vals(want.last_state));
             let got = B::selective_scan(case.input::<B>(dev, DType::F32));
-            report(format!("scan {shape:?} f32 y"), rel(&vals(got.y), &wy), 1e-4);
-            report(format!("scan {shape:?} f32 state"), rel(&vals(got.last_state), &ws), 1e-4);
+            report(
+                format!("scan {shape:?} f32 y"),
+                rel(&vals(got.y), &wy),
+                1e-4,
+            );
+            report(
+                format!("scan {shape:?} f32 state"),
+                rel(&vals(got.last_state), &ws),
+                1e-4,
+            );
             // bf16 inputs: the reference gets the same rounded values.
             let rounded = case.input::<B>(dev, DType::BF16);
-            let back = |t: Tensor<B, 3>| Tensor::<Ref, 3>::from_data(t.cast(DType::F32).into_data(), &rdev);
+            let back = |t: Tensor<B, 3>| {
+                Tensor::<Ref, 3>::from_data(t.cast(DType::F32).into_data(), &rdev)
+            };
             let want = reference::selective_scan(SelectiveScanInput {
                 u: back(rounded.u.clone()),
                 delta: back(rounded.delta.clone()),
@@ -363,11 +398,25 @@ mod kernel_check {
                 ..case.input::<Ref>(&rdev, DType::F32)
             });
             let got = B::selective_scan(rounded);
-            report(format!("scan {shape:?} bf16 y"), rel(&vals(got.y), &vals(want.y)), 1e-2);
+            report(
+                format!("scan {shape:?} bf16 y"),
+                rel(&vals(got.y), &vals(want.y)),
+                1e-2,
+            );
             if shape[2] <= 513 {
                 let want = grads::<Autodiff<Ref>>(&case, &rdev);
                 let got = grads::<Autodiff<B>>(&case, dev);
-                let names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"];
+                let names = [
+                    "u",
+                    "delta",
+                    "A",
+                    "B",
+                    "C",
+                    "D",
+                    "z",
+                    "delta_bias",
+                    "initial_state",
+                ];
                 for ((name, g), w) in names.iter().zip(&got).zip(&want) {
                     report(format!("scan {shape:?} f32 grad {name}"), rel(g, w), 1e-4);
                 }
@@ -390,12 +439,17 @@ mod kernel_check {
                     x: Tensor::from_data(TensorData::new(x.to_vec(), [b, d, l]), dev),
                     weight: Tensor::from_data(TensorData::new(w.to_vec(), [d, k]), dev),
                     bias: Some(Tensor::from_data(TensorData::new(bias.to_vec(), [d]), dev)),
-                    initial_state: Some(Tensor::from_data(TensorData::new(init.to_vec(), [b, d, k - 1]), dev)),
+                    initial_state: Some(Tensor::from_data(
+                        TensorData::new(init.to_vec(), [b, d, k - 1]),
+                        dev,
+                    )),
                     silu: true,
                 }
             }
             let s = [b, d, l, k];
-            let want = vals(reference::causal_conv1d(input::<Ref>(&rdev, &x, &w, &bias, &init, s)));
+            let want = vals(reference::causal_conv1d(input::<Ref>(
+                &rdev, &x, &w, &bias, &init, s,
+            )));
             let got = vals(B::causal_conv1d(input::<B>(dev, &x, &w, &bias, &init, s)));
             report(format!("conv {s:?} f32 y"), rel(&got, &want), 1e-4);
             fn conv_grads<C: burn::tensor::backend::AutodiffBackend + JambaBackend>(
@@ -420,7 +474,11 @@ mod kernel_check {
             }
             let want = conv_grads(input::<Autodiff<Ref>>(&rdev, &x, &w, &bias, &init, s));
             let got = conv_grads(input::<Autodiff<B>>(dev, &x, &w, &bias, &init, s));
-            for ((name, g), w) in ["x", "weight", "bias", "initial_state"].iter().zip(&got).zip(&want) {
+            for ((name, g), w) in ["x", "weight", "bias", "initial_state"]
+                .iter()
+                .zip(&got)
+                .zip(&want)
+            {
                 report(format!("conv {s:?} f32 grad {name}"), rel(g, w), 1e-4);
             }
         }

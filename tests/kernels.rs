@@ -106,22 +106,35 @@ impl ScanCase {
     }
 
     /// `[batch, d, len]` activation, stored as asked.
-    fn act<B: Backend>(&self, v: &[f32], rows: usize, dev: &B::Device, dtype: DType) -> Tensor<B, 3> {
+    fn act<B: Backend>(
+        &self,
+        v: &[f32],
+        rows: usize,
+        dev: &B::Device,
+        dtype: DType,
+    ) -> Tensor<B, 3> {
         let t = if self.channel_last {
             Tensor::<B, 3>::from_data(
-                TensorData::new(transpose(v, self.batch, rows, self.len), [self.batch, self.len, rows]),
+                TensorData::new(
+                    transpose(v, self.batch, rows, self.len),
+                    [self.batch, self.len, rows],
+                ),
                 dev,
             )
             .swap_dims(1, 2)
         } else {
-            Tensor::<B, 3>::from_data(TensorData::new(v.to_vec(), [self.batch, rows, self.len]), dev)
+            Tensor::<B, 3>::from_data(
+                TensorData::new(v.to_vec(), [self.batch, rows, self.len]),
+                dev,
+            )
         };
         t.cast(dtype)
     }
 
     fn input<B: Backend>(&self, dev: &B::Device, dtype: DType) -> SelectiveScanInput<B> {
         let (bs, di, n) = (self.batch, self.d_inner, self.d_state);
-        let vec1 = |v: &Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v.clone(), [v.len()]), dev);
+        let vec1 =
+            |v: &Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v.clone(), [v.len()]), dev);
         SelectiveScanInput {
             u: self.act(&self.u, di, dev, dtype),
             delta: self.act(&self.delta, di, dev, dtype),
@@ -155,12 +168,19 @@ fn check_scan_forward<B: JambaBackend>(name: &str, case: &ScanCase, dtype: DType
         delta: Tensor::from_data(data(rounded.delta), &Default::default()),
         b: Tensor::from_data(data(rounded.b), &Default::default()),
         c: Tensor::from_data(data(rounded.c), &Default::default()),
-        z: rounded.z.map(|z| Tensor::from_data(data(z), &Default::default())),
+        z: rounded
+            .z
+            .map(|z| Tensor::from_data(data(z), &Default::default())),
         ..case.input::<Ref>(&Default::default(), DType::F32)
     };
     let want = reference::selective_scan(ref_input);
     assert_eq!(ours.y.dtype(), dtype, "{name}: y keeps the input dtype");
-    assert_close(&format!("{name} y"), &to_f32_vec(ours.y), &data(want.y), tol);
+    assert_close(
+        &format!("{name} y"),
+        &to_f32_vec(ours.y),
+        &data(want.y),
+        tol,
+    );
     assert_close(
         &format!("{name} last_state"),
         &to_f32_vec(ours.last_state),
@@ -172,11 +192,23 @@ fn check_scan_forward<B: JambaBackend>(name: &str, case: &ScanCase, dtype: DType
 fn scan_cases() -> Vec<(&'static str, ScanCase)> {
     vec![
         ("b3 d37 l513 n16", ScanCase::new(3, 37, 513, 16)),
-        ("b3 d70 l7 n64 state", ScanCase::new(3, 70, 7, 64).with_state()),
+        (
+            "b3 d70 l7 n64 state",
+            ScanCase::new(3, 70, 7, 64).with_state(),
+        ),
         ("b2 d5 l1 n1 bare", ScanCase::new(2, 5, 1, 1).bare()),
-        ("b1 d65 l40 n16 state bare", ScanCase::new(1, 65, 40, 16).with_state().bare()),
-        ("b3 d33 l129 n16 channel-last", ScanCase::new(3, 33, 129, 16).channel_last()),
-        ("b1 d9 l33 n256 state", ScanCase::new(1, 9, 33, 256).with_state()),
+        (
+            "b1 d65 l40 n16 state bare",
+            ScanCase::new(1, 65, 40, 16).with_state().bare(),
+        ),
+        (
+            "b3 d33 l129 n16 channel-last",
+            ScanCase::new(3, 33, 129, 16).channel_last(),
+        ),
+        (
+            "b1 d9 l33 n256 state",
+            ScanCase::new(1, 9, 33, 256).with_state(),
+        ),
     ]
 }
 
@@ -197,11 +229,16 @@ fn scan_forward_f16() {
 
 /// Gradients of `sum(y * w)` through the kernels' backward against Burn's autodiff of the
 /// reference on ndarray.
-fn check_scan_grads<B: JambaBackend + burn::tensor::backend::AutodiffBackend>(name: &str, case: &ScanCase)
-where
+fn check_scan_grads<B: JambaBackend + burn::tensor::backend::AutodiffBackend>(
+    name: &str,
+    case: &ScanCase,
+) where
     B::InnerBackend: JambaBackend,
 {
-    let w = random(case.batch * case.d_inner * case.len, Distribution::Normal(0.0, 1.0));
+    let w = random(
+        case.batch * case.d_inner * case.len,
+        Distribution::Normal(0.0, 1.0),
+    );
     let shape = [case.batch, case.d_inner, case.len];
 
     fn grads_of<A: burn::tensor::backend::AutodiffBackend + JambaBackend>(
@@ -267,7 +304,13 @@ where
 fn scan_gradients_cube_and_fused() {
     for (name, case) in scan_cases().into_iter().take(5) {
         // The reference's autodiff is slow on long sequences; keep the long one small.
-        let case = if case.len > 200 { ScanCase { ..ScanCase::new(3, 37, 513, 16) } } else { case };
+        let case = if case.len > 200 {
+            ScanCase {
+                ..ScanCase::new(3, 37, 513, 16)
+            }
+        } else {
+            case
+        };
         check_scan_grads::<Autodiff<Cube>>(&format!("cube {name}"), &case);
         check_scan_grads::<Autodiff<Wgpu>>(&format!("fusion {name}"), &case);
     }
@@ -277,7 +320,10 @@ fn scan_gradients_cube_and_fused() {
 fn state_update_matches_scan_of_one_and_leaves_shared_state_alone() {
     for (name, case) in [
         ("b3 d37 n16", ScanCase::new(3, 37, 1, 16).with_state()),
-        ("b2 d70 n64 bare", ScanCase::new(2, 70, 1, 64).with_state().bare()),
+        (
+            "b2 d70 n64 bare",
+            ScanCase::new(2, 70, 1, 64).with_state().bare(),
+        ),
     ] {
         for fused in [false, true] {
             let (y, state, before, kept) = if fused {
@@ -285,11 +331,25 @@ fn state_update_matches_scan_of_one_and_leaves_shared_state_alone() {
             } else {
                 update_on::<Cube>(&case)
             };
-            let want = reference::selective_scan(case.input::<Ref>(&Default::default(), DType::F32));
+            let want =
+                reference::selective_scan(case.input::<Ref>(&Default::default(), DType::F32));
             let label = format!("{name} fused={fused}");
-            assert_close(&format!("{label} y"), &y, &data(want.y.squeeze_dim::<2>(2)), 1e-4);
-            assert_close(&format!("{label} state"), &state, &data(want.last_state), 1e-4);
-            assert_eq!(before, kept, "{label}: a state still referenced elsewhere was modified");
+            assert_close(
+                &format!("{label} y"),
+                &y,
+                &data(want.y.squeeze_dim::<2>(2)),
+                1e-4,
+            );
+            assert_close(
+                &format!("{label} state"),
+                &state,
+                &data(want.last_state),
+                1e-4,
+            );
+            assert_eq!(
+                before, kept,
+                "{label}: a state still referenced elsewhere was modified"
+            );
         }
     }
 
@@ -391,10 +451,25 @@ fn conv_forward_and_gradients() {
     for (name, case) in conv_cases() {
         let want = reference::causal_conv1d(case.input::<Ref>(&Default::default(), DType::F32));
         for (label, got) in [
-            ("cube", to_f32_vec(Cube::causal_conv1d(case.input::<Cube>(&Default::default(), DType::F32)))),
-            ("fusion", to_f32_vec(Wgpu::causal_conv1d(case.input::<Wgpu>(&Default::default(), DType::F32)))),
+            (
+                "cube",
+                to_f32_vec(Cube::causal_conv1d(
+                    case.input::<Cube>(&Default::default(), DType::F32),
+                )),
+            ),
+            (
+                "fusion",
+                to_f32_vec(Wgpu::causal_conv1d(
+                    case.input::<Wgpu>(&Default::default(), DType::F32),
+                )),
+            ),
         ] {
-            assert_close(&format!("{label} {name} y"), &got, &data(want.clone()), 1e-4);
+            assert_close(
+                &format!("{label} {name} y"),
+                &got,
+                &data(want.clone()),
+                1e-4,
+            );
         }
         let w = random(case.x.len(), Distribution::Normal(0.0, 1.0));
         let want = conv_grads::<Autodiff<Ref>>(&case, &w);
@@ -404,7 +479,12 @@ fn conv_forward_and_gradients() {
         ] {
             assert_eq!(got.len(), want.len());
             for ((key, g), (_, r)) in got.into_iter().zip(want.iter()) {
-                assert_close(&format!("{label} {name} grad {key}"), &g.to_vec::<f32>().unwrap(), r, 1e-4);
+                assert_close(
+                    &format!("{label} {name} grad {key}"),
+                    &g.to_vec::<f32>().unwrap(),
+                    r,
+                    1e-4,
+                );
             }
         }
     }
@@ -428,7 +508,10 @@ fn conv_forward_and_gradients() {
         let grads = (y * w).sum().backward();
         let mut out = vec![
             ("x".to_string(), data(keep.x.grad(&grads).unwrap())),
-            ("weight".to_string(), data(keep.weight.grad(&grads).unwrap())),
+            (
+                "weight".to_string(),
+                data(keep.weight.grad(&grads).unwrap()),
+            ),
         ];
         if let Some(b) = &keep.bias {
             out.push(("bias".into(), data(b.grad(&grads).unwrap())));
@@ -442,7 +525,10 @@ fn conv_forward_and_gradients() {
 
 #[test]
 fn conv_update_matches_conv_of_one() {
-    for (name, case) in [("b3 d37 k4", ConvCase::new(3, 37, 1, 4)), ("b2 d5 k2", ConvCase::new(2, 5, 1, 2))] {
+    for (name, case) in [
+        ("b3 d37 k4", ConvCase::new(3, 37, 1, 4)),
+        ("b2 d5 k2", ConvCase::new(2, 5, 1, 2)),
+    ] {
         let want_y = reference::causal_conv1d(case.input::<Ref>(&Default::default(), DType::F32));
         let [bs, d, _] = case.shape;
         let k = case.width;
@@ -456,11 +542,23 @@ fn conv_update_matches_conv_of_one() {
         }
         let want_state = TensorData::new(want_state, [bs, d, k - 1]);
         for fused in [false, true] {
-            let (y, state, before, kept) = if fused { run::<Wgpu>(&case) } else { run::<Cube>(&case) };
+            let (y, state, before, kept) = if fused {
+                run::<Wgpu>(&case)
+            } else {
+                run::<Cube>(&case)
+            };
             let label = format!("{name} fused={fused}");
-            assert_close(&format!("{label} y"), &y, &data(want_y.clone().squeeze_dim::<2>(2)), 1e-4);
+            assert_close(
+                &format!("{label} y"),
+                &y,
+                &data(want_y.clone().squeeze_dim::<2>(2)),
+                1e-4,
+            );
             assert_close(&format!("{label} state"), &state, &want_state, 1e-6);
-            assert_eq!(before, kept, "{label}: a state still referenced elsewhere was modified");
+            assert_eq!(
+                before, kept,
+                "{label}: a state still referenced elsewhere was modified"
+            );
         }
     }
 
@@ -497,17 +595,26 @@ fn rms_norm_matches_reference() {
     for (rows, dim) in [(1, 1), (3, 16), (5, 128), (2, 2048), (1, 4099)] {
         let x = random(rows * dim, Distribution::Normal(0.5, 2.0));
         let w = random(dim, Distribution::Normal(1.0, 0.5));
-        for (x_dtype, w_dtype, tol) in [(DType::F32, DType::F32, 1e-5), (DType::F32, DType::F16, 2e-3)] {
+        for (x_dtype, w_dtype, tol) in [
+            (DType::F32, DType::F32, 1e-5),
+            (DType::F32, DType::F16, 2e-3),
+        ] {
             let want = reference::rms_norm(
                 Tensor::<Ref, 2>::from_data(TensorData::new(x.clone(), [rows, dim]), &dev),
                 Tensor::<Ref, 1>::from_data(TensorData::new(w.clone(), [dim]), &dev),
                 1e-6,
             );
-            fn ours<B: JambaBackend>(x: &[f32], w: &[f32], s: [usize; 2], dt: [DType; 2]) -> Tensor<B, 2> {
+            fn ours<B: JambaBackend>(
+                x: &[f32],
+                w: &[f32],
+                s: [usize; 2],
+                dt: [DType; 2],
+            ) -> Tensor<B, 2> {
                 let dev = Default::default();
                 B::rms_norm(
                     Tensor::<B, 2>::from_data(TensorData::new(x.to_vec(), s), &dev).cast(dt[0]),
-                    Tensor::<B, 1>::from_data(TensorData::new(w.to_vec(), [s[1]]), &dev).cast(dt[1]),
+                    Tensor::<B, 1>::from_data(TensorData::new(w.to_vec(), [s[1]]), &dev)
+                        .cast(dt[1]),
                     1e-6,
                 )
             }
@@ -523,7 +630,12 @@ fn rms_norm_matches_reference() {
             ] {
                 assert_eq!(dtype, w_dtype, "{label}: output takes the weight's dtype");
                 // f16 output: the reference's f32 result rounded the same way is within 2^-11.
-                assert_close(&format!("{label} rms_norm {rows}x{dim} {w_dtype:?}"), &got, &data(want.clone()), tol);
+                assert_close(
+                    &format!("{label} rms_norm {rows}x{dim} {w_dtype:?}"),
+                    &got,
+                    &data(want.clone()),
+                    tol,
+                );
             }
         }
     }
@@ -537,7 +649,12 @@ fn decoding_linear_and_experts_match_reference() {
         let x = random(rows * k, Distribution::Normal(0.0, 1.0));
         let w = random(n * k, Distribution::Normal(0.0, 1.0));
         let b = random(n, Distribution::Normal(0.0, 1.0));
-        fn run<B: JambaBackend>(x: &[f32], w: &[f32], b: &[f32], [rows, k, n]: [usize; 3]) -> Tensor<B, 2> {
+        fn run<B: JambaBackend>(
+            x: &[f32],
+            w: &[f32],
+            b: &[f32],
+            [rows, k, n]: [usize; 3],
+        ) -> Tensor<B, 2> {
             let dev = Default::default();
             <B as JambaBackend>::linear(
                 Tensor::from_data(TensorData::new(x.to_vec(), [rows, k]), &dev),
@@ -546,8 +663,18 @@ fn decoding_linear_and_experts_match_reference() {
             )
         }
         let want = data(run::<Ref>(&x, &w, &b, [rows, k, n]));
-        assert_close(&format!("cube linear {rows}x{k}x{n}"), &to_f32_vec(run::<Cube>(&x, &w, &b, [rows, k, n])), &want, 1e-4);
-        assert_close(&format!("fusion linear {rows}x{k}x{n}"), &to_f32_vec(run::<Wgpu>(&x, &w, &b, [rows, k, n])), &want, 1e-4);
+        assert_close(
+            &format!("cube linear {rows}x{k}x{n}"),
+            &to_f32_vec(run::<Cube>(&x, &w, &b, [rows, k, n])),
+            &want,
+            1e-4,
+        );
+        assert_close(
+            &format!("fusion linear {rows}x{k}x{n}"),
+            &to_f32_vec(run::<Wgpu>(&x, &w, &b, [rows, k, n])),
+            &want,
+            1e-4,
+        );
     }
     // Experts: 5 experts, rows routed to two of them; expert 3 gets no row (its weights are
     // filled with NaN: a kernel that read them would poison the output).
@@ -563,7 +690,9 @@ fn decoding_linear_and_experts_match_reference() {
             weights[r * e + b] += 0.3;
         }
         let reference = {
-            let t = |v: &Vec<f32>, s: [usize; 3]| Tensor::<Ref, 3>::from_data(TensorData::new(v.clone(), s), &dev);
+            let t = |v: &Vec<f32>, s: [usize; 3]| {
+                Tensor::<Ref, 3>::from_data(TensorData::new(v.clone(), s), &dev)
+            };
             reference::moe_experts(
                 Tensor::from_data(TensorData::new(x.clone(), [rows, h]), &dev),
                 t(&gu, [e, 2 * i, h]),
@@ -574,7 +703,13 @@ fn decoding_linear_and_experts_match_reference() {
         let want = data(reference);
         gu[3 * 2 * i * h..4 * 2 * i * h].fill(f32::NAN);
         down[3 * h * i..4 * h * i].fill(f32::NAN);
-        fn run<B: JambaBackend>(x: &[f32], gu: &[f32], down: &[f32], w: &[f32], [rows, e, h, i]: [usize; 4]) -> Vec<f32> {
+        fn run<B: JambaBackend>(
+            x: &[f32],
+            gu: &[f32],
+            down: &[f32],
+            w: &[f32],
+            [rows, e, h, i]: [usize; 4],
+        ) -> Vec<f32> {
             let dev = Default::default();
             to_f32_vec(B::moe_experts(
                 Tensor::from_data(TensorData::new(x.to_vec(), [rows, h]), &dev),
@@ -584,7 +719,17 @@ fn decoding_linear_and_experts_match_reference() {
             ))
         }
         let s = [rows, e, h, i];
-        assert_close(&format!("cube experts rows {rows}"), &run::<Cube>(&x, &gu, &down, &weights, s), &want, 1e-4);
-        assert_close(&format!("fusion experts rows {rows}"), &run::<Wgpu>(&x, &gu, &down, &weights, s), &want, 1e-4);
+        assert_close(
+            &format!("cube experts rows {rows}"),
+            &run::<Cube>(&x, &gu, &down, &weights, s),
+            &want,
+            1e-4,
+        );
+        assert_close(
+            &format!("fusion experts rows {rows}"),
+            &run::<Wgpu>(&x, &gu, &down, &weights, s),
+            &want,
+            1e-4,
+        );
     }
 }

@@ -26,9 +26,7 @@ fn ad<B: JambaBackend, C: CheckpointStrategy, const D: usize>(
     t.into_primitive().tensor()
 }
 
-fn inner<B: JambaBackend, C: CheckpointStrategy>(
-    t: &AdTensor<B, C>,
-) -> FloatTensor<B> {
+fn inner<B: JambaBackend, C: CheckpointStrategy>(t: &AdTensor<B, C>) -> FloatTensor<B> {
     t.primitive.clone()
 }
 
@@ -215,9 +213,8 @@ impl<B: JambaBackend, C: CheckpointStrategy> JambaBackend for Autodiff<B, C> {
             silu: input.silu,
         };
         let device = inner_input.x.device();
-        let or_absent = |t: &Option<AdTensor<B, C>>| {
-            t.clone().unwrap_or_else(|| absent::<B, C>(&device)).node
-        };
+        let or_absent =
+            |t: &Option<AdTensor<B, C>>| t.clone().unwrap_or_else(|| absent::<B, C>(&device)).node;
         let nodes = [
             x.node.clone(),
             weight.node.clone(),

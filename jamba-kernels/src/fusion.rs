@@ -39,7 +39,9 @@ impl<B: FusionBackend> Clone for CustomOp<B> {
 
 impl<B: FusionBackend> fmt::Debug for CustomOp<B> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CustomOp").field("desc", &self.desc).finish()
+        f.debug_struct("CustomOp")
+            .field("desc", &self.desc)
+            .finish()
     }
 }
 
@@ -74,7 +76,9 @@ fn register<B: FusionBackend>(
     let streams = OperationStreams::with_inputs(inputs.iter());
     let outputs: Vec<TensorIr> = outputs
         .into_iter()
-        .map(|(shape, dtype)| TensorIr::uninit(client.create_empty_handle(), Shape::from(shape), dtype))
+        .map(|(shape, dtype)| {
+            TensorIr::uninit(client.create_empty_handle(), Shape::from(shape), dtype)
+        })
         .collect();
     let inputs: Vec<TensorIr> = inputs.into_iter().map(|t| t.into_ir()).collect();
     let desc = CustomOpIr::new(name, &inputs, &outputs);
@@ -89,11 +93,15 @@ fn register<B: FusionBackend>(
     )
 }
 
-fn fprim<B: FusionBackend, const D: usize>(t: Tensor<Fusion<B>, D>) -> FusionTensor<B::FusionRuntime> {
+fn fprim<B: FusionBackend, const D: usize>(
+    t: Tensor<Fusion<B>, D>,
+) -> FusionTensor<B::FusionRuntime> {
     t.into_primitive().tensor()
 }
 
-fn fwrap<B: FusionBackend, const D: usize>(t: FusionTensor<B::FusionRuntime>) -> Tensor<Fusion<B>, D> {
+fn fwrap<B: FusionBackend, const D: usize>(
+    t: FusionTensor<B::FusionRuntime>,
+) -> Tensor<Fusion<B>, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
@@ -276,7 +284,14 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
                 let grad_y = inner(rest.pop().unwrap());
                 let chunk_states = inner(rest.pop().unwrap());
                 let g = B::selective_scan_backward(&input, chunk_states, grad_y);
-                let mut out = vec![raw(g.u), raw(g.delta), raw(g.a), raw(g.b), raw(g.c), raw(g.d)];
+                let mut out = vec![
+                    raw(g.u),
+                    raw(g.delta),
+                    raw(g.a),
+                    raw(g.b),
+                    raw(g.c),
+                    raw(g.d),
+                ];
                 out.extend(g.z.map(raw));
                 out.extend(g.delta_bias.map(raw));
                 out.extend(g.initial_state.map(raw));
@@ -357,10 +372,15 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
         }
     }
 
-    fn linear(x: Tensor<Self, 2>, weight: Tensor<Self, 2>, bias: Option<Tensor<Self, 1>>) -> Tensor<Self, 2> {
+    fn linear(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+    ) -> Tensor<Self, 2> {
         let [rows, _] = x.dims();
         let [out, _] = weight.dims();
-        if !B::KERNELS || rows == 0 || rows > crate::DECODE_MAX_ROWS || x.dtype() != weight.dtype() {
+        if !B::KERNELS || rows == 0 || rows > crate::DECODE_MAX_ROWS || x.dtype() != weight.dtype()
+        {
             return burn::tensor::module::linear(x, weight.transpose(), bias);
         }
         let dtype = x.dtype();

@@ -175,7 +175,11 @@ pub trait JambaBackend: Backend {
 
     /// `x @ weight^T + bias` for `x` `[rows, in]` and `weight` `[out, in]` (HF layout).
     /// Backends with kernels use a memory-bound kernel when `rows` is small (decoding).
-    fn linear(x: Tensor<Self, 2>, weight: Tensor<Self, 2>, bias: Option<Tensor<Self, 1>>) -> Tensor<Self, 2> {
+    fn linear(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+    ) -> Tensor<Self, 2> {
         burn::tensor::module::linear(x, weight.transpose(), bias)
     }
 
@@ -199,7 +203,9 @@ pub trait JambaBackend: Backend {
     }
 
     /// One decoding position of the scan: returns `y` `[batch, d_inner]` and the new state.
-    fn selective_state_update(input: SelectiveStateUpdate<Self>) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
+    fn selective_state_update(
+        input: SelectiveStateUpdate<Self>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
         reference::selective_state_update(input)
     }
 
@@ -230,10 +236,8 @@ where
 {
 }
 
-
 #[cfg(feature = "tch")]
 impl<E: burn::backend::libtorch::TchElement> JambaBackend for burn::backend::LibTorch<E> {}
-
 
 /// CUDA without Burn's operation fusion (`burn::backend::Cuda` is the fused one).
 #[cfg(feature = "cuda")]

@@ -152,12 +152,16 @@ pub fn moe_experts<B: Backend>(
     let weights = weights.cast(x.dtype());
     let mut out = Tensor::<B, 2>::zeros([n, h], (&x.device(), x.dtype()));
     for k in 0..e {
-        let gu = x
-            .clone()
-            .matmul(gate_up.clone().narrow(0, k, 1).reshape([two_i, h]).transpose()); // [n, 2I]
+        let gu = x.clone().matmul(
+            gate_up
+                .clone()
+                .narrow(0, k, 1)
+                .reshape([two_i, h])
+                .transpose(),
+        ); // [n, 2I]
         let act = activation::silu(gu.clone().narrow(1, 0, i)) * gu.narrow(1, i, i);
         let y = act.matmul(down.clone().narrow(0, k, 1).reshape([h, i]).transpose()); // [n, H]
-        // An explicit expand: a broadcast multiply is mis-fused on wgpu in Burn 0.21.
+                                                                                      // An explicit expand: a broadcast multiply is mis-fused on wgpu in Burn 0.21.
         out = out + y * weights.clone().narrow(1, k, 1).expand([n, h]);
     }
     out

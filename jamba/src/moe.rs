@@ -8,10 +8,10 @@ use burn::tensor::{
 };
 
 use crate::config::JambaConfig;
-use jamba_kernels::JambaBackend;
 use crate::error::Result;
 use crate::nn::{export_param, Export, Linear};
 use crate::weights::{Init, Weights};
+use jamba_kernels::JambaBackend;
 
 /// `down(silu(gate(x)) * up(x))`.
 #[derive(Module, Debug)]
@@ -107,7 +107,12 @@ impl<B: Backend> JambaExperts<B> {
 
     /// Every expert on every token of `x` `[n, H]`, summed with `weights` `[n, k]` placed at the
     /// `chosen` experts `[n, k]` (zero elsewhere): equal to the grouped computation.
-    fn forward_dense(&self, x: Tensor<B, 2>, chosen: Tensor<B, 2, Int>, weights: Tensor<B, 2>) -> Tensor<B, 2>
+    fn forward_dense(
+        &self,
+        x: Tensor<B, 2>,
+        chosen: Tensor<B, 2, Int>,
+        weights: Tensor<B, 2>,
+    ) -> Tensor<B, 2>
     where
         B: JambaBackend,
     {
@@ -262,7 +267,13 @@ mod tests {
             .reshape([3, 7, 24]);
         let scale = grouped.clone().abs().max().into_scalar();
         let diff = (dense - grouped).abs().max().into_scalar();
-        assert!(scale > 0.1, "the experts produced (almost) nothing: {scale}");
-        assert!(diff <= 1e-5 * scale.max(1.0), "dense vs grouped: {diff} (scale {scale})");
+        assert!(
+            scale > 0.1,
+            "the experts produced (almost) nothing: {scale}"
+        );
+        assert!(
+            diff <= 1e-5 * scale.max(1.0),
+            "dense vs grouped: {diff} (scale {scale})"
+        );
     }
 }

@@ -47,7 +47,12 @@ fn sigmoid_f32(x: f32) -> f32 {
 /// consecutive units touch consecutive addresses of a tensor whose time stride is 1
 /// (`time_major`) or whose channel stride is 1.
 #[cube]
-fn tile_pos(e: usize, time_major: bool, #[comptime] tile: usize, #[comptime] block: usize) -> (usize, usize) {
+fn tile_pos(
+    e: usize,
+    time_major: bool,
+    #[comptime] tile: usize,
+    #[comptime] block: usize,
+) -> (usize, usize) {
     let mut tl = e / block;
     let mut dl = e % block;
     if time_major {
@@ -348,10 +353,31 @@ pub fn scan_fwd_kernel<F: Float>(
         if count > tile {
             count = tile;
         }
-        put::<F>(u, &r_u, &mut s_u, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block, units);
-        put::<F>(delta, &r_dt, &mut s_dt, delta_bias, d0, t0, dim, len, 1u32, has_bias, softplus, tile, block, units);
+        put::<F>(
+            u, &r_u, &mut s_u, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block,
+            units,
+        );
+        put::<F>(
+            delta, &r_dt, &mut s_dt, delta_bias, d0, t0, dim, len, 1u32, has_bias, softplus, tile,
+            block, units,
+        );
         if has_z {
-            put::<F>(z, &r_z, &mut s_gate, delta_bias, d0, t0, dim, len, 2u32, has_bias, softplus, tile, block, units);
+            put::<F>(
+                z,
+                &r_z,
+                &mut s_gate,
+                delta_bias,
+                d0,
+                t0,
+                dim,
+                len,
+                2u32,
+                has_bias,
+                softplus,
+                tile,
+                block,
+                units,
+            );
         }
         put_state_input::<F>(b, &r_b, &mut s_b, n_state, tile, units);
         put_state_input::<F>(c, &r_c, &mut s_c, n_state, tile, units);
@@ -510,7 +536,9 @@ pub fn scan_bwd_kernel<F: Float>(
     if n_tiles > 0 {
         let t_last = (n_tiles - 1) * tile;
         fetch::<F>(u, &mut r_u, bi, d0, t_last, dim, len, tile, block, units);
-        fetch::<F>(delta, &mut r_dt, bi, d0, t_last, dim, len, tile, block, units);
+        fetch::<F>(
+            delta, &mut r_dt, bi, d0, t_last, dim, len, tile, block, units,
+        );
         if has_z {
             fetch::<F>(z, &mut r_z, bi, d0, t_last, dim, len, tile, block, units);
         }
@@ -525,15 +553,30 @@ pub fn scan_bwd_kernel<F: Float>(
         if count > tile {
             count = tile;
         }
-        put::<F>(u, &r_u, &mut s_u, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block, units);
-        put::<F>(delta, &r_dt, &mut s_dt, delta_bias, d0, t0, dim, len, 1u32, has_bias, softplus, tile, block, units);
+        put::<F>(
+            u, &r_u, &mut s_u, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block,
+            units,
+        );
+        put::<F>(
+            delta, &r_dt, &mut s_dt, delta_bias, d0, t0, dim, len, 1u32, has_bias, softplus, tile,
+            block, units,
+        );
         if softplus {
-            put::<F>(delta, &r_dt, &mut s_sp, delta_bias, d0, t0, dim, len, 3u32, has_bias, softplus, tile, block, units);
+            put::<F>(
+                delta, &r_dt, &mut s_sp, delta_bias, d0, t0, dim, len, 3u32, has_bias, softplus,
+                tile, block, units,
+            );
         }
         if has_z {
-            put::<F>(z, &r_z, &mut s_z, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block, units);
+            put::<F>(
+                z, &r_z, &mut s_z, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile,
+                block, units,
+            );
         }
-        put::<F>(dout, &r_g, &mut s_g, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block, units);
+        put::<F>(
+            dout, &r_g, &mut s_g, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile,
+            block, units,
+        );
         put_state_input::<F>(b, &r_b, &mut s_b, n_state, tile, units);
         put_state_input::<F>(c, &r_c, &mut s_c, n_state, tile, units);
         sync_cube();
@@ -655,7 +698,8 @@ pub fn scan_bwd_kernel<F: Float>(
         #[unroll(ns <= 64)]
         for j in 0..ns {
             dinit[bi * dinit.stride(0) + di * dinit.stride(1) + (n0 + j) * dinit.stride(2)] = g[j];
-            da_part[bi * da_part.stride(0) + di * da_part.stride(1) + (n0 + j) * da_part.stride(2)] =
+            da_part
+                [bi * da_part.stride(0) + di * da_part.stride(1) + (n0 + j) * da_part.stride(2)] =
                 da_acc[j];
         }
         if part == 0 {
@@ -848,9 +892,11 @@ pub fn conv_bwd_input_kernel<F: Float>(
         // Output t = p - k reads padded[p] through w[k].
         if p >= k && p - k < len {
             let t = p - k;
-            let mut gt = f32::cast_from(dy[bi * dy.stride(0) + di * dy.stride(1) + t * dy.stride(2)]);
+            let mut gt =
+                f32::cast_from(dy[bi * dy.stride(0) + di * dy.stride(1) + t * dy.stride(2)]);
             if silu {
-                let pre = conv_pre::<F>(x, init, weight, bias, bi, di, t, width, has_bias, has_init);
+                let pre =
+                    conv_pre::<F>(x, init, weight, bias, bi, di, t, width, has_bias, has_init);
                 let s = sigmoid_f32(pre);
                 gt *= s * (1.0 + pre * (1.0 - s));
             }
@@ -917,7 +963,8 @@ pub fn conv_bwd_weight_kernel<F: Float>(
         for k in 0..width - 1 {
             window[k] = window[k + 1];
         }
-        window[width - 1] = f32::cast_from(x[bi * x.stride(0) + di * x.stride(1) + t * x.stride(2)]);
+        window[width - 1] =
+            f32::cast_from(x[bi * x.stride(0) + di * x.stride(1) + t * x.stride(2)]);
         let mut gt = f32::cast_from(dy[bi * dy.stride(0) + di * dy.stride(1) + t * dy.stride(2)]);
         if silu {
             let mut pre = b0;
@@ -1160,7 +1207,8 @@ pub fn moe_gate_up_kernel<F: Float>(
     let mut used = false;
     #[unroll]
     for m in 0..rows {
-        used = used || f32::cast_from(weights[m * weights.stride(0) + e * weights.stride(1)]) != 0.0;
+        used =
+            used || f32::cast_from(weights[m * weights.stride(0) + e * weights.stride(1)]) != 0.0;
     }
     if !used {
         terminate!();

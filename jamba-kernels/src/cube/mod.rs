@@ -31,13 +31,21 @@ fn split_log2(d_state: usize, plane_min: usize) -> u32 {
 /// Units per cube of the element-wise conv kernels.
 const ELEMWISE_BLOCK: u32 = 256;
 
-fn prim<B: burn::tensor::backend::Backend<FloatTensorPrimitive = CubeTensor<R>>, R: CubeRuntime, const D: usize>(
+fn prim<
+    B: burn::tensor::backend::Backend<FloatTensorPrimitive = CubeTensor<R>>,
+    R: CubeRuntime,
+    const D: usize,
+>(
     t: Tensor<B, D>,
 ) -> CubeTensor<R> {
     t.into_primitive().tensor()
 }
 
-fn wrap<B: burn::tensor::backend::Backend<FloatTensorPrimitive = CubeTensor<R>>, R: CubeRuntime, const D: usize>(
+fn wrap<
+    B: burn::tensor::backend::Backend<FloatTensorPrimitive = CubeTensor<R>>,
+    R: CubeRuntime,
+    const D: usize,
+>(
     t: CubeTensor<R>,
 ) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t))
@@ -162,9 +170,17 @@ where
         rms_norm(x, weight, eps)
     }
 
-    fn linear(x: Tensor<Self, 2>, weight: Tensor<Self, 2>, bias: Option<Tensor<Self, 1>>) -> Tensor<Self, 2> {
+    fn linear(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        bias: Option<Tensor<Self, 1>>,
+    ) -> Tensor<Self, 2> {
         let [rows, _] = x.dims();
-        if rows == 0 || rows > crate::DECODE_MAX_ROWS || x.dtype() != weight.dtype() || !use_kernel("linear") {
+        if rows == 0
+            || rows > crate::DECODE_MAX_ROWS
+            || x.dtype() != weight.dtype()
+            || !use_kernel("linear")
+        {
             return burn::tensor::module::linear(x, weight.transpose(), bias);
         }
         gemv(x, weight, bias)
@@ -225,7 +241,10 @@ where
     let y = empty_like_layout(&input.u, dtype, channel_last);
     let last = Tensor::<Cube<R, F, I, BT>, 3>::empty([batch, d_inner, d_state], (&device, f32));
     let saved = if save {
-        Tensor::<Cube<R, F, I, BT>, 4>::empty([batch, d_inner, chunks.max(1), d_state], (&device, f32))
+        Tensor::<Cube<R, F, I, BT>, 4>::empty(
+            [batch, d_inner, chunks.max(1), d_state],
+            (&device, f32),
+        )
     } else {
         dummy(&device)
     };
@@ -396,16 +415,19 @@ where
             .delta_bias
             .as_ref()
             .map(|b| dbias_part.sum_dim(0).squeeze_dim::<1>(0).cast(b.dtype())),
-        initial_state: input
-            .initial_state
-            .as_ref()
-            .map(|s| dinit.cast(s.dtype())),
+        initial_state: input.initial_state.as_ref().map(|s| dinit.cast(s.dtype())),
     }
 }
 
 fn conv_args<R, F, I, BT>(
     input: &CausalConv1dInput<Cube<R, F, I, BT>>,
-) -> (CubeTensor<R>, CubeTensor<R>, CubeTensor<R>, CubeTensor<R>, usize)
+) -> (
+    CubeTensor<R>,
+    CubeTensor<R>,
+    CubeTensor<R>,
+    CubeTensor<R>,
+    usize,
+)
 where
     R: CubeRuntime,
     F: FloatElement,
@@ -436,7 +458,9 @@ where
     )
 }
 
-fn conv_forward<R, F, I, BT>(input: &CausalConv1dInput<Cube<R, F, I, BT>>) -> Tensor<Cube<R, F, I, BT>, 3>
+fn conv_forward<R, F, I, BT>(
+    input: &CausalConv1dInput<Cube<R, F, I, BT>>,
+) -> Tensor<Cube<R, F, I, BT>, 3>
 where
     R: CubeRuntime,
     F: FloatElement,
@@ -641,7 +665,13 @@ where
             dim,
             prim(input.x).into_tensor_arg(),
             prim(input.weight.cast(f32)).into_tensor_arg(),
-            prim(input.bias.map(|b| b.cast(f32)).unwrap_or_else(|| dummy(&device))).into_tensor_arg(),
+            prim(
+                input
+                    .bias
+                    .map(|b| b.cast(f32))
+                    .unwrap_or_else(|| dummy(&device)),
+            )
+            .into_tensor_arg(),
             state.clone().into_tensor_arg(),
             prim(y.clone()).into_tensor_arg(),
             width,
