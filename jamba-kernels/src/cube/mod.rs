@@ -1,5 +1,8 @@
 //! [`JambaBackend`] for Burn's CubeCL backends (CUDA, wgpu) with the kernels of [`kernels`].
 
+// The kernel wrappers return tuples of backend tensors, spelled out generically.
+#![allow(clippy::type_complexity)]
+
 pub mod kernels;
 
 use burn::tensor::{DType, Tensor, TensorPrimitive};
@@ -23,7 +26,7 @@ const MAX_SPLIT_LOG2: u32 = 3;
 /// fits in the smallest plane (so that a channel's units always share a plane).
 fn split_log2(d_state: usize, plane_min: usize) -> u32 {
     let mut k = MAX_SPLIT_LOG2;
-    while k > 0 && (d_state % (1 << k) != 0 || (1 << k) > plane_min) {
+    while k > 0 && (!d_state.is_multiple_of(1 << k) || (1 << k) > plane_min) {
         k -= 1;
     }
     k
