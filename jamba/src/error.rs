@@ -70,6 +70,9 @@ pub enum JambaError {
     /// A prompt (plus what is to be generated) is longer than the model's context.
     #[error("sequence of {length} tokens exceeds the model's context of {max} tokens")]
     ContextExceeded { length: usize, max: usize },
+    /// Work over several devices failed: a collective operation, or a replica that stopped.
+    #[error("multi-device: {0}")]
+    Parallel(String),
 }
 
 impl JambaError {

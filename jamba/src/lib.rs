@@ -27,6 +27,7 @@ pub mod mamba;
 pub mod model;
 pub mod moe;
 pub mod nn;
+pub mod parallel;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

@@ -90,6 +90,17 @@ impl TokenBatch {
         }
     }
 
+    /// Rows `start..start + n` (a shard of the batch).
+    pub fn rows(&self, start: usize, n: usize) -> Self {
+        let span = start * self.len..(start + n) * self.len;
+        Self {
+            ids: self.ids[span.clone()].to_vec(),
+            batch: n,
+            len: self.len,
+            attention_mask: self.attention_mask.as_ref().map(|m| m[span].to_vec()),
+        }
+    }
+
     /// Whether any position is masked.
     pub fn has_padding(&self) -> bool {
         self.attention_mask.as_ref().is_some_and(|m| m.contains(&0))
@@ -408,7 +419,7 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         Ok(logits.reshape([batch, vocab]))
     }
 
-    fn check_tokens(&self, tokens: &TokenBatch, past: usize) -> Result<()> {
+    pub(crate) fn check_tokens(&self, tokens: &TokenBatch, past: usize) -> Result<()> {
         if tokens.ids.len() != tokens.batch * tokens.len || tokens.len == 0 || tokens.batch == 0 {
             return Err(JambaError::bad_input(
                 "input_ids",

@@ -24,6 +24,21 @@ pub const IGNORE_INDEX: i64 = -100;
 /// Mean cross-entropy of `logits[:, t]` predicting `labels[:, t + 1]`, skipping `IGNORE_INDEX`
 /// (`ForCausalLMLoss`). Computed in f32. Sequences need at least two positions.
 pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let count = labels
+        .clone()
+        .narrow(1, 1, labels.dims()[1] - 1)
+        .not_equal_elem(IGNORE_INDEX)
+        .float()
+        .sum()
+        .clamp_min(1.0);
+    causal_lm_nll_sum(logits, labels) / count
+}
+
+/// The sum (not the mean) of [`causal_lm_loss`]'s terms, `[1]` f32.
+pub fn causal_lm_nll_sum<B: Backend>(
+    logits: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+) -> Tensor<B, 1> {
     let [batch, len, vocab] = logits.dims();
     let n = batch * (len - 1);
     let logits = logits
@@ -36,9 +51,7 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
     let picked = activation::log_softmax(logits, 1)
         .gather(1, safe.unsqueeze_dim(1))
         .reshape([n]);
-    let valid = valid.float();
-    let count = valid.clone().sum().clamp_min(1.0);
-    (picked * valid).sum().neg() / count
+    (picked * valid.float()).sum().neg()
 }
 
 /// The load-balancing loss of Switch Transformers over all MoE layers at once, as transformers'
@@ -51,30 +64,112 @@ pub fn load_balancing_loss<B: Backend>(
     top_k: usize,
     mask: Option<Tensor<B, 2>>,
 ) -> Tensor<B, 1> {
-    let logits = Tensor::cat(router_logits.to_vec(), 0).cast(DType::F32);
-    let [n, e] = logits.dims();
-    let probs = activation::softmax(logits, 1);
-    let (_, chosen) = probs.clone().topk_with_indices(top_k, 1);
-    let device = probs.device();
-    let assigned = Tensor::<B, 2>::zeros([n, e], (&device, DType::F32)).scatter(
-        1,
-        chosen,
-        Tensor::ones([n, top_k], (&device, DType::F32)),
-        IndexingUpdateOp::Add,
-    );
-    let weights = match mask {
-        // The mask repeats for every MoE layer: logits are stacked layer after layer.
+    let terms = RouterTerms::new(router_logits, top_k, mask);
+    let (assigned, tokens) = (terms.assigned.clone(), terms.tokens);
+    terms.aux_share(assigned, tokens, num_experts)
+}
+
+/// The router's part of the loss as sums over tokens, which add up over the shards of a batch.
+#[derive(Debug, Clone)]
+pub struct RouterTerms<B: Backend> {
+    /// Top-k assignments per expert over the real tokens of every MoE layer, `[E]` f32 (constant:
+    /// no gradient flows through a top-k choice).
+    pub assigned: Tensor<B, 1>,
+    /// Router probabilities summed per expert over the same tokens, `[E]` f32.
+    pub prob_sum: Tensor<B, 1>,
+    /// Real tokens times MoE layers: the denominator of both means.
+    pub tokens: f64,
+}
+
+impl<B: Backend> RouterTerms<B> {
+    /// `router_logits` `[tokens, E]` per MoE layer; `mask` `[batch, len]` of 0/1 (1 = real token).
+    pub fn new(router_logits: &[Tensor<B, 2>], top_k: usize, mask: Option<Tensor<B, 2>>) -> Self {
+        let layers = router_logits.len();
+        let logits = Tensor::cat(router_logits.to_vec(), 0).cast(DType::F32);
+        let [n, e] = logits.dims();
+        let probs = activation::softmax(logits, 1);
+        let (_, chosen) = probs.clone().topk_with_indices(top_k, 1);
+        let device = probs.device();
+        let assigned = Tensor::<B, 2>::zeros([n, e], (&device, DType::F32)).scatter(
+            1,
+            chosen,
+            Tensor::ones([n, top_k], (&device, DType::F32)),
+            IndexingUpdateOp::Add,
+        );
+        let weights = match mask {
+            // The mask repeats for every MoE layer: logits are stacked layer after layer.
+            Some(m) => m
+                .cast(DType::F32)
+                .reshape([1, n / layers])
+                .repeat_dim(0, layers)
+                .reshape([n, 1]),
+            None => Tensor::ones([n, 1], (&device, DType::F32)),
+        };
+        use burn::tensor::ElementConversion;
+        let tokens = weights.clone().sum().into_scalar().elem::<f64>();
+        Self {
+            assigned: (assigned * weights.clone())
+                .sum_dim(0)
+                .reshape([e])
+                .detach(),
+            prob_sum: (probs * weights).sum_dim(0).reshape([e]),
+            tokens,
+        }
+    }
+
+    /// This shard's share of the batch's load-balancing loss, given the batch's `assigned` counts
+    /// and `tokens`: `E * sum_e (assigned_e / T) * (prob_sum_e / T)`. The shares of all shards
+    /// sum to the batch's loss, in value and in gradient (the `f_e` factor carries no gradient).
+    pub fn aux_share(
+        self,
+        assigned: Tensor<B, 1>,
+        tokens: f64,
+        num_experts: usize,
+    ) -> Tensor<B, 1> {
+        let t = tokens.max(1.0);
+        (assigned.div_scalar(t) * self.prob_sum.div_scalar(t))
+            .sum()
+            .mul_scalar(num_experts as f64)
+    }
+}
+
+/// The training loss of (a shard of) a batch as sums over tokens: the terms of the shards of a
+/// batch add up to the terms of the whole batch, which is what data-parallel training needs.
+#[derive(Debug, Clone)]
+pub struct LossTerms<B: Backend> {
+    /// Next-token negative log-likelihood summed over the labelled positions, `[1]` f32.
+    pub nll_sum: Tensor<B, 1>,
+    /// Labelled positions: not padding, not the first of a row.
+    pub labels: f64,
+    /// With MoE layers.
+    pub router: Option<RouterTerms<B>>,
+}
+
+/// Positions whose token is a label: real (not padding) and not the first of its row.
+fn labelled_positions(tokens: &TokenBatch) -> usize {
+    match tokens
+        .attention_mask
+        .as_ref()
+        .filter(|_| tokens.has_padding())
+    {
         Some(m) => m
-            .cast(DType::F32)
-            .reshape([1, n / router_logits.len()])
-            .repeat_dim(0, router_logits.len())
-            .reshape([n, 1]),
-        None => Tensor::ones([n, 1], (&device, DType::F32)),
-    };
-    let total = weights.clone().sum();
-    let f = (assigned * weights.clone()).sum_dim(0) / total.clone().reshape([1, 1]);
-    let p = (probs * weights).sum_dim(0) / total.reshape([1, 1]);
-    (f * p).sum().mul_scalar(num_experts as f64)
+            .chunks(tokens.len)
+            .map(|row| row[1..].iter().filter(|&&v| v == 1).count())
+            .sum(),
+        None => tokens.batch * (tokens.len - 1),
+    }
+}
+
+/// Positions holding a real token (not padding).
+fn real_tokens(tokens: &TokenBatch) -> usize {
+    match tokens
+        .attention_mask
+        .as_ref()
+        .filter(|_| tokens.has_padding())
+    {
+        Some(m) => m.iter().filter(|&&v| v == 1).count(),
+        None => tokens.batch * tokens.len,
+    }
 }
 
 /// The parts of the training loss.
@@ -90,6 +185,19 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
     /// transformers' training loss for labels = input ids (padding ignored), with the router's
     /// load-balancing term when the model has MoE layers.
     pub fn loss(&self, tokens: &TokenBatch) -> Result<LossOutput<B>> {
+        let terms = self.loss_terms(tokens)?;
+        let (labels, router) = (
+            terms.labels,
+            terms
+                .router
+                .as_ref()
+                .map(|r| (r.assigned.clone(), r.tokens)),
+        );
+        Ok(self.loss_share(terms, labels, router))
+    }
+
+    /// The additive terms of the loss over `tokens` (see [`LossTerms`]).
+    pub fn loss_terms(&self, tokens: &TokenBatch) -> Result<LossTerms<B>> {
         if tokens.len < 2 {
             return Err(JambaError::bad_input(
                 "input_ids",
@@ -110,6 +218,7 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
                 .collect(),
             None => tokens.ids.clone(),
         };
+        let labelled = labelled_positions(tokens);
         let options = ForwardOptions {
             training: true,
             ..Default::default()
@@ -119,30 +228,50 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
             TensorData::new(labels, [tokens.batch, tokens.len]),
             &device,
         );
-        let ce = causal_lm_loss(out.logits, labels);
-        if out.router_logits.is_empty() {
-            return Ok(LossOutput {
+        let nll_sum = causal_lm_nll_sum(out.logits, labels);
+        let router = (!out.router_logits.is_empty()).then(|| {
+            let mask = mask.map(|m| {
+                Tensor::<B, 2, Int>::from_data(
+                    TensorData::new(m, [tokens.batch, tokens.len]),
+                    &device,
+                )
+                .float()
+            });
+            RouterTerms::new(&out.router_logits, self.config.num_experts_per_tok, mask)
+        });
+        Ok(LossTerms {
+            nll_sum,
+            labels: labelled as f64,
+            router,
+        })
+    }
+
+    /// This shard's share of the loss of a batch whose totals are `labels` labelled positions and
+    /// (with MoE layers) `router` = (assigned counts per expert, tokens): the shares of all shards
+    /// sum to the batch's [`Self::loss`] in value and gradient. With the shard's own totals it is
+    /// the shard's loss.
+    pub fn loss_share(
+        &self,
+        terms: LossTerms<B>,
+        labels: f64,
+        router: Option<(Tensor<B, 1>, f64)>,
+    ) -> LossOutput<B> {
+        let ce = terms.nll_sum.div_scalar(labels.max(1.0));
+        match (terms.router, router) {
+            (Some(r), Some((assigned, tokens))) => {
+                let aux = r.aux_share(assigned, tokens, self.config.num_experts);
+                LossOutput {
+                    loss: ce.clone() + aux.clone().mul_scalar(self.config.router_aux_loss_coef),
+                    ce,
+                    aux: Some(aux),
+                }
+            }
+            _ => LossOutput {
                 loss: ce.clone(),
                 ce,
                 aux: None,
-            });
+            },
         }
-        let mask = mask.map(|m| {
-            Tensor::<B, 2, Int>::from_data(TensorData::new(m, [tokens.batch, tokens.len]), &device)
-                .float()
-        });
-        let aux = load_balancing_loss(
-            &out.router_logits,
-            self.config.num_experts,
-            self.config.num_experts_per_tok,
-            mask,
-        );
-        let loss = ce.clone() + aux.clone().mul_scalar(self.config.router_aux_loss_coef);
-        Ok(LossOutput {
-            loss,
-            ce,
-            aux: Some(aux),
-        })
     }
 }
 
@@ -480,6 +609,9 @@ pub struct Trainer<B: AutodiffBackend + JambaBackend> {
     pub config: TrainConfig,
     /// Optimizer steps done.
     pub step: usize,
+    /// This replica's place when training data-parallel (see [`crate::parallel`]): it then takes
+    /// its share of each batch's rows and sums gradients with the other replicas.
+    pub peer: Option<crate::parallel::Peer>,
 }
 
 fn scalar<Bk: Backend>(t: Tensor<Bk, 1>) -> f64 {
@@ -502,6 +634,7 @@ where
             data,
             config,
             step: 0,
+            peer: None,
         }
     }
 
@@ -516,10 +649,33 @@ where
                 .data
                 .train_batch(self.step * c.grad_accum + micro, c.batch);
             tokens += batch.ids.len();
-            let out = self.model.loss(&batch)?;
-            loss += scalar(out.loss.clone()) * scale;
-            ce += scalar(out.ce.clone()) * scale;
-            aux += out.aux.clone().map_or(0.0, scalar) * scale;
+            let out = match self.peer {
+                None => self.model.loss(&batch)?,
+                Some(peer) => self.shard_loss(&batch, peer)?,
+            };
+            let parts = Tensor::cat(
+                vec![
+                    out.loss.clone().inner(),
+                    out.ce.clone().inner(),
+                    out.aux
+                        .clone()
+                        .unwrap_or_else(|| out.ce.zeros_like())
+                        .inner(),
+                ],
+                0,
+            );
+            // Data-parallel replicas hold shares of the batch's loss: their sum is the loss.
+            let parts: Vec<f64> = match self.peer {
+                Some(peer) => peer.all_reduce_sum(parts)?,
+                None => parts,
+            }
+            .into_data()
+            .convert::<f64>()
+            .to_vec()
+            .expect("float data");
+            loss += parts[0] * scale;
+            ce += parts[1] * scale;
+            aux += parts[2] * scale;
             let grads =
                 GradientsParams::from_grads(out.loss.mul_scalar(scale).backward(), &self.model);
             accumulated = Some(match accumulated {
@@ -527,14 +683,13 @@ where
                 Some(acc) => add_grads(&self.model, acc, grads),
             });
         }
+        let mut grads = accumulated.expect("grad_accum >= 1");
+        if let Some(peer) = self.peer {
+            grads = peer.all_reduce_grads(&self.model, grads)?;
+        }
         let lr = lr_at(self.step, c.warmup, c.steps, c.lr, c.min_lr);
         let model = self.model.clone();
-        let (model, grad_norm) = self.optimizer.step(
-            model,
-            accumulated.expect("grad_accum >= 1"),
-            lr,
-            c.max_grad_norm,
-        );
+        let (model, grad_norm) = self.optimizer.step(model, grads, lr, c.max_grad_norm);
         self.model = model;
         self.step += 1;
         Ok(StepReport {
@@ -546,6 +701,36 @@ where
             grad_norm,
             tokens,
         })
+    }
+
+    /// This replica's share of the loss of the global `batch` (see [`JambaForCausalLM::loss_share`]):
+    /// its rows' terms over the whole batch's totals, the router's counts summed over replicas.
+    fn shard_loss(&self, batch: &TokenBatch, peer: crate::parallel::Peer) -> Result<LossOutput<B>> {
+        // The whole batch is checked on every replica, so that all of them fail alike before any
+        // collective call instead of one failing while the others wait for it.
+        self.model.check_tokens(batch, 0)?;
+        let rows = peer.rows(batch.batch);
+        let shard = batch.rows(rows.start, rows.len());
+        let terms = self.model.loss_terms(&shard)?;
+        let router = match &terms.router {
+            Some(r) => {
+                let assigned = peer.all_reduce_sum(r.assigned.clone().inner())?;
+                let moe_layers = (0..self.model.config.num_hidden_layers)
+                    .filter(|&l| {
+                        self.model.config.feed_forward_kind(l)
+                            == crate::config::FeedForwardKind::Moe
+                    })
+                    .count();
+                Some((
+                    Tensor::from_inner(assigned),
+                    (real_tokens(batch) * moe_layers) as f64,
+                ))
+            }
+            None => None,
+        };
+        Ok(self
+            .model
+            .loss_share(terms, labelled_positions(batch) as f64, router))
     }
 
     /// Mean cross-entropy over (at most `max_batches` of) the validation set.
@@ -618,6 +803,7 @@ where
             data,
             config,
             step: state.step,
+            peer: None,
         })
     }
 }
