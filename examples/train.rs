@@ -21,6 +21,7 @@ use burn::tensor::DType;
 use clap::{Parser, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use jamba::data::{read_corpus, train_tokenizer, PackedDataset};
+use jamba::parallel::DataParallelTrainer;
 use jamba::train::{AdamWConfig, TrainConfig, Trainer};
 use jamba::{DtRank, JambaBackend, JambaConfig, JambaForCausalLM, Tokenizer};
 
@@ -82,6 +83,10 @@ struct Args {
     backend: Backend,
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
+    /// Data-parallel over this many devices (GPUs 0..N): one replica each, `--batch` rows split
+    /// over them, gradients all-reduced.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    devices: u32,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -121,16 +126,25 @@ fn shipped_shape(vocab: usize) -> JambaConfig {
 
 fn main() {
     let args = Args::parse();
+    let n = args.devices as usize;
     let result = match args.backend {
-        Backend::Ndarray => run::<Autodiff<burn::backend::NdArray>>(&args, &Default::default()),
-        #[cfg(feature = "wgpu")]
-        Backend::Wgpu => run::<Autodiff<burn::backend::Wgpu>>(&args, &Default::default()),
-        #[cfg(feature = "cuda")]
-        Backend::Cuda => run::<Autodiff<burn::backend::Cuda>>(&args, &Default::default()),
-        #[cfg(feature = "cuda")]
-        Backend::CudaUnfused => {
-            run::<Autodiff<jamba_kernels::CudaUnfused>>(&args, &Default::default())
+        // One CPU: the replicas share it (which only checks data parallelism).
+        Backend::Ndarray => {
+            run::<Autodiff<burn::backend::NdArray>>(&args, vec![Default::default(); n])
         }
+        #[cfg(feature = "wgpu")]
+        Backend::Wgpu => {
+            use burn::backend::wgpu::WgpuDevice;
+            let devices = match n {
+                1 => vec![WgpuDevice::DefaultDevice],
+                _ => (0..n).map(WgpuDevice::DiscreteGpu).collect(),
+            };
+            run::<Autodiff<burn::backend::Wgpu>>(&args, devices)
+        }
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => run::<Autodiff<burn::backend::Cuda>>(&args, cuda_devices(n)),
+        #[cfg(feature = "cuda")]
+        Backend::CudaUnfused => run::<Autodiff<jamba_kernels::CudaUnfused>>(&args, cuda_devices(n)),
         #[allow(unreachable_patterns)]
         _ => Err("this backend is not compiled in (rebuild with --features wgpu or cuda)".into()),
     };
@@ -140,12 +154,74 @@ fn main() {
     }
 }
 
+#[cfg(feature = "cuda")]
+fn cuda_devices(n: usize) -> Vec<burn::backend::cuda::CudaDevice> {
+    (0..n).map(burn::backend::cuda::CudaDevice::new).collect()
+}
+
 type AnyError = Box<dyn std::error::Error>;
 
-fn run<B: AutodiffBackend + JambaBackend>(args: &Args, device: &B::Device) -> Result<(), AnyError>
+/// One device, or data-parallel replicas over several.
+enum AnyTrainer<B: AutodiffBackend + JambaBackend> {
+    One(Trainer<B>),
+    Many(DataParallelTrainer<B>),
+}
+
+impl<B: AutodiffBackend + JambaBackend + 'static> AnyTrainer<B>
 where
     B::InnerBackend: JambaBackend,
 {
+    fn new(trainer: Trainer<B>, devices: &[B::Device]) -> jamba::Result<Self> {
+        if devices.len() == 1 {
+            return Ok(Self::One(trainer));
+        }
+        Ok(Self::Many(DataParallelTrainer::from_trainer(
+            trainer, devices,
+        )?))
+    }
+
+    fn step(&self) -> usize {
+        match self {
+            Self::One(t) => t.step,
+            Self::Many(t) => t.step,
+        }
+    }
+
+    fn train_step(&mut self) -> jamba::Result<jamba::train::StepReport> {
+        match self {
+            Self::One(t) => t.train_step(),
+            Self::Many(t) => t.train_step(),
+        }
+    }
+
+    fn evaluate(&self, max_batches: usize) -> jamba::Result<f64> {
+        match self {
+            Self::One(t) => t.evaluate(max_batches),
+            Self::Many(t) => t.evaluate(max_batches),
+        }
+    }
+
+    fn save_checkpoint(
+        &self,
+        dir: &Path,
+        tokenizer: Option<&Tokenizer>,
+        settings: serde_json::Value,
+    ) -> jamba::Result<()> {
+        match self {
+            Self::One(t) => t.save_checkpoint(dir, tokenizer, settings),
+            Self::Many(t) => t.save_checkpoint(dir, tokenizer, settings),
+        }
+    }
+}
+
+fn run<B: AutodiffBackend + JambaBackend + 'static>(
+    args: &Args,
+    devices: Vec<B::Device>,
+) -> Result<(), AnyError>
+where
+    B::InnerBackend: JambaBackend,
+{
+    let device = &devices[0];
     let dtype = match args.dtype {
         Dtype::F32 => DType::F32,
         Dtype::F16 => DType::F16,
@@ -198,8 +274,10 @@ where
         },
         seed: args.seed,
     };
-    B::seed(device, args.seed);
-    let mut trainer = match (&args.resume, &args.init_from) {
+    for d in &devices {
+        B::seed(d, args.seed);
+    }
+    let trainer = match (&args.resume, &args.init_from) {
         (Some(dir), _) => Trainer::<B>::resume(dir, data, train.clone(), device, dtype)?,
         (None, Some(dir)) => Trainer::new(
             JambaForCausalLM::from_pretrained(dir, device, dtype)?,
@@ -228,17 +306,22 @@ where
     };
     let (total, active) = trainer.model.config().parameter_counts();
     eprintln!(
-        "model: {:.1} M parameters ({:.1} M active), {} on {}",
+        "model: {:.1} M parameters ({:.1} M active), {} on {}{}",
         total as f64 / 1e6,
         active as f64 / 1e6,
         format!("{dtype:?}").to_lowercase(),
-        B::name(device)
+        B::name(device),
+        match devices.len() {
+            1 => String::new(),
+            n => format!(" x{n} (data parallel)"),
+        }
     );
+    let mut trainer = AnyTrainer::new(trainer, &devices)?;
     let settings = serde_json::json!({
         "corpus": args.corpus, "max_corpus_bytes": args.max_corpus_bytes, "seq_len": args.seq_len,
         "batch": args.batch, "grad_accum": args.grad_accum, "lr": args.lr, "min_lr": args.min_lr,
         "warmup": args.warmup, "weight_decay": args.weight_decay, "max_grad_norm": args.max_grad_norm,
-        "dtype": format!("{dtype:?}"), "backend": B::name(device),
+        "dtype": format!("{dtype:?}"), "backend": B::name(device), "devices": devices.len(),
     });
 
     let metrics_path = args.out.join("metrics.csv");
@@ -259,11 +342,11 @@ where
     bar.set_style(ProgressStyle::with_template(
         "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
     )?);
-    bar.set_position(trainer.step as u64);
+    bar.set_position(trainer.step() as u64);
     let started = Instant::now();
     let mut curve: Vec<(usize, f64, Option<f64>)> = Vec::new();
     let mut last_val = None;
-    while trainer.step < args.steps {
+    while trainer.step() < args.steps {
         let t = Instant::now();
         let r = trainer.train_step()?;
         let tok_s = r.tokens as f64 / t.elapsed().as_secs_f64();
@@ -322,7 +405,7 @@ where
     eprintln!(
         "final validation loss {val:.4} (perplexity {:.1}) after {} steps in {:.1?}",
         val.exp(),
-        trainer.step,
+        trainer.step(),
         started.elapsed()
     );
     trainer.save_checkpoint(&args.out.join("final"), Some(&tokenizer), settings)?;

@@ -123,6 +123,41 @@ struct GenerateArgs {
     backend: Backend,
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
+    /// Spread the model over this many devices (GPUs 0..N; expert parallelism: each MoE layer's
+    /// experts split over all of them, the other layers in contiguous blocks).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    devices: u32,
+}
+
+/// The `n` devices of a backend that `--devices` spreads a model over.
+trait Devices: burn::tensor::backend::Backend {
+    fn devices(n: usize) -> Vec<Self::Device>;
+}
+
+#[cfg(feature = "ndarray")]
+impl Devices for burn::backend::NdArray {
+    /// One CPU: a spread model runs there in parts (which only checks the placement).
+    fn devices(n: usize) -> Vec<Self::Device> {
+        vec![Default::default(); n]
+    }
+}
+
+#[cfg(feature = "wgpu")]
+impl Devices for burn::backend::Wgpu {
+    fn devices(n: usize) -> Vec<Self::Device> {
+        use burn::backend::wgpu::WgpuDevice;
+        match n {
+            1 => vec![WgpuDevice::DefaultDevice],
+            _ => (0..n).map(WgpuDevice::DiscreteGpu).collect(),
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl Devices for burn::backend::Cuda {
+    fn devices(n: usize) -> Vec<Self::Device> {
+        (0..n).map(burn::backend::cuda::CudaDevice::new).collect()
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -374,11 +409,11 @@ fn generate_cmd(args: GenerateArgs) -> Result<(), CliError> {
             dir.display()
         )));
     }
-    with_backend!(args.backend, B => generate_on::<B>(&Default::default(), &dir, &args, sampling, prompt))
+    with_backend!(args.backend, B => generate_on::<B>(&B::devices(args.devices as usize), &dir, &args, sampling, prompt))
 }
 
 fn generate_on<B: JambaBackend>(
-    device: &B::Device,
+    devices: &[B::Device],
     dir: &Path,
     args: &GenerateArgs,
     sampling: SamplingConfig,
@@ -415,7 +450,7 @@ fn generate_on<B: JambaBackend>(
                 }
                 .into());
             }
-            let model = load_model::<B>(dir, device, args.dtype.dtype())?;
+            let model = load_model::<B>(dir, devices, args.dtype.dtype())?;
             let mut stdout = std::io::stdout();
             let (_, gen) = generate_text(&model, &tokenizer, &prompt, &cfg, &args.stop, |piece| {
                 let _ = stdout.write_all(piece.as_bytes());
@@ -444,7 +479,7 @@ fn generate_on<B: JambaBackend>(
                         .collect()
                 })
                 .collect();
-            let model = load_model::<B>(dir, device, args.dtype.dtype())?;
+            let model = load_model::<B>(dir, devices, args.dtype.dtype())?;
             let gen = model.generate(&prompts, &cfg, |_| true)?;
             let (batch, n, vocab) = (tokens.batch, cfg.max_new_tokens, config.vocab_size);
             // Rows that stopped early are padded with the pad id and zero scores.
@@ -485,7 +520,7 @@ fn loss_on<B: burn::tensor::backend::AutodiffBackend + JambaBackend>(
     output: &Path,
 ) -> Result<(), CliError> {
     let tokens = read_tokens(input)?;
-    let model = load_model::<B>(model_dir, device, DType::F32)?;
+    let model = load_model::<B>(model_dir, std::slice::from_ref(device), DType::F32)?;
     let out = model.loss(&tokens)?;
     let grads = burn::optim::GradientsParams::from_grads(out.loss.clone().backward(), &model);
     let scalar = |t: burn::tensor::Tensor<B, 1>| t.into_data().convert::<f32>();
@@ -495,7 +530,7 @@ fn loss_on<B: burn::tensor::backend::AutodiffBackend + JambaBackend>(
     }
     for (name, grad) in jamba::train::named_grads(&model, &grads) {
         if let Some(grad) = grad {
-            for (key, data) in jamba::nn::hub_split(&name, grad) {
+            for (key, data) in jamba::nn::hub_split(&name, grad, 0) {
                 tensors.push((format!("grad.{key}"), data.convert::<f32>()));
             }
         }
@@ -567,26 +602,34 @@ fn read_tokens(path: &Path) -> Result<TokenBatch, CliError> {
     )?)
 }
 
-/// Loads a checkpoint, reporting progress on stderr when it has many tensors.
+/// Loads a checkpoint onto one device or spread over several, reporting progress on stderr when
+/// it has many tensors.
 fn load_model<B: JambaBackend>(
     dir: &Path,
-    device: &B::Device,
+    devices: &[B::Device],
     dtype: DType,
 ) -> Result<JambaForCausalLM<B>, CliError> {
+    let mut last_report = std::time::Instant::now();
+    let progress = |i: usize, n: usize, name: &str| {
+        if last_report.elapsed().as_secs_f32() > 2.0 {
+            eprintln!("loading {i}/{n}: {name}");
+            last_report = std::time::Instant::now();
+        }
+    };
+    if devices.len() > 1 {
+        let map = jamba::parallel::DeviceMap::new(devices.to_vec())?;
+        return Ok(JambaForCausalLM::<B>::from_pretrained_on(
+            dir, &map, dtype, progress,
+        )?);
+    }
     let config = JambaConfig::from_file(dir.join("config.json"))?;
     let ckpt = jamba::checkpoint::Checkpoint::open_dir(dir)?;
-    let mut last_report = std::time::Instant::now();
     let model = JambaForCausalLM::<B>::from_checkpoint_with_progress(
         &config,
         &ckpt,
-        device,
+        &devices[0],
         dtype,
-        |i, n, name| {
-            if last_report.elapsed().as_secs_f32() > 2.0 {
-                eprintln!("loading {i}/{n}: {name}");
-                last_report = std::time::Instant::now();
-            }
-        },
+        progress,
     )?;
     Ok(model)
 }
@@ -600,7 +643,7 @@ fn forward_on<B: JambaBackend>(
 ) -> Result<(), CliError> {
     let tokens = read_tokens(input)?;
     let started = std::time::Instant::now();
-    let model = load_model::<B>(model_dir, device, dtype)?;
+    let model = load_model::<B>(model_dir, std::slice::from_ref(device), dtype)?;
     eprintln!(
         "loaded {} on {} ({dtype:?}) in {:.2?}",
         model_dir.display(),

@@ -47,6 +47,7 @@ where
         for (k, v) in hub_split(
             &name,
             g.unwrap_or_else(|| panic!("{case}: no gradient for {name}")),
+            0,
         ) {
             ours.insert(k, v);
         }

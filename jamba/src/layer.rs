@@ -50,6 +50,17 @@ pub struct LayerMasks<B: Backend> {
     pub isolate_padding: bool,
 }
 
+impl<B: Backend> LayerMasks<B> {
+    /// The masks on `device` (for a layer on another device).
+    pub fn to_device(self, device: &B::Device) -> Self {
+        Self {
+            attention: self.attention.map(|m| crate::parallel::transfer(m, device)),
+            padding: self.padding.map(|m| crate::parallel::transfer(m, device)),
+            isolate_padding: self.isolate_padding,
+        }
+    }
+}
+
 /// `JambaAttentionDecoderLayer` or `JambaMambaDecoderLayer`.
 #[derive(Module, Debug)]
 pub struct JambaDecoderLayer<B: Backend> {
@@ -81,6 +92,11 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
                 }
             },
         })
+    }
+
+    /// The device of the layer's weights (its experts may be spread over others).
+    pub fn device(&self) -> B::Device {
+        self.input_layernorm.weight.val().device()
     }
 
     /// `x` is the residual stream (f32 whatever the weights' dtype, so rounding does not accumulate

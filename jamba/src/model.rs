@@ -13,6 +13,7 @@ use crate::config::JambaConfig;
 use crate::error::{JambaError, Result};
 use crate::layer::{JambaDecoderLayer, LayerMasks, LayerState, Mixer};
 use crate::nn::{export_param, hub_split, Export, Linear, NamedParam, RmsNorm};
+use crate::parallel::{transfer, DeviceMap};
 use crate::weights::{Init, Weights};
 
 /// A batch of token ids on the host, row-major `[batch, len]`, with an optional 0/1 attention mask
@@ -155,6 +156,46 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         Self::build(config, &mut w)
     }
 
+    /// A fresh model spread over the devices of `map` (expert parallelism, for inference; see
+    /// [`DeviceMap`]).
+    pub fn init_on(config: &JambaConfig, map: &DeviceMap<B::Device>, dtype: DType) -> Result<Self> {
+        config.validate()?;
+        for d in map.devices() {
+            check_dtype::<B>(d, dtype)?;
+        }
+        let mut w = Weights::random(config.initializer_range, map.first(), dtype)
+            .with_device_map(map.clone());
+        Self::build(config, &mut w)
+    }
+
+    /// [`Self::from_pretrained`] spread over the devices of `map` (expert parallelism, for
+    /// inference; see [`DeviceMap`]): each tensor is read once and goes to its device.
+    pub fn from_pretrained_on(
+        dir: impl AsRef<Path>,
+        map: &DeviceMap<B::Device>,
+        dtype: DType,
+        mut progress: impl FnMut(usize, usize, &str),
+    ) -> Result<Self> {
+        let dir = dir.as_ref();
+        let config = JambaConfig::from_file(dir.join("config.json"))?;
+        let ckpt = Checkpoint::open_dir(dir)?;
+        config.validate()?;
+        for d in map.devices() {
+            check_dtype::<B>(d, dtype)?;
+        }
+        let total = ckpt.names().count();
+        let mut loaded = 0;
+        let mut w = Weights::checkpoint(&ckpt, map.first(), dtype)
+            .with_device_map(map.clone())
+            .with_progress(|name| {
+                progress(loaded, total, name);
+                loaded += 1;
+            });
+        let model = Self::build(&config, &mut w)?;
+        w.finish()?;
+        Ok(model)
+    }
+
     /// Loads `dir/config.json` and the safetensors weights (single file or sharded), in `dtype`.
     pub fn from_pretrained(
         dir: impl AsRef<Path>,
@@ -209,9 +250,19 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
                 pad_row: config.pad_token_id.map(|p| p as usize),
             },
         )?;
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| JambaDecoderLayer::new(config, w, &format!("model.layers.{i}"), i))
+        let n = config.num_hidden_layers;
+        let map = w.device_map().cloned();
+        let layers = (0..n)
+            .map(|i| {
+                if let Some(map) = &map {
+                    w.set_device(map.layer(i, n).clone());
+                }
+                JambaDecoderLayer::new(config, w, &format!("model.layers.{i}"), i)
+            })
             .collect::<Result<Vec<_>>>()?;
+        if let Some(map) = &map {
+            w.set_device(map.last().clone());
+        }
         let final_layernorm = RmsNorm::new(w, "model.final_layernorm", h, config.rms_norm_eps)?;
         let lm_head = if config.tie_word_embeddings {
             None
@@ -268,7 +319,7 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
     pub fn export_tensors(&self) -> Vec<(String, TensorData)> {
         self.named_params()
             .into_iter()
-            .flat_map(|p| hub_split(&p.name, p.param.data()))
+            .flat_map(|p| hub_split(&p.name, p.param.data(), p.first_expert))
             .collect()
     }
 
@@ -303,13 +354,13 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
 
     /// An empty cache with room for `capacity` positions before the KV buffers grow.
     pub fn new_cache_with_capacity(&self, batch: usize, capacity: usize) -> HybridCache<B> {
-        let device = self.device();
         let dtype = self.dtype();
         let layers = self
             .model
             .layers
             .iter()
-            .map(|l| match &l.mixer {
+            .map(|l| (l.device(), l))
+            .map(|(device, l)| match &l.mixer {
                 Mixer::Attention(a) => LayerState::Attention(KvCache::new(
                     batch,
                     a.num_kv_heads,
@@ -509,7 +560,16 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         let mut x = x.cast(DType::F32);
         let mut hidden_states = Vec::new();
         let mut router_logits = Vec::new();
+        // Spread over devices, the stream follows the layers (see `DeviceMap`).
+        let mut masks = masks;
+        let mut here = device.clone();
         for (i, layer) in self.model.layers.iter().enumerate() {
+            let there = layer.device();
+            if there != here {
+                x = transfer(x, &there);
+                masks = masks.to_device(&there);
+                here = there;
+            }
             if options.output_hidden_states {
                 hidden_states.push(x.clone());
             }
@@ -521,14 +581,17 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         if options.last_logits_only && len > 1 {
             x = x.narrow(1, len - 1, 1);
         }
+        let x = transfer(x, &self.model.final_layernorm.weight.val().device());
         let x = self.model.final_layernorm.forward(x);
         if options.output_hidden_states {
             hidden_states.push(x.clone());
         }
         let logits = match &self.lm_head {
-            Some(head) => head.forward(x),
+            Some(head) => head.forward(transfer(x, &head.weight.val().device())),
             None => {
-                burn::tensor::module::linear(x, self.model.embed_tokens.val().transpose(), None)
+                let embed = self.model.embed_tokens.val();
+                let x = transfer(x, &embed.device());
+                burn::tensor::module::linear(x, embed.transpose(), None)
             }
         };
         if let Some(c) = cache {

@@ -9,7 +9,8 @@ use burn::tensor::{
 
 use crate::config::JambaConfig;
 use crate::error::Result;
-use crate::nn::{export_param, Export, Linear};
+use crate::nn::{export_experts, Export, Linear};
+use crate::parallel::transfer;
 use crate::weights::{Init, Weights};
 use jamba_kernels::JambaBackend;
 
@@ -43,30 +44,65 @@ impl<B: JambaBackend> JambaMlp<B> {
     }
 }
 
-/// All experts of one layer, stacked as in transformers 5 (`JambaExperts`):
+/// Experts of one layer, stacked as in transformers 5 (`JambaExperts`):
 /// `gate_up_proj` `[E, 2I, H]` (rows `[0, I)` gate, `[I, 2I)` up) and `down_proj` `[E, H, I]`.
+/// With expert parallelism a layer has one of these per device, each holding the experts
+/// `first..first + E` of the layer.
 #[derive(Module, Debug)]
 pub struct JambaExperts<B: Backend> {
     pub gate_up_proj: Param<Tensor<B, 3>>,
     pub down_proj: Param<Tensor<B, 3>>,
+    /// The layer's index of the first expert held here (0 unless the experts are split).
+    pub first: usize,
 }
 
 impl<B: Backend> JambaExperts<B> {
-    /// Reads either the fused keys (`experts.gate_up_proj`, `experts.down_proj`) or the Hub's
-    /// per-expert keys (`experts.{e}.{gate,up,down}_proj.weight`).
-    pub fn new(cfg: &JambaConfig, w: &mut Weights<B>, prefix: &str) -> Result<Self> {
+    /// All the layer's experts on the current device, or one group per device of the weights'
+    /// [`crate::parallel::DeviceMap`]. Reads either the fused keys (`experts.gate_up_proj`,
+    /// `experts.down_proj`) or the Hub's per-expert keys (`experts.{e}.{gate,up,down}_proj.weight`).
+    pub fn load(cfg: &JambaConfig, w: &mut Weights<B>, prefix: &str) -> Result<Vec<Self>> {
+        let e = cfg.num_experts;
+        let groups: Vec<(std::ops::Range<usize>, B::Device)> = match w.device_map() {
+            Some(map) => (0..map.devices().len())
+                .map(|k| (map.experts(k, e), map.devices()[k].clone()))
+                .filter(|(r, _)| !r.is_empty())
+                .collect(),
+            None => vec![(0..e, w.device().clone())],
+        };
+        let home = w.device().clone();
+        let mut out = Vec::with_capacity(groups.len());
+        for (experts, device) in groups {
+            w.set_device(device);
+            out.push(Self::new(cfg, w, prefix, experts)?);
+        }
+        w.set_device(home);
+        Ok(out)
+    }
+
+    /// The experts `experts` of the layer, on the weights' current device.
+    pub fn new(
+        cfg: &JambaConfig,
+        w: &mut Weights<B>,
+        prefix: &str,
+        experts: std::ops::Range<usize>,
+    ) -> Result<Self> {
         let (e, h, i) = (cfg.num_experts, cfg.hidden_size, cfg.intermediate_size);
         let fused_gate_up = format!("{prefix}.gate_up_proj");
         let fused_down = format!("{prefix}.down_proj");
+        let first = experts.start;
         if !w.is_checkpoint() || w.contains(&fused_gate_up) || w.contains(&fused_down) {
+            let gate_up =
+                w.tensor_rows(&fused_gate_up, [e, 2 * i, h], experts.clone(), Init::Normal)?;
+            let down = w.tensor_rows(&fused_down, [e, h, i], experts, Init::Normal)?;
             return Ok(Self {
-                gate_up_proj: w.param(&fused_gate_up, [e, 2 * i, h], Init::Normal)?,
-                down_proj: w.param(&fused_down, [e, h, i], Init::Normal)?,
+                gate_up_proj: Param::from_tensor(gate_up),
+                down_proj: Param::from_tensor(down),
+                first,
             });
         }
-        let mut gate_up = Vec::with_capacity(e);
-        let mut down = Vec::with_capacity(e);
-        for x in 0..e {
+        let mut gate_up = Vec::with_capacity(experts.len());
+        let mut down = Vec::with_capacity(experts.len());
+        for x in experts {
             let gate = w.tensor(
                 &format!("{prefix}.{x}.gate_proj.weight"),
                 [i, h],
@@ -87,14 +123,26 @@ impl<B: Backend> JambaExperts<B> {
         Ok(Self {
             gate_up_proj: Param::from_tensor(Tensor::stack(gate_up, 0)),
             down_proj: Param::from_tensor(Tensor::stack(down, 0)),
+            first,
         })
     }
 
-    fn num_experts(&self) -> usize {
+    /// Number of experts held here.
+    pub fn num_experts(&self) -> usize {
         self.down_proj.dims()[0]
     }
 
-    /// Expert `e` applied to `x` `[n, H]`.
+    /// The layer's experts held here.
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.first..self.first + self.num_experts()
+    }
+
+    /// The device the experts live on.
+    pub fn device(&self) -> B::Device {
+        self.down_proj.val().device()
+    }
+
+    /// Local expert `e` (0-based here) applied to `x` `[n, H]`.
     fn expert(&self, e: usize, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let [_, two_i, h] = self.gate_up_proj.dims();
         let i = two_i / 2;
@@ -105,32 +153,29 @@ impl<B: Backend> JambaExperts<B> {
         act.matmul(down.transpose())
     }
 
-    /// Every expert on every token of `x` `[n, H]`, summed with `weights` `[n, k]` placed at the
-    /// `chosen` experts `[n, k]` (zero elsewhere): equal to the grouped computation.
-    fn forward_dense(
-        &self,
-        x: Tensor<B, 2>,
-        chosen: Tensor<B, 2, Int>,
-        weights: Tensor<B, 2>,
-    ) -> Tensor<B, 2>
+    /// Every expert held here on every token of `x` `[n, H]`, summed with the routing weights
+    /// `dense` `[n, E_here]` (zero for unchosen experts): equal to the grouped computation.
+    fn forward_dense(&self, x: Tensor<B, 2>, dense: Tensor<B, 2>) -> Tensor<B, 2>
     where
         B: JambaBackend,
     {
-        let e = self.num_experts();
-        let [n, _] = x.dims();
-        let dense = Tensor::<B, 2>::zeros([n, e], (&x.device(), weights.dtype())).scatter(
-            1,
-            chosen,
-            weights,
-            IndexingUpdateOp::Add,
-        ); // [n, E]
         B::moe_experts(x, self.gate_up_proj.val(), self.down_proj.val(), dense)
     }
 
     /// Both tensors under their fused names (see [`crate::nn::hub_split`] for the Hub layout).
     pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
-        export_param(out, format!("{prefix}.gate_up_proj"), &self.gate_up_proj);
-        export_param(out, format!("{prefix}.down_proj"), &self.down_proj);
+        export_experts(
+            out,
+            format!("{prefix}.gate_up_proj"),
+            &self.gate_up_proj,
+            self.first,
+        );
+        export_experts(
+            out,
+            format!("{prefix}.down_proj"),
+            &self.down_proj,
+            self.first,
+        );
     }
 }
 
@@ -138,7 +183,8 @@ impl<B: Backend> JambaExperts<B> {
 #[derive(Module, Debug)]
 pub struct JambaSparseMoeBlock<B: Backend> {
     pub router: Linear<B>,
-    pub experts: JambaExperts<B>,
+    /// All experts, or with expert parallelism one group per device, in expert order.
+    pub experts: Vec<JambaExperts<B>>,
     pub top_k: usize,
     /// Up to this many tokens per call (decoding), the routing weights go to
     /// `JambaBackend::moe_experts` as a dense `[tokens, experts]` matrix (zero for unchosen
@@ -162,7 +208,7 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
                 cfg.num_experts,
                 false,
             )?,
-            experts: JambaExperts::new(cfg, w, &format!("{prefix}.experts"))?,
+            experts: JambaExperts::load(cfg, w, &format!("{prefix}.experts"))?,
             top_k: cfg.num_experts_per_tok,
             dense_tokens: std::env::var("JAMBA_DENSE_MOE_TOKENS")
                 .ok()
@@ -171,11 +217,18 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
         })
     }
 
+    /// Number of experts of the layer.
+    pub fn num_experts(&self) -> usize {
+        self.experts.iter().map(JambaExperts::num_experts).sum()
+    }
+
     /// Returns the output `[batch, len, hidden]` and the router logits `[batch * len, experts]`.
+    /// The output is on the router's device; experts on other devices get the tokens there.
     pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 2>) {
         let [batch, len, hidden] = x.dims();
         let tokens = batch * len;
         let x = x.reshape([tokens, hidden]);
+        let device = x.device();
         // Routing in f32: a near-tie between experts must not flip with the weights' rounding.
         let router_logits = <B as JambaBackend>::linear(
             x.clone().cast(DType::F32),
@@ -185,53 +238,85 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
         let probs = activation::softmax(router_logits.clone(), 1);
         let (weights, chosen) = probs.topk_with_indices(self.top_k, 1); // [tokens, k]
         let weights = weights.cast(x.dtype());
+        let mut out: Option<Tensor<B, 2>> = None;
+        let mut add = |part: Tensor<B, 2>| {
+            let part = transfer(part, &device);
+            out = Some(match out.take() {
+                Some(o) => o + part,
+                None => part,
+            });
+        };
+
         // On backends without kernels the reference would run every expert: grouping is cheaper.
         if tokens <= self.dense_tokens && B::KERNELS {
-            let out = self.experts.forward_dense(x, chosen, weights);
-            return (out.reshape([batch, len, hidden]), router_logits);
+            let dense =
+                Tensor::<B, 2>::zeros([tokens, self.num_experts()], (&device, weights.dtype()))
+                    .scatter(1, chosen, weights, IndexingUpdateOp::Add); // [tokens, E]
+            for group in &self.experts {
+                let here = group.device();
+                let r = group.range();
+                let dense = transfer(dense.clone().narrow(1, r.start, r.len()), &here);
+                add(group.forward_dense(transfer(x.clone(), &here), dense));
+            }
+            return (
+                out.expect("a layer has experts")
+                    .reshape([batch, len, hidden]),
+                router_logits,
+            );
         }
 
         // Group (token, slot) pairs by expert on the host: routing is data-dependent.
         let chosen_host: Vec<i64> = chosen
-            .clone()
             .into_data()
             .convert::<i64>()
             .to_vec()
             .expect("int data");
-        let e_count = self.experts.num_experts();
-        let mut rows: Vec<Vec<i64>> = vec![Vec::new(); e_count];
+        let mut rows: Vec<Vec<i64>> = vec![Vec::new(); self.num_experts()];
         for (pair, &e) in chosen_host.iter().enumerate() {
             rows[e as usize].push(pair as i64);
         }
-        let device = x.device();
         let flat_weights = weights.reshape([tokens * self.top_k, 1]);
-        let mut out = Tensor::<B, 2>::zeros([tokens, hidden], (&device, x.dtype()));
-        for (e, pairs) in rows.into_iter().enumerate() {
-            if pairs.is_empty() {
+        for group in &self.experts {
+            let r = group.range();
+            if rows[r.clone()].iter().all(Vec::is_empty) {
                 continue;
             }
-            let n = pairs.len();
-            let token_idx: Vec<i64> = pairs.iter().map(|p| p / self.top_k as i64).collect();
-            let pair_idx = Tensor::<B, 1, Int>::from_data(TensorData::new(pairs, [n]), &device);
-            let token_idx =
-                Tensor::<B, 1, Int>::from_data(TensorData::new(token_idx, [n]), &device);
-            let y = self
-                .experts
-                .expert(e, x.clone().select(0, token_idx.clone()));
-            let w = flat_weights.clone().select(0, pair_idx);
-            out = out.select_assign(
-                0,
-                token_idx,
-                y * w.expand([n, hidden]),
-                IndexingUpdateOp::Add,
+            let here = group.device();
+            let (x, flat_weights) = (
+                transfer(x.clone(), &here),
+                transfer(flat_weights.clone(), &here),
             );
+            let mut part = Tensor::<B, 2>::zeros([tokens, hidden], (&here, x.dtype()));
+            for e in r.clone() {
+                let pairs = std::mem::take(&mut rows[e]);
+                if pairs.is_empty() {
+                    continue;
+                }
+                let n = pairs.len();
+                let token_idx: Vec<i64> = pairs.iter().map(|p| p / self.top_k as i64).collect();
+                let pair_idx = Tensor::<B, 1, Int>::from_data(TensorData::new(pairs, [n]), &here);
+                let token_idx =
+                    Tensor::<B, 1, Int>::from_data(TensorData::new(token_idx, [n]), &here);
+                let y = group.expert(e - r.start, x.clone().select(0, token_idx.clone()));
+                let w = flat_weights.clone().select(0, pair_idx);
+                part = part.select_assign(
+                    0,
+                    token_idx,
+                    y * w.expand([n, hidden]),
+                    IndexingUpdateOp::Add,
+                );
+            }
+            add(part);
         }
+        let out = out.unwrap_or_else(|| Tensor::zeros([tokens, hidden], (&device, x.dtype())));
         (out.reshape([batch, len, hidden]), router_logits)
     }
 
     pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
         self.router.export(&format!("{prefix}.router"), out);
-        self.experts.export(&format!("{prefix}.experts"), out);
+        for group in &self.experts {
+            group.export(&format!("{prefix}.experts"), out);
+        }
     }
 }
 
@@ -261,9 +346,10 @@ mod tests {
         // The dense form (what backends with kernels use for decoding), from the same routing.
         let probs = burn::tensor::activation::softmax(logits, 1);
         let (weights, chosen) = probs.topk_with_indices(block.top_k, 1);
-        let dense = block
-            .experts
-            .forward_dense(x.reshape([21, 24]), chosen, weights)
+        let dense =
+            Tensor::<B, 2>::zeros([21, 5], &dev).scatter(1, chosen, weights, IndexingUpdateOp::Add);
+        let dense = block.experts[0]
+            .forward_dense(x.reshape([21, 24]), dense)
             .reshape([3, 7, 24]);
         let scale = grouped.clone().abs().max().into_scalar();
         let diff = (dense - grouped).abs().max().into_scalar();

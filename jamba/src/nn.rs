@@ -41,6 +41,9 @@ impl<B: Backend> ParamTensor<B> {
 pub struct NamedParam<B: Backend> {
     pub name: String,
     pub param: ParamTensor<B>,
+    /// For a fused expert tensor: the layer's index of its first expert (not 0 only when the
+    /// layer's experts are split over devices, each group listed under the fused name).
+    pub first_expert: usize,
 }
 
 /// Collects named parameters in HF order.
@@ -76,12 +79,27 @@ pub(crate) fn export_param<B: Backend, P: IntoParamTensor<B> + Clone>(
     out.push(NamedParam {
         name: key,
         param: p.clone().into_param_tensor(),
+        first_expert: 0,
+    });
+}
+
+/// [`export_param`] for a group of stacked experts starting at expert `first`.
+pub(crate) fn export_experts<B: Backend>(
+    out: &mut Export<B>,
+    key: String,
+    p: &burn::module::Param<burn::tensor::Tensor<B, 3>>,
+    first: usize,
+) {
+    out.push(NamedParam {
+        name: key,
+        param: p.clone().into_param_tensor(),
+        first_expert: first,
     });
 }
 
 /// Splits a tensor stored under a fused expert name into the Hub's per-expert tensors
 /// (`experts.{e}.{gate,up,down}_proj.weight`); any other tensor is returned as it is.
-pub fn hub_split(name: &str, data: TensorData) -> Vec<(String, TensorData)> {
+pub fn hub_split(name: &str, data: TensorData, first_expert: usize) -> Vec<(String, TensorData)> {
     let split = |prefix: &str, parts: &[(&str, usize)], data: TensorData| {
         let shape = data.shape.to_vec();
         let (e, rows, cols) = (shape[0], shape[1], shape[2]);
@@ -94,7 +112,7 @@ pub fn hub_split(name: &str, data: TensorData) -> Vec<(String, TensorData)> {
                 let start = (x * rows + row) * cols * elem;
                 let chunk = bytes[start..start + n * cols * elem].to_vec();
                 out.push((
-                    format!("{prefix}.{x}.{part}.weight"),
+                    format!("{prefix}.{}.{part}.weight", first_expert + x),
                     TensorData::from_bytes_vec(chunk, vec![*n, cols], data.dtype),
                 ));
                 row += n;

@@ -167,9 +167,21 @@ where
         config: TrainConfig,
         devices: &[B::Device],
     ) -> Result<Self> {
+        Self::from_trainer(Trainer::new(model, data, config), devices)
+    }
+
+    /// Replicates a single-device trainer (model, optimizer state, step) on every device.
+    pub fn from_trainer(trainer: Trainer<B>, devices: &[B::Device]) -> Result<Self> {
         let trainers = devices
             .iter()
-            .map(|d| Trainer::new(model.clone().fork(d), data.clone(), config.clone()))
+            .map(|d| Trainer {
+                model: trainer.model.clone().fork(d),
+                optimizer: trainer.optimizer.to_device(d),
+                data: trainer.data.clone(),
+                config: trainer.config.clone(),
+                step: trainer.step,
+                peer: None,
+            })
             .collect();
         Self::from_trainers(trainers, devices)
     }
@@ -183,11 +195,10 @@ where
         devices: &[B::Device],
         dtype: burn::tensor::DType,
     ) -> Result<Self> {
-        let trainers = devices
-            .iter()
-            .map(|d| Trainer::resume(dir, data.clone(), config.clone(), d, dtype))
-            .collect::<Result<Vec<_>>>()?;
-        Self::from_trainers(trainers, devices)
+        let first = devices
+            .first()
+            .ok_or_else(|| JambaError::bad_input("devices", "need at least one device"))?;
+        Self::from_trainer(Trainer::resume(dir, data, config, first, dtype)?, devices)
     }
 
     fn from_trainers(trainers: Vec<Trainer<B>>, devices: &[B::Device]) -> Result<Self> {
@@ -389,5 +400,72 @@ fn replica<B>(
     }
     if registered.is_ok() {
         let _ = peer.finish::<B::InnerBackend>();
+    }
+}
+
+/// Where the parts of a model live when it is spread over several devices for inference
+/// (expert parallelism): the experts of every MoE layer are split over all devices in contiguous
+/// ranges, and the layers' other weights (attention, Mamba, norms, dense MLPs, routers) over the
+/// devices in contiguous blocks of layers, so a model larger than one device fits. The embedding
+/// lives on the first device, the final norm and an untied LM head on the last.
+///
+/// The hidden states go from device to device with the layers; each MoE layer sends its tokens to
+/// the devices that hold their routed experts and sums the weighted results back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceMap<D> {
+    devices: Vec<D>,
+}
+
+impl<D: Clone> DeviceMap<D> {
+    /// Spreads a model over `devices` (at least one; one device is the ordinary placement).
+    pub fn new(devices: Vec<D>) -> Result<Self> {
+        if devices.is_empty() {
+            return Err(JambaError::bad_input("devices", "need at least one device"));
+        }
+        Ok(Self { devices })
+    }
+
+    /// All devices, in order.
+    pub fn devices(&self) -> &[D] {
+        &self.devices
+    }
+
+    /// The first device (embedding, inputs).
+    pub fn first(&self) -> &D {
+        &self.devices[0]
+    }
+
+    /// The last device (final norm, LM head).
+    pub fn last(&self) -> &D {
+        &self.devices[self.devices.len() - 1]
+    }
+
+    /// The device of layer `layer` of `layers` (everything but its experts).
+    pub fn layer(&self, layer: usize, layers: usize) -> &D {
+        &self.devices[layer * self.devices.len() / layers.max(1)]
+    }
+
+    /// The experts of a `experts`-expert layer held by device `k`: a contiguous range, sizes
+    /// differing by at most one (empty when there are more devices than experts).
+    pub fn experts(&self, k: usize, experts: usize) -> Range<usize> {
+        let n = self.devices.len();
+        k * experts / n..(k + 1) * experts / n
+    }
+}
+
+/// `tensor` on `device`. wgpu cannot copy between its devices (its runtime has no peer copy), so
+/// there the data goes through the host; CUDA copies between GPUs directly.
+pub fn transfer<B: Backend, const D: usize, K: burn::tensor::BasicOps<B>>(
+    tensor: Tensor<B, D, K>,
+    device: &B::Device,
+) -> Tensor<B, D, K> {
+    if tensor.device() == *device {
+        return tensor;
+    }
+    if B::name(device).contains("wgpu") {
+        let dtype = tensor.dtype();
+        Tensor::from_data(tensor.into_data(), (device, dtype))
+    } else {
+        tensor.to_device(device)
     }
 }

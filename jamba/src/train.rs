@@ -466,6 +466,24 @@ impl<B: AutodiffBackend + JambaBackend> AdamW<B> {
         (model.map(&mut mapper), norm)
     }
 
+    /// A copy with the moments on `device` (for a replica on another device).
+    pub fn to_device(&self, device: &B::Device) -> Self {
+        Self {
+            config: self.config,
+            step: self.step,
+            moments: self
+                .moments
+                .iter()
+                .map(|(name, (m, v))| {
+                    let to = |t: &Tensor<B::InnerBackend, 1>| {
+                        crate::parallel::transfer(t.clone(), device)
+                    };
+                    (name.clone(), (to(m), to(v)))
+                })
+                .collect(),
+        }
+    }
+
     /// Writes the moments (`m.{name}`, `v.{name}`, f32) and the step count.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut tensors = Vec::with_capacity(2 * self.moments.len());

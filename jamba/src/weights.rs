@@ -12,6 +12,7 @@ use burn::tensor::{backend::Backend, DType, Distribution, Tensor, TensorData};
 
 use crate::checkpoint::Checkpoint;
 use crate::error::{JambaError, Result};
+use crate::parallel::DeviceMap;
 
 /// How transformers initialises a parameter (`JambaPreTrainedModel._init_weights`).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -45,6 +46,8 @@ type Progress<'a> = Box<dyn FnMut(&str) + 'a>;
 pub struct Weights<'a, B: Backend> {
     source: Source<'a>,
     device: B::Device,
+    /// Spread the model over several devices (see [`DeviceMap`]).
+    map: Option<DeviceMap<B::Device>>,
     dtype: DType,
     progress: Option<Progress<'a>>,
 }
@@ -55,6 +58,7 @@ impl<'a, B: Backend> Weights<'a, B> {
         Self {
             source: Source::Random { std },
             device: device.clone(),
+            map: None,
             dtype,
             progress: None,
         }
@@ -68,6 +72,7 @@ impl<'a, B: Backend> Weights<'a, B> {
                 used: BTreeSet::new(),
             },
             device: device.clone(),
+            map: None,
             dtype,
             progress: None,
         }
@@ -77,6 +82,54 @@ impl<'a, B: Backend> Weights<'a, B> {
     pub fn with_progress(mut self, f: impl FnMut(&str) + 'a) -> Self {
         self.progress = Some(Box::new(f));
         self
+    }
+
+    /// Places the parameters on the devices of `map` (expert parallelism) instead of one device.
+    pub fn with_device_map(mut self, map: DeviceMap<B::Device>) -> Self {
+        self.device = map.first().clone();
+        self.map = Some(map);
+        self
+    }
+
+    /// The placement over several devices, if any.
+    pub fn device_map(&self) -> Option<&DeviceMap<B::Device>> {
+        self.map.as_ref()
+    }
+
+    /// Creates the next parameters on `device`.
+    pub fn set_device(&mut self, device: B::Device) {
+        self.device = device;
+    }
+
+    /// Rows `rows` (of dimension 0) of a tensor of the given full shape: from a checkpoint, the
+    /// stored tensor is checked against `shape` and sliced on the host; fresh, only the rows are
+    /// drawn.
+    pub fn tensor_rows<const D: usize>(
+        &mut self,
+        key: &str,
+        shape: [usize; D],
+        rows: std::ops::Range<usize>,
+        init: Init,
+    ) -> Result<Tensor<B, D>> {
+        if rows == (0..shape[0]) {
+            return self.tensor(key, shape, init);
+        }
+        let mut part = shape;
+        part[0] = rows.len();
+        // A tensor read in parts counts once in the progress.
+        if let (Some(f), 0) = (self.progress.as_mut(), rows.start) {
+            f(key);
+        }
+        match &mut self.source {
+            Source::Random { std } => Ok(random(part, init, *std, &self.device, self.dtype)),
+            Source::Checkpoint { .. } => {
+                let full = self.data(key, shape)?;
+                let row_bytes = full.num_elements() / shape[0].max(1) * full.dtype.size();
+                let bytes = full.as_bytes()[rows.start * row_bytes..rows.end * row_bytes].to_vec();
+                let data = TensorData::from_bytes_vec(bytes, part.to_vec(), full.dtype);
+                Ok(Tensor::from_data(data, (&self.device, self.dtype)))
+            }
+        }
     }
 
     /// The float dtype parameters are created in.
@@ -112,24 +165,34 @@ impl<'a, B: Backend> Weights<'a, B> {
         }
         match &mut self.source {
             Source::Random { std } => Ok(random(shape, init, *std, &self.device, self.dtype)),
-            Source::Checkpoint { ckpt, used } => {
-                let data =
-                    ckpt.read(key, self.dtype)?
-                        .ok_or_else(|| JambaError::MissingTensor {
-                            key: key.into(),
-                            expected: shape.to_vec(),
-                        })?;
-                if data.shape.as_slice() != shape.as_slice() {
-                    return Err(JambaError::ShapeMismatch {
-                        key: key.into(),
-                        expected: shape.to_vec(),
-                        found: data.shape.to_vec(),
-                    });
-                }
-                used.insert(key.to_string());
+            Source::Checkpoint { .. } => {
+                let data = self.data(key, shape)?;
                 Ok(Tensor::from_data(data, (&self.device, self.dtype)))
             }
         }
+    }
+
+    /// A checkpoint tensor as host data in the parameters' dtype, checked against `shape`.
+    fn data(&mut self, key: &str, shape: impl AsRef<[usize]>) -> Result<TensorData> {
+        let shape = shape.as_ref();
+        let Source::Checkpoint { ckpt, used } = &mut self.source else {
+            unreachable!("only called for checkpoints");
+        };
+        let data = ckpt
+            .read(key, self.dtype)?
+            .ok_or_else(|| JambaError::MissingTensor {
+                key: key.into(),
+                expected: shape.to_vec(),
+            })?;
+        if data.shape.as_slice() != shape {
+            return Err(JambaError::ShapeMismatch {
+                key: key.into(),
+                expected: shape.to_vec(),
+                found: data.shape.to_vec(),
+            });
+        }
+        used.insert(key.to_string());
+        Ok(data)
     }
 
     /// Whether the source has a tensor of that name (always false for random weights).
