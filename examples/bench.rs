@@ -54,6 +54,10 @@ struct Args {
     /// Prefill chunk.
     #[arg(long, default_value_t = 2048)]
     chunk: usize,
+    /// Spread the model over N GPUs (0..N) or the listed ones (`0,0`: two groups on GPU 0):
+    /// expert parallelism, see `jamba::parallel::DeviceMap`.
+    #[arg(long, default_value = "1")]
+    devices: jamba::parallel::DeviceIndices,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -77,10 +81,17 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn run<B: JambaBackend>(args: &Args, device: &B::Device)
+fn run<B: JambaBackend>(args: &Args, devices: Vec<B::Device>)
 where
     Autodiff<B>: JambaBackend<Device = B::Device>,
 {
+    let device = &devices[0];
+    // Every device the model is spread over finishes its work before a time is taken.
+    let sync = || {
+        for d in &devices {
+            B::sync(d).unwrap();
+        }
+    };
     let dtype = match args.dtype {
         Dtype::F32 => DType::F32,
         Dtype::F16 => DType::F16,
@@ -102,15 +113,23 @@ where
     let cfg = JambaConfig::from_file(&args.config).expect("config");
     let (total, active) = cfg.parameter_counts();
     let started = Instant::now();
-    B::seed(device, 0);
-    let model = JambaForCausalLM::<B>::init(&cfg, device, dtype).expect("model");
-    B::sync(device).unwrap();
+    for d in &devices {
+        B::seed(d, 0);
+    }
+    let model = if devices.len() > 1 {
+        let map = jamba::parallel::DeviceMap::new(devices.clone()).expect("devices");
+        JambaForCausalLM::<B>::init_on(&cfg, &map, dtype).expect("model")
+    } else {
+        JambaForCausalLM::<B>::init(&cfg, device, dtype).expect("model")
+    };
+    sync();
     println!(
-        "model {} ({:.2} B params, {:.2} B active) on {} {:?}, built in {:.1?}",
+        "model {} ({:.2} B params, {:.2} B active) on {} x{} {:?}, built in {:.1?}",
         args.config.display(),
         total as f64 / 1e9,
         active as f64 / 1e9,
         B::name(device),
+        devices.len(),
         dtype,
         started.elapsed()
     );
@@ -130,7 +149,7 @@ where
         let mut times = Vec::new();
         for rep in 0..=args.reps.max(1) {
             let mut cache = model.new_cache_with_capacity(batch, len + 1);
-            B::sync(device).unwrap();
+            sync();
             let t = Instant::now();
             let logits = model
                 .prefill(&tokens(batch, len), &mut cache, args.chunk, false)
@@ -161,7 +180,7 @@ where
         let next: Vec<u32> = (0..batch as u32).map(|b| 5 + b).collect();
         let mut times = Vec::new();
         for step in 0..args.warmup + args.steps {
-            B::sync(device).unwrap();
+            sync();
             let t = Instant::now();
             // Reading the logits back is part of a real step (sampling happens on the host).
             let _ = decode_step(&model, &mut cache, &next).unwrap().into_data();
@@ -488,14 +507,23 @@ mod kernel_check {
 
 fn main() {
     let args = Args::parse();
+    #[cfg(feature = "cuda")]
+    let cuda = || -> Vec<burn::backend::cuda::CudaDevice> {
+        args.devices
+            .0
+            .iter()
+            .map(|&i| burn::backend::cuda::CudaDevice::new(i))
+            .collect()
+    };
+    let n = args.devices.0.len();
     match args.backend {
-        Backend::Ndarray => run::<burn::backend::NdArray>(&args, &Default::default()),
+        Backend::Ndarray => run::<burn::backend::NdArray>(&args, vec![Default::default(); n]),
         #[cfg(feature = "wgpu")]
-        Backend::Wgpu => run::<burn::backend::Wgpu>(&args, &Default::default()),
+        Backend::Wgpu => run::<burn::backend::Wgpu>(&args, vec![Default::default(); n]),
         #[cfg(feature = "cuda")]
-        Backend::Cuda => run::<burn::backend::Cuda>(&args, &Default::default()),
+        Backend::Cuda => run::<burn::backend::Cuda>(&args, cuda()),
         #[cfg(feature = "cuda")]
-        Backend::CudaUnfused => run::<jamba_kernels::CudaUnfused>(&args, &Default::default()),
+        Backend::CudaUnfused => run::<jamba_kernels::CudaUnfused>(&args, cuda()),
         #[allow(unreachable_patterns)]
         _ => {
             eprintln!(

@@ -83,10 +83,11 @@ struct Args {
     backend: Backend,
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
-    /// Data-parallel over this many devices (GPUs 0..N): one replica each, `--batch` rows split
-    /// over them, gradients all-reduced.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    devices: u32,
+    /// Data-parallel over N devices (GPUs 0..N) or the listed GPU indices (e.g. `0,1`; `0,0` runs
+    /// two replicas on GPU 0): one replica each, `--batch` rows split over them, gradients
+    /// all-reduced.
+    #[arg(long, default_value = "1")]
+    devices: jamba::parallel::DeviceIndices,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -126,25 +127,27 @@ fn shipped_shape(vocab: usize) -> JambaConfig {
 
 fn main() {
     let args = Args::parse();
-    let n = args.devices as usize;
+    let ids = args.devices.0.clone();
     let result = match args.backend {
         // One CPU: the replicas share it (which only checks data parallelism).
         Backend::Ndarray => {
-            run::<Autodiff<burn::backend::NdArray>>(&args, vec![Default::default(); n])
+            run::<Autodiff<burn::backend::NdArray>>(&args, vec![Default::default(); ids.len()])
         }
         #[cfg(feature = "wgpu")]
         Backend::Wgpu => {
             use burn::backend::wgpu::WgpuDevice;
-            let devices = match n {
-                1 => vec![WgpuDevice::DefaultDevice],
-                _ => (0..n).map(WgpuDevice::DiscreteGpu).collect(),
+            let devices = match ids.as_slice() {
+                [0] => vec![WgpuDevice::DefaultDevice],
+                _ => ids.iter().map(|&i| WgpuDevice::DiscreteGpu(i)).collect(),
             };
             run::<Autodiff<burn::backend::Wgpu>>(&args, devices)
         }
         #[cfg(feature = "cuda")]
-        Backend::Cuda => run::<Autodiff<burn::backend::Cuda>>(&args, cuda_devices(n)),
+        Backend::Cuda => run::<Autodiff<burn::backend::Cuda>>(&args, cuda_devices(&ids)),
         #[cfg(feature = "cuda")]
-        Backend::CudaUnfused => run::<Autodiff<jamba_kernels::CudaUnfused>>(&args, cuda_devices(n)),
+        Backend::CudaUnfused => {
+            run::<Autodiff<jamba_kernels::CudaUnfused>>(&args, cuda_devices(&ids))
+        }
         #[allow(unreachable_patterns)]
         _ => Err("this backend is not compiled in (rebuild with --features wgpu or cuda)".into()),
     };
@@ -155,8 +158,10 @@ fn main() {
 }
 
 #[cfg(feature = "cuda")]
-fn cuda_devices(n: usize) -> Vec<burn::backend::cuda::CudaDevice> {
-    (0..n).map(burn::backend::cuda::CudaDevice::new).collect()
+fn cuda_devices(ids: &[usize]) -> Vec<burn::backend::cuda::CudaDevice> {
+    ids.iter()
+        .map(|&i| burn::backend::cuda::CudaDevice::new(i))
+        .collect()
 }
 
 type AnyError = Box<dyn std::error::Error>;

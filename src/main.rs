@@ -123,40 +123,47 @@ struct GenerateArgs {
     backend: Backend,
     #[arg(long, value_enum, default_value_t = Dtype::F32)]
     dtype: Dtype,
-    /// Spread the model over this many devices (GPUs 0..N; expert parallelism: each MoE layer's
-    /// experts split over all of them, the other layers in contiguous blocks).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-    devices: u32,
+    /// Spread the model over N devices (GPUs 0..N), or over the listed GPU indices (e.g. `0,1`);
+    /// expert parallelism: each MoE layer's experts split over all of them, the other layers in
+    /// contiguous blocks.
+    #[arg(long, default_value = "1")]
+    devices: jamba::parallel::DeviceIndices,
 }
 
 /// The `n` devices of a backend that `--devices` spreads a model over.
 trait Devices: burn::tensor::backend::Backend {
-    fn devices(n: usize) -> Vec<Self::Device>;
+    fn devices(indices: &[usize]) -> Vec<Self::Device>;
 }
 
 #[cfg(feature = "ndarray")]
 impl Devices for burn::backend::NdArray {
     /// One CPU: a spread model runs there in parts (which only checks the placement).
-    fn devices(n: usize) -> Vec<Self::Device> {
-        vec![Default::default(); n]
+    fn devices(indices: &[usize]) -> Vec<Self::Device> {
+        vec![Default::default(); indices.len()]
     }
 }
 
 #[cfg(feature = "wgpu")]
 impl Devices for burn::backend::Wgpu {
-    fn devices(n: usize) -> Vec<Self::Device> {
+    fn devices(indices: &[usize]) -> Vec<Self::Device> {
         use burn::backend::wgpu::WgpuDevice;
-        match n {
-            1 => vec![WgpuDevice::DefaultDevice],
-            _ => (0..n).map(WgpuDevice::DiscreteGpu).collect(),
+        match indices {
+            [0] => vec![WgpuDevice::DefaultDevice],
+            _ => indices
+                .iter()
+                .map(|&i| WgpuDevice::DiscreteGpu(i))
+                .collect(),
         }
     }
 }
 
 #[cfg(feature = "cuda")]
 impl Devices for burn::backend::Cuda {
-    fn devices(n: usize) -> Vec<Self::Device> {
-        (0..n).map(burn::backend::cuda::CudaDevice::new).collect()
+    fn devices(indices: &[usize]) -> Vec<Self::Device> {
+        indices
+            .iter()
+            .map(|&i| burn::backend::cuda::CudaDevice::new(i))
+            .collect()
     }
 }
 
@@ -409,7 +416,7 @@ fn generate_cmd(args: GenerateArgs) -> Result<(), CliError> {
             dir.display()
         )));
     }
-    with_backend!(args.backend, B => generate_on::<B>(&B::devices(args.devices as usize), &dir, &args, sampling, prompt))
+    with_backend!(args.backend, B => generate_on::<B>(&B::devices(&args.devices.0), &dir, &args, sampling, prompt))
 }
 
 fn generate_on<B: JambaBackend>(

@@ -165,3 +165,41 @@ fn loss_reproduces_transformers_gradients() {
         assert_grads_match(case, &ours, &exp, 1e-4);
     }
 }
+
+#[test]
+fn generate_spread_over_devices_gives_the_same_text() {
+    // `--devices 3` runs the expert-parallel placement (on the one CPU of ndarray): greedy text of
+    // the shipped model must not change; `--devices 0` is not a device count.
+    let run = |devices: &str| {
+        let out = jamba()
+            .args([
+                "generate",
+                "--prompt",
+                "In the beginning",
+                "--max-new-tokens",
+                "12",
+            ])
+            .args(["--temperature", "0", "--devices", devices])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "--devices {devices}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let one = run("1");
+    assert!(
+        one.len() > "In the beginning".len(),
+        "generated nothing: {one:?}"
+    );
+    assert_eq!(run("3"), one);
+    assert_eq!(run("0,0"), one);
+    let out = jamba()
+        .args(["generate", "--prompt", "x", "--devices", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected a count"));
+}

@@ -453,6 +453,34 @@ impl<D: Clone> DeviceMap<D> {
     }
 }
 
+/// Device indices from a command-line value: a count `N` (devices `0..N`) or a comma-separated
+/// list of indices (`0,0` puts two replicas on device 0, to check the multi-device path on one).
+pub fn parse_device_indices(value: &str) -> std::result::Result<Vec<usize>, String> {
+    let bad = || format!("`{value}`: expected a count (e.g. 2) or device indices (e.g. 0,1)");
+    if value.contains(',') {
+        return value
+            .split(',')
+            .map(|v| v.trim().parse::<usize>().map_err(|_| bad()))
+            .collect();
+    }
+    match value.trim().parse::<usize>() {
+        Ok(0) | Err(_) => Err(bad()),
+        Ok(n) => Ok((0..n).collect()),
+    }
+}
+
+/// Device indices given on a command line (see [`parse_device_indices`]); `"1"` is device 0.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceIndices(pub Vec<usize>);
+
+impl std::str::FromStr for DeviceIndices {
+    type Err = String;
+
+    fn from_str(value: &str) -> std::result::Result<Self, String> {
+        parse_device_indices(value).map(Self)
+    }
+}
+
 /// `tensor` on `device`. wgpu cannot copy between its devices (its runtime has no peer copy), so
 /// there the data goes through the host; CUDA copies between GPUs directly.
 pub fn transfer<B: Backend, const D: usize, K: burn::tensor::BasicOps<B>>(
@@ -467,5 +495,49 @@ pub fn transfer<B: Backend, const D: usize, K: burn::tensor::BasicOps<B>>(
         Tensor::from_data(tensor.into_data(), (device, dtype))
     } else {
         tensor.to_device(device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_lists_parse_counts_and_indices() {
+        assert_eq!(parse_device_indices("1").unwrap(), vec![0]);
+        assert_eq!(parse_device_indices("3").unwrap(), vec![0, 1, 2]);
+        assert_eq!(parse_device_indices("0,0").unwrap(), vec![0, 0]);
+        assert_eq!(parse_device_indices("2, 5").unwrap(), vec![2, 5]);
+        assert_eq!(
+            "2".parse::<DeviceIndices>().unwrap(),
+            DeviceIndices(vec![0, 1])
+        );
+        for bad in ["0", "", "x", "1,", "-1"] {
+            assert!(parse_device_indices(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn layers_and_experts_are_split_in_contiguous_balanced_ranges() {
+        let map = DeviceMap::new(vec!['a', 'b', 'c']).unwrap();
+        let layers: String = (0..8).map(|l| *map.layer(l, 8)).collect();
+        assert_eq!(layers, "aaabbbcc");
+        let experts: Vec<_> = (0..3).map(|k| map.experts(k, 16)).collect();
+        assert_eq!(experts, vec![0..5, 5..10, 10..16]);
+        // More devices than experts: some devices hold none, every expert is held once.
+        let map = DeviceMap::new(vec![(); 5]).unwrap();
+        let held: Vec<usize> = (0..5).flat_map(|k| map.experts(k, 4)).collect();
+        assert_eq!(held, vec![0, 1, 2, 3]);
+        assert!(DeviceMap::<()>::new(vec![]).is_err());
+    }
+
+    #[test]
+    fn replicas_split_rows_without_gaps() {
+        for (batch, world) in [(5, 3), (8, 4), (3, 3), (7, 2)] {
+            let rows: Vec<usize> = (0..world)
+                .flat_map(|rank| Peer { rank, world }.rows(batch))
+                .collect();
+            assert_eq!(rows, (0..batch).collect::<Vec<_>>(), "{batch} over {world}");
+        }
     }
 }
