@@ -167,6 +167,8 @@ fn cuda_devices(ids: &[usize]) -> Vec<burn::backend::cuda::CudaDevice> {
 type AnyError = Box<dyn std::error::Error>;
 
 /// One device, or data-parallel replicas over several.
+// One value per run: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum AnyTrainer<B: AutodiffBackend + JambaBackend> {
     One(Trainer<B>),
     Many(DataParallelTrainer<B>),

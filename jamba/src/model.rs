@@ -588,10 +588,15 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         }
         let logits = match &self.lm_head {
             Some(head) => head.forward(transfer(x, &head.weight.val().device())),
+            // Tied: the embedding is the head's `[vocab, hidden]` weight, through the same
+            // `JambaBackend::linear` as an untied head (a decoding row reads it once).
             None => {
                 let embed = self.model.embed_tokens.val();
-                let x = transfer(x, &embed.device());
-                burn::tensor::module::linear(x, embed.transpose(), None)
+                let [batch, len, hidden] = x.dims();
+                let x = transfer(x, &embed.device()).reshape([batch * len, hidden]);
+                let logits = <B as JambaBackend>::linear(x, embed, None);
+                let vocab = logits.dims()[1];
+                logits.reshape([batch, len, vocab])
             }
         };
         if let Some(c) = cache {
