@@ -198,6 +198,29 @@ pub struct JambaSparseMoeBlock<B: Backend> {
 /// weights without a host round trip (its kernel limit, [`jamba_kernels::DECODE_MAX_ROWS`]).
 pub const DENSE_MOE_TOKENS: usize = jamba_kernels::DECODE_MAX_ROWS;
 
+/// The routing weights as a dense `[tokens, experts]` matrix: `weights[t, j]` at column
+/// `chosen[t, j]`, zero elsewhere. Built by comparison with the expert indices rather than a
+/// scatter: CubeCL's scatter faults on CUDA for some small shapes (3 experts, top-1).
+fn dense_routing<B: Backend>(
+    chosen: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+    experts: usize,
+) -> Tensor<B, 2> {
+    let [tokens, k] = chosen.dims();
+    let ids = Tensor::<B, 1, Int>::arange(0..experts as i64, &chosen.device())
+        .reshape([1, 1, experts])
+        .expand([tokens, k, experts]);
+    let one_hot = chosen
+        .reshape([tokens, k, 1])
+        .expand([tokens, k, experts])
+        .equal(ids)
+        .float()
+        .cast(weights.dtype());
+    (one_hot * weights.reshape([tokens, k, 1]).expand([tokens, k, experts]))
+        .sum_dim(1)
+        .reshape([tokens, experts])
+}
+
 impl<B: JambaBackend> JambaSparseMoeBlock<B> {
     pub fn new(cfg: &JambaConfig, w: &mut Weights<B>, prefix: &str) -> Result<Self> {
         Ok(Self {
@@ -249,9 +272,7 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
 
         // On backends without kernels the reference would run every expert: grouping is cheaper.
         if tokens <= self.dense_tokens && B::KERNELS {
-            let dense =
-                Tensor::<B, 2>::zeros([tokens, self.num_experts()], (&device, weights.dtype()))
-                    .scatter(1, chosen, weights, IndexingUpdateOp::Add); // [tokens, E]
+            let dense = dense_routing(chosen, weights, self.num_experts()); // [tokens, E]
             for group in &self.experts {
                 let here = group.device();
                 let r = group.range();
@@ -346,8 +367,18 @@ mod tests {
         // The dense form (what backends with kernels use for decoding), from the same routing.
         let probs = burn::tensor::activation::softmax(logits, 1);
         let (weights, chosen) = probs.topk_with_indices(block.top_k, 1);
-        let dense =
-            Tensor::<B, 2>::zeros([21, 5], &dev).scatter(1, chosen, weights, IndexingUpdateOp::Add);
+        let dense = Tensor::<B, 2>::zeros([21, 5], &dev).scatter(
+            1,
+            chosen.clone(),
+            weights.clone(),
+            IndexingUpdateOp::Add,
+        );
+        // The scatter-free form the decoding path uses is the same matrix.
+        let diff = (dense_routing(chosen, weights, 5) - dense.clone())
+            .abs()
+            .max()
+            .into_scalar();
+        assert_eq!(diff, 0.0);
         let dense = block.experts[0]
             .forward_dense(x.reshape([21, 24]), dense)
             .reshape([3, 7, 24]);
