@@ -16,38 +16,9 @@ fn load<Bk: JambaBackend>(case: &str, device: &Bk::Device) -> JambaForCausalLM<B
     JambaForCausalLM::<Bk>::from_pretrained(fixture_dir(case), device, DType::F32).unwrap()
 }
 
-fn ids_of(d: &TensorData) -> Vec<u32> {
-    d.clone()
-        .convert::<i64>()
-        .to_vec::<i64>()
-        .unwrap()
-        .into_iter()
-        .map(|v| v as u32)
-        .collect()
-}
-
 /// Greedy generation of the fixture's 12 tokens, compared step by step with transformers.
 fn check_greedy_generation<Bk: JambaBackend>(case: &str, device: &Bk::Device, tol: f32) {
-    let model = load::<Bk>(case, device);
-    let exp = expected(case);
-    let prompt = ids_of(&exp["generate.prompt"]);
-    let want_tokens = ids_of(&exp["generate.tokens"]);
-    let cfg = GenerationConfig {
-        max_new_tokens: want_tokens.len(),
-        sampling: SamplingConfig::greedy(),
-        eos_token_ids: vec![],
-        output_scores: true,
-        prefill_chunk: 5,
-        ..Default::default()
-    };
-    let gen = model.generate(&[prompt], &cfg, |_| true).unwrap();
-    assert_eq!(gen.tokens[0], want_tokens, "{case}: greedy tokens");
-    let vocab = model.config().vocab_size;
-    let scores = exp["generate.scores"].to_vec::<f32>().unwrap();
-    for (s, got) in gen.scores[0].iter().enumerate() {
-        let want = TensorData::new(scores[s * vocab..(s + 1) * vocab].to_vec(), [vocab]);
-        assert_close(&format!("{case} scores[{s}]"), got, &want, tol);
-    }
+    assert_greedy_matches(case, &load::<Bk>(case, device), case, tol);
 }
 
 #[test]

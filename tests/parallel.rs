@@ -241,7 +241,6 @@ fn a_batch_smaller_than_the_devices_is_refused() {
 /// router logits) matches transformers as the single-device model does, and greedy cached decoding
 /// gives transformers' tokens and scores.
 fn check_expert_parallel<Bk: jamba::JambaBackend>(case: &str, devices: Vec<Bk::Device>, tol: f32) {
-    use jamba::generate::{GenerationConfig, SamplingConfig};
     use jamba::layer::FeedForward;
     use jamba::parallel::DeviceMap;
 
@@ -265,56 +264,9 @@ fn check_expert_parallel<Bk: jamba::JambaBackend>(case: &str, devices: Vec<Bk::D
     }
     let exp = expected(case);
     let out = model.forward(&tokens(&exp), None, true).unwrap();
-    assert_close(
-        &format!("{case} x{n} logits"),
-        &to_f32_vec(out.logits),
-        &exp["logits"],
-        tol,
-    );
-    for (i, h) in out.hidden_states.into_iter().enumerate() {
-        assert_close(
-            &format!("{case} x{n} hidden_states.{i}"),
-            &to_f32_vec(h),
-            &exp[&format!("hidden_states.{i}")],
-            tol,
-        );
-    }
-    for (j, r) in out.router_logits.into_iter().enumerate() {
-        assert_close(
-            &format!("{case} x{n} router_logits.{j}"),
-            &to_f32_vec(r),
-            &exp[&format!("router_logits.{j}")],
-            tol,
-        );
-    }
-
-    let ids = |d: &TensorData| -> Vec<u32> {
-        d.clone()
-            .convert::<i64>()
-            .to_vec::<i64>()
-            .unwrap()
-            .into_iter()
-            .map(|v| v as u32)
-            .collect()
-    };
-    let prompt = ids(&exp["generate.prompt"]);
-    let want = ids(&exp["generate.tokens"]);
-    let cfg = GenerationConfig {
-        max_new_tokens: want.len(),
-        sampling: SamplingConfig::greedy(),
-        eos_token_ids: vec![],
-        output_scores: true,
-        prefill_chunk: 5,
-        ..Default::default()
-    };
-    let gen = model.generate(&[prompt], &cfg, |_| true).unwrap();
-    assert_eq!(gen.tokens[0], want, "{case} x{n}: greedy tokens");
-    let vocab = model.config().vocab_size;
-    let scores = exp["generate.scores"].to_vec::<f32>().unwrap();
-    for (s, got) in gen.scores[0].iter().enumerate() {
-        let want = TensorData::new(scores[s * vocab..(s + 1) * vocab].to_vec(), [vocab]);
-        assert_close(&format!("{case} x{n} scores[{s}]"), got, &want, tol);
-    }
+    let label = format!("{case} x{n}");
+    assert_output_matches(&label, out, &exp, tol, false);
+    assert_greedy_matches(&label, &model, case, tol);
 }
 
 #[test]

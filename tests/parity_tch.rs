@@ -22,42 +22,7 @@ fn check_case(case: &str, dtype: DType, tol: f32) {
     let model = JambaForCausalLM::<B>::from_pretrained(fixture_dir(case), &device, dtype).unwrap();
     let exp = expected(case);
     let out = model.forward(&tokens(&exp), None, true).unwrap();
-    assert_eq!(
-        out.hidden_states.len(),
-        exp.keys()
-            .filter(|k| k.starts_with("hidden_states."))
-            .count(),
-        "{case}: number of hidden states"
-    );
-    for (i, h) in out.hidden_states.into_iter().enumerate() {
-        assert_close(
-            &format!("{case} {dtype:?} hidden_states.{i}"),
-            &to_f32_vec(h),
-            &exp[&format!("hidden_states.{i}")],
-            tol,
-        );
-    }
-    assert_eq!(
-        out.router_logits.len(),
-        exp.keys()
-            .filter(|k| k.starts_with("router_logits."))
-            .count(),
-        "{case}: number of MoE layers"
-    );
-    for (j, r) in out.router_logits.into_iter().enumerate() {
-        assert_close(
-            &format!("{case} {dtype:?} router_logits.{j}"),
-            &to_f32_vec(r),
-            &exp[&format!("router_logits.{j}")],
-            tol,
-        );
-    }
-    assert_close(
-        &format!("{case} {dtype:?} logits"),
-        &to_f32_vec(out.logits),
-        &exp["logits"],
-        tol,
-    );
+    assert_output_matches(&format!("{case} {dtype:?}"), out, &exp, tol, false);
 }
 
 #[test]

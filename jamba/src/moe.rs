@@ -276,7 +276,10 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
             for group in &self.experts {
                 let here = group.device();
                 let r = group.range();
-                let dense = transfer(dense.clone().narrow(1, r.start, r.len()), &here);
+                let dense = match self.experts.len() {
+                    1 => dense.clone(),
+                    _ => transfer(dense.clone().narrow(1, r.start, r.len()), &here),
+                };
                 add(group.forward_dense(transfer(x.clone(), &here), dense));
             }
             return (

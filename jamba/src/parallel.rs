@@ -25,7 +25,6 @@ use jamba_kernels::JambaBackend;
 
 use crate::error::{JambaError, Result};
 use crate::model::JambaForCausalLM;
-use crate::nn::ParamTensor;
 use crate::tokenizer::Tokenizer;
 use crate::train::{StepReport, TrainConfig, Trainer};
 
@@ -79,32 +78,19 @@ impl Peer {
         Ok(Tensor::from_primitive(TensorPrimitive::Float(out)))
     }
 
-    /// Sums every parameter's gradient over the replicas, in the model's parameter order. A
-    /// parameter without a gradient here (unused by this shard) contributes zeros, so every replica
-    /// makes the same calls.
-    pub fn all_reduce_grads<B: AutodiffBackend + JambaBackend>(
+    /// Sums every parameter's gradient over the replicas (burn-optim's all-reduce: one call per
+    /// parameter, in parameter-id order, the same on every replica since they are forks of one
+    /// model and every parameter gets a gradient from every shard).
+    pub fn all_reduce_grads<B: AutodiffBackend>(
         &self,
-        model: &JambaForCausalLM<B>,
-        mut grads: GradientsParams,
+        grads: GradientsParams,
     ) -> Result<GradientsParams> {
-        for p in model.named_params() {
-            let id = p.param.id();
-            macro_rules! reduce {
-                ($param:expr, $d:literal) => {{
-                    let g = match grads.remove::<B::InnerBackend, $d>(id) {
-                        Some(g) => g,
-                        None => $param.val().inner().zeros_like(),
-                    };
-                    grads.register(id, self.all_reduce_sum(g)?);
-                }};
-            }
-            match &p.param {
-                ParamTensor::D1(t) => reduce!(t, 1),
-                ParamTensor::D2(t) => reduce!(t, 2),
-                ParamTensor::D3(t) => reduce!(t, 3),
-            }
+        if self.world == 1 {
+            return Ok(grads);
         }
-        Ok(grads)
+        grads
+            .all_reduce::<B::InnerBackend>(self.id(), ReduceOperation::Sum)
+            .map_err(collective_error)
     }
 }
 

@@ -64,7 +64,12 @@ pub fn load_balancing_loss<B: Backend>(
     top_k: usize,
     mask: Option<Tensor<B, 2>>,
 ) -> Tensor<B, 1> {
-    let terms = RouterTerms::new(router_logits, top_k, mask);
+    use burn::tensor::ElementConversion;
+    let real = match &mask {
+        Some(m) => m.clone().sum().into_scalar().elem::<f64>() as usize,
+        None => router_logits.first().map_or(0, |l| l.dims()[0]),
+    };
+    let terms = RouterTerms::new(router_logits, top_k, mask, real);
     let (assigned, tokens) = (terms.assigned.clone(), terms.tokens);
     terms.aux_share(assigned, tokens, num_experts)
 }
@@ -82,8 +87,14 @@ pub struct RouterTerms<B: Backend> {
 }
 
 impl<B: Backend> RouterTerms<B> {
-    /// `router_logits` `[tokens, E]` per MoE layer; `mask` `[batch, len]` of 0/1 (1 = real token).
-    pub fn new(router_logits: &[Tensor<B, 2>], top_k: usize, mask: Option<Tensor<B, 2>>) -> Self {
+    /// `router_logits` `[tokens, E]` per MoE layer; `mask` `[batch, len]` of 0/1 (1 = real token)
+    /// with `real_tokens` ones (counted on the host, which holds the batch).
+    pub fn new(
+        router_logits: &[Tensor<B, 2>],
+        top_k: usize,
+        mask: Option<Tensor<B, 2>>,
+        real_tokens: usize,
+    ) -> Self {
         let layers = router_logits.len();
         let logits = Tensor::cat(router_logits.to_vec(), 0).cast(DType::F32);
         let [n, e] = logits.dims();
@@ -105,15 +116,13 @@ impl<B: Backend> RouterTerms<B> {
                 .reshape([n, 1]),
             None => Tensor::ones([n, 1], (&device, DType::F32)),
         };
-        use burn::tensor::ElementConversion;
-        let tokens = weights.clone().sum().into_scalar().elem::<f64>();
         Self {
             assigned: (assigned * weights.clone())
                 .sum_dim(0)
                 .reshape([e])
                 .detach(),
             prob_sum: (probs * weights).sum_dim(0).reshape([e]),
-            tokens,
+            tokens: (real_tokens * layers) as f64,
         }
     }
 
@@ -237,7 +246,12 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
                 )
                 .float()
             });
-            RouterTerms::new(&out.router_logits, self.config.num_experts_per_tok, mask)
+            RouterTerms::new(
+                &out.router_logits,
+                self.config.num_experts_per_tok,
+                mask,
+                real_tokens(tokens),
+            )
         });
         Ok(LossTerms {
             nll_sum,
@@ -703,7 +717,7 @@ where
         }
         let mut grads = accumulated.expect("grad_accum >= 1");
         if let Some(peer) = self.peer {
-            grads = peer.all_reduce_grads(&self.model, grads)?;
+            grads = peer.all_reduce_grads::<B>(grads)?;
         }
         let lr = lr_at(self.step, c.warmup, c.steps, c.lr, c.min_lr);
         let model = self.model.clone();
@@ -733,12 +747,7 @@ where
         let router = match &terms.router {
             Some(r) => {
                 let assigned = peer.all_reduce_sum(r.assigned.clone().inner())?;
-                let moe_layers = (0..self.model.config.num_hidden_layers)
-                    .filter(|&l| {
-                        self.model.config.feed_forward_kind(l)
-                            == crate::config::FeedForwardKind::Moe
-                    })
-                    .count();
+                let moe_layers = self.model.config.moe_layers().len();
                 Some((
                     Tensor::from_inner(assigned),
                     (real_tokens(batch) * moe_layers) as f64,

@@ -150,3 +150,82 @@ pub fn assert_grads_match(
     assert!(checked > 50, "{case}: only {checked} gradients compared");
     checked
 }
+
+/// Asserts that a forward pass with hidden states matches the fixture: as many hidden states and
+/// router logits as transformers returned, each (and the logits) within `tol` by
+/// [`assert_close`], or by [`assert_close_l2`] when `l2`.
+pub fn assert_output_matches<B: Backend>(
+    label: &str,
+    out: jamba::JambaOutput<B>,
+    exp: &BTreeMap<String, TensorData>,
+    tol: f32,
+    l2: bool,
+) {
+    let check = if l2 { assert_close_l2 } else { assert_close };
+    let count = |prefix: &str| exp.keys().filter(|k| k.starts_with(prefix)).count();
+    assert_eq!(
+        out.hidden_states.len(),
+        count("hidden_states."),
+        "{label}: number of hidden states"
+    );
+    assert_eq!(
+        out.router_logits.len(),
+        count("router_logits."),
+        "{label}: number of MoE layers"
+    );
+    for (i, h) in out.hidden_states.into_iter().enumerate() {
+        let key = format!("hidden_states.{i}");
+        check(&format!("{label} {key}"), &to_f32_vec(h), &exp[&key], tol);
+    }
+    for (j, r) in out.router_logits.into_iter().enumerate() {
+        let key = format!("router_logits.{j}");
+        check(&format!("{label} {key}"), &to_f32_vec(r), &exp[&key], tol);
+    }
+    check(
+        &format!("{label} logits"),
+        &to_f32_vec(out.logits),
+        &exp["logits"],
+        tol,
+    );
+}
+
+/// Token ids of a fixture tensor.
+pub fn ids_of(d: &TensorData) -> Vec<u32> {
+    d.clone()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u32)
+        .collect()
+}
+
+/// Cached greedy generation of the fixture's 12 tokens (prefill in chunks of 5), compared step by
+/// step with transformers: the same tokens, every step's scores within `tol`.
+pub fn assert_greedy_matches<B: jamba::JambaBackend>(
+    label: &str,
+    model: &jamba::JambaForCausalLM<B>,
+    case: &str,
+    tol: f32,
+) {
+    use jamba::generate::{GenerationConfig, SamplingConfig};
+    let exp = expected(case);
+    let prompt = ids_of(&exp["generate.prompt"]);
+    let want_tokens = ids_of(&exp["generate.tokens"]);
+    let cfg = GenerationConfig {
+        max_new_tokens: want_tokens.len(),
+        sampling: SamplingConfig::greedy(),
+        eos_token_ids: vec![],
+        output_scores: true,
+        prefill_chunk: 5,
+        ..Default::default()
+    };
+    let gen = model.generate(&[prompt], &cfg, |_| true).unwrap();
+    assert_eq!(gen.tokens[0], want_tokens, "{label}: greedy tokens");
+    let vocab = model.config().vocab_size;
+    let scores = exp["generate.scores"].to_vec::<f32>().unwrap();
+    for (s, got) in gen.scores[0].iter().enumerate() {
+        let want = TensorData::new(scores[s * vocab..(s + 1) * vocab].to_vec(), [vocab]);
+        assert_close(&format!("{label} scores[{s}]"), got, &want, tol);
+    }
+}
