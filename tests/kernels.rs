@@ -13,10 +13,11 @@
 mod common;
 
 use burn::backend::{wgpu::WgpuDevice, Autodiff, NdArray, Wgpu};
+use burn::tensor::Int;
 use burn::tensor::{backend::Backend, DType, Distribution, Tensor, TensorData};
 use common::{assert_close, to_f32_vec};
 use jamba_kernels::{
-    reference, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, SelectiveScanInput,
+    reference, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MoeInput, SelectiveScanInput,
     SelectiveStateUpdate,
 };
 
@@ -731,5 +732,200 @@ fn decoding_linear_and_experts_match_reference() {
             &want,
             1e-4,
         );
+    }
+}
+
+/// Host copies of one grouped-MoE problem: `tokens` tokens routed to `top_k` distinct experts
+/// each, out of `total` experts of which `experts` (from `first`) are held here.
+struct MoeCase {
+    tokens: usize,
+    top_k: usize,
+    experts: usize,
+    first: usize,
+    hidden: usize,
+    inter: usize,
+    x: Vec<f32>,
+    gate_up: Vec<f32>,
+    down: Vec<f32>,
+    chosen: Vec<i64>,
+    weights: Vec<f32>,
+}
+
+impl MoeCase {
+    /// `route(t, j)` gives the layer's expert of pair `(t, j)`.
+    fn new(
+        [tokens, top_k, experts, first, hidden, inter]: [usize; 6],
+        route: impl Fn(usize, usize) -> usize,
+    ) -> Self {
+        let chosen = (0..tokens * top_k)
+            .map(|p| route(p / top_k, p % top_k) as i64)
+            .collect();
+        Self {
+            tokens,
+            top_k,
+            experts,
+            first,
+            hidden,
+            inter,
+            x: random(tokens * hidden, Distribution::Normal(0.0, 1.0)),
+            gate_up: random(experts * 2 * inter * hidden, Distribution::Normal(0.0, 0.3)),
+            down: random(experts * hidden * inter, Distribution::Normal(0.0, 0.3)),
+            chosen,
+            weights: random(tokens * top_k, Distribution::Uniform(0.05, 1.0)),
+        }
+    }
+
+    fn input<B: Backend>(&self, dtype: DType) -> MoeInput<B> {
+        let dev = Default::default();
+        let (n, k, e, h, i) = (
+            self.tokens,
+            self.top_k,
+            self.experts,
+            self.hidden,
+            self.inter,
+        );
+        fn f<B: Backend, const D: usize>(
+            v: &[f32],
+            shape: [usize; D],
+            dtype: DType,
+        ) -> Tensor<B, D> {
+            Tensor::<B, D>::from_data(TensorData::new(v.to_vec(), shape), &Default::default())
+                .cast(dtype)
+        }
+        MoeInput {
+            x: f(&self.x, [n, h], dtype),
+            gate_up: f(&self.gate_up, [e, 2 * i, h], dtype),
+            down: f(&self.down, [e, h, i], dtype),
+            chosen: Tensor::<B, 2, Int>::from_data(
+                TensorData::new(self.chosen.clone(), [n, k]),
+                &dev,
+            ),
+            weights: f(&self.weights, [n, k], dtype),
+            first: self.first,
+        }
+    }
+}
+
+fn moe_cases() -> Vec<(&'static str, MoeCase)> {
+    // A fixed scramble so that every expert gets an uneven share.
+    let spread = |e: usize| move |t: usize, j: usize| (t * 7 + j * 3 + t / 5) % e;
+    vec![
+        // One token, top-1, three experts (tiny-b's routing).
+        ("n1 k1 e3", MoeCase::new([1, 1, 3, 0, 24, 20], spread(3))),
+        // Odd sizes: partial row and column tiles everywhere.
+        (
+            "n37 k2 e5 h70 i33",
+            MoeCase::new([37, 2, 5, 0, 70, 33], spread(5)),
+        ),
+        // 600 pairs (three routing blocks) all on one expert: ten row tiles of one expert, the
+        // other experts empty.
+        (
+            "n300 k2 e4 one expert",
+            MoeCase::new([300, 2, 4, 0, 40, 70], |t, j| {
+                if j == 0 {
+                    2
+                } else {
+                    (t % 3 == 0) as usize * 2 + 1
+                }
+            }),
+        ),
+        // Expert parallelism: experts 2..5 of 8 held here, the other pairs skipped.
+        (
+            "n70 k2 e3 of 8 from 2",
+            MoeCase::new([70, 2, 3, 2, 33, 17], spread(8)),
+        ),
+    ]
+}
+
+fn moe_reference(case: &MoeCase, dtype: DType) -> TensorData {
+    // The reference sees the inputs rounded to `dtype` (on wgpu: ndarray has no f16), in f32.
+    let rounded = case.input::<Wgpu>(dtype);
+    let dev = Default::default();
+    data(reference::moe_grouped(MoeInput::<Ref> {
+        x: Tensor::from_data(data(rounded.x), &dev),
+        gate_up: Tensor::from_data(data(rounded.gate_up), &dev),
+        down: Tensor::from_data(data(rounded.down), &dev),
+        chosen: Tensor::from_data(rounded.chosen.into_data(), &dev),
+        weights: Tensor::from_data(data(rounded.weights), &dev),
+        first: case.first,
+    }))
+}
+
+#[test]
+fn grouped_experts_match_reference() {
+    for (name, case) in moe_cases() {
+        let want = moe_reference(&case, DType::F32);
+        let cube = Cube::moe_grouped(case.input::<Cube>(DType::F32));
+        assert_close(&format!("cube moe {name}"), &to_f32_vec(cube), &want, 1e-4);
+        let fused = Wgpu::moe_grouped(case.input::<Wgpu>(DType::F32));
+        assert_close(
+            &format!("fusion moe {name}"),
+            &to_f32_vec(fused),
+            &want,
+            1e-4,
+        );
+    }
+    for (name, case) in moe_cases().into_iter().take(2) {
+        let want = moe_reference(&case, DType::F16);
+        let ours = Wgpu::moe_grouped(case.input::<Wgpu>(DType::F16));
+        assert_eq!(ours.dtype(), DType::F16);
+        assert_close(&format!("f16 moe {name}"), &to_f32_vec(ours), &want, 1e-2);
+    }
+}
+
+/// Gradients of `sum(out * w)` w.r.t. `x`, both expert tensors and the routing weights: the
+/// kernels' backward against Burn's autodiff of the reference on ndarray.
+fn moe_grads<A: burn::tensor::backend::AutodiffBackend + JambaBackend>(
+    case: &MoeCase,
+    w: &[f32],
+) -> Vec<(&'static str, TensorData)> {
+    let dev = Default::default();
+    let input = case.input::<A>(DType::F32);
+    let input = MoeInput {
+        x: input.x.require_grad(),
+        gate_up: input.gate_up.require_grad(),
+        down: input.down.require_grad(),
+        weights: input.weights.require_grad(),
+        ..input
+    };
+    let keep = input.clone();
+    let out = A::moe_grouped(input);
+    let w = Tensor::<A, 2>::from_data(
+        TensorData::new(w.to_vec(), [case.tokens, case.hidden]),
+        &dev,
+    );
+    let grads = (out * w).sum().backward();
+    vec![
+        ("x", data(keep.x.grad(&grads).expect("x gradient"))),
+        (
+            "gate_up",
+            data(keep.gate_up.grad(&grads).expect("gate_up gradient")),
+        ),
+        ("down", data(keep.down.grad(&grads).expect("down gradient"))),
+        (
+            "weights",
+            data(keep.weights.grad(&grads).expect("weights gradient")),
+        ),
+    ]
+}
+
+#[test]
+fn grouped_experts_gradients_match_reference() {
+    for (name, case) in moe_cases() {
+        let w = random(case.tokens * case.hidden, Distribution::Normal(0.0, 1.0));
+        let want = moe_grads::<Autodiff<Ref>>(&case, &w);
+        for (backend, got) in [
+            ("cube", moe_grads::<Autodiff<Cube>>(&case, &w)),
+            ("fusion", moe_grads::<Autodiff<Wgpu>>(&case, &w)),
+        ] {
+            for ((key, g), (_, r)) in got.into_iter().zip(&want) {
+                assert_close(
+                    &format!("{backend} moe {name} grad {key}"),
+                    &g.to_vec::<f32>().unwrap(),
+                    r,
+                    1e-4,
+                );
+            }
+        }
     }
 }

@@ -14,7 +14,7 @@ use burn::backend::autodiff::{
 use burn::tensor::{ops::FloatTensor, DType, Tensor, TensorPrimitive};
 
 use crate::{
-    reference, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, SelectiveScanInput,
+    reference, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MoeInput, SelectiveScanInput,
     SelectiveScanOutput, SelectiveStateUpdate,
 };
 
@@ -117,7 +117,74 @@ impl<B: JambaBackend> Backward<B, 4> for ConvBackward {
     }
 }
 
+#[derive(Debug)]
+struct MoeBackward;
+
+impl<B: JambaBackend> Backward<B, 4> for MoeBackward {
+    type State = MoeInput<B>;
+
+    fn backward(
+        self,
+        ops: Ops<Self::State, 4>,
+        grads: &mut Gradients,
+        _checkpointer: &mut Checkpointer,
+    ) {
+        let grad = Tensor::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)));
+        let g = B::moe_grouped_backward(&ops.state, grad);
+        let grads_in: [FloatTensor<B>; 4] = [
+            g.x.into_primitive().tensor(),
+            g.gate_up.into_primitive().tensor(),
+            g.down.into_primitive().tensor(),
+            g.weights.into_primitive().tensor(),
+        ];
+        for (parent, grad) in ops.parents.into_iter().zip(grads_in) {
+            if let Some(node) = parent {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
 impl<B: JambaBackend, C: CheckpointStrategy> JambaBackend for Autodiff<B, C> {
+    const GROUPED_MOE: bool = B::GROUPED_MOE;
+
+    /// One node whose backward runs `B`'s kernels (recomputing the experts' activations), or
+    /// the differentiated reference.
+    fn moe_grouped(input: MoeInput<Self>) -> Tensor<Self, 2> {
+        if !B::GROUPED_MOE {
+            return reference::moe_grouped(input);
+        }
+        let x = ad(input.x);
+        let gate_up = ad(input.gate_up);
+        let down = ad(input.down);
+        let weights = ad(input.weights);
+        let inner_input = MoeInput::<B> {
+            x: to_inner::<B, C, 2>(&x),
+            gate_up: to_inner::<B, C, 3>(&gate_up),
+            down: to_inner::<B, C, 3>(&down),
+            chosen: Tensor::from_primitive(input.chosen.into_primitive()),
+            weights: to_inner::<B, C, 2>(&weights),
+            first: input.first,
+        };
+        let nodes = [
+            x.node.clone(),
+            gate_up.node.clone(),
+            down.node.clone(),
+            weights.node.clone(),
+        ];
+        let out = match MoeBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let out = B::moe_grouped(inner_input.clone());
+                prep.finish(inner_input, out.into_primitive().tensor())
+            }
+            OpsKind::UnTracked(prep) => {
+                let out = B::moe_grouped(inner_input);
+                prep.finish(out.into_primitive().tensor())
+            }
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+
     fn selective_scan(input: SelectiveScanInput<Self>) -> SelectiveScanOutput<Self> {
         if !B::KERNELS {
             return reference::selective_scan(input);

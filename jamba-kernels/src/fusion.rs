@@ -13,8 +13,8 @@ use burn_fusion::{
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
 use crate::{
-    CausalConv1dGrads, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, SelectiveScanGrads,
-    SelectiveScanInput, SelectiveScanOutput, SelectiveStateUpdate,
+    CausalConv1dGrads, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MoeGrads, MoeInput,
+    SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput, SelectiveStateUpdate,
 };
 
 type Run<B> = Arc<dyn Fn(Vec<FloatTensor<B>>) -> Vec<FloatTensor<B>> + Send + Sync>;
@@ -429,6 +429,53 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
         fwrap(outs.into_iter().next().unwrap())
     }
 
+    const GROUPED_MOE: bool = B::GROUPED_MOE;
+
+    fn moe_grouped(input: MoeInput<Self>) -> Tensor<Self, 2> {
+        if !B::GROUPED_MOE {
+            return crate::reference::moe_grouped(input);
+        }
+        let [tokens, hidden] = input.x.dims();
+        let dtype = input.x.dtype();
+        let first = input.first;
+        let outs = register::<B>(
+            "jamba_moe_grouped",
+            moe_args(&input),
+            vec![(vec![tokens, hidden], dtype)],
+            Arc::new(move |prims| vec![raw(B::moe_grouped(moe_input::<B>(prims, first)))]),
+        );
+        fwrap(outs.into_iter().next().unwrap())
+    }
+
+    fn moe_grouped_backward(input: &MoeInput<Self>, grad: Tensor<Self, 2>) -> MoeGrads<Self> {
+        let mut args = moe_args(input);
+        args.push(fprim(grad));
+        let shapes = vec![
+            (input.x.dims().to_vec(), input.x.dtype()),
+            (input.gate_up.dims().to_vec(), input.gate_up.dtype()),
+            (input.down.dims().to_vec(), input.down.dtype()),
+            (input.weights.dims().to_vec(), input.weights.dtype()),
+        ];
+        let first = input.first;
+        let outs = register::<B>(
+            "jamba_moe_grouped_backward",
+            args,
+            shapes,
+            Arc::new(move |mut prims| {
+                let grad = inner(prims.pop().unwrap());
+                let g = B::moe_grouped_backward(&moe_input::<B>(prims, first), grad);
+                vec![raw(g.x), raw(g.gate_up), raw(g.down), raw(g.weights)]
+            }),
+        );
+        let mut it = outs.into_iter();
+        MoeGrads {
+            x: fwrap(it.next().unwrap()),
+            gate_up: fwrap(it.next().unwrap()),
+            down: fwrap(it.next().unwrap()),
+            weights: fwrap(it.next().unwrap()),
+        }
+    }
+
     fn rms_norm(x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
         if !B::KERNELS {
             return crate::reference::rms_norm(x, weight, eps);
@@ -578,4 +625,28 @@ fn conv_input<B: FusionBackend>(
         },
         it.collect(),
     )
+}
+
+/// The grouped MoE's inputs as float tensors: the expert indices travel as f32 (exact for any
+/// expert count) since custom operations carry float tensors.
+fn moe_args<B: FusionBackend>(input: &MoeInput<Fusion<B>>) -> Vec<FusionTensor<B::FusionRuntime>> {
+    vec![
+        fprim(input.x.clone()),
+        fprim(input.gate_up.clone()),
+        fprim(input.down.clone()),
+        fprim(input.chosen.clone().float().cast(DType::F32)),
+        fprim(input.weights.clone()),
+    ]
+}
+
+fn moe_input<B: FusionBackend>(prims: Vec<FloatTensor<B>>, first: usize) -> MoeInput<B> {
+    let mut it = prims.into_iter();
+    MoeInput {
+        x: inner(it.next().unwrap()),
+        gate_up: inner(it.next().unwrap()),
+        down: inner(it.next().unwrap()),
+        chosen: inner::<B, 2>(it.next().unwrap()).int(),
+        weights: inner(it.next().unwrap()),
+        first,
+    }
 }

@@ -15,7 +15,7 @@ pub mod cube;
 #[cfg(feature = "cube")]
 mod fusion;
 
-use burn::tensor::{backend::Backend, Tensor};
+use burn::tensor::{backend::Backend, Int, Tensor};
 
 /// Inputs of the Mamba-1 selective scan, in mamba-ssm's layout (channels before time).
 ///
@@ -123,6 +123,32 @@ pub struct CausalConv1dUpdate<B: Backend> {
     pub silu: bool,
 }
 
+/// The routed experts of a MoE layer for many tokens (dropless: every pair is computed).
+///
+/// Shapes: `x`: `[tokens, hidden]`; `gate_up`: `[experts, 2 * inter, hidden]` (rows `[0, inter)`
+/// gate, `[inter, 2 * inter)` up); `down`: `[experts, hidden, inter]`; `chosen`, `weights`:
+/// `[tokens, top_k]`, the layer's expert index and routing weight of each (token, slot) pair.
+/// The experts held here are `first..first + experts`; pairs routed elsewhere are skipped
+/// (expert parallelism).
+#[derive(Debug, Clone)]
+pub struct MoeInput<B: Backend> {
+    pub x: Tensor<B, 2>,
+    pub gate_up: Tensor<B, 3>,
+    pub down: Tensor<B, 3>,
+    pub chosen: Tensor<B, 2, Int>,
+    pub weights: Tensor<B, 2>,
+    pub first: usize,
+}
+
+/// Gradients of the grouped MoE w.r.t. its float inputs, in their dtypes.
+#[derive(Debug, Clone)]
+pub struct MoeGrads<B: Backend> {
+    pub x: Tensor<B, 2>,
+    pub gate_up: Tensor<B, 3>,
+    pub down: Tensor<B, 3>,
+    pub weights: Tensor<B, 2>,
+}
+
 /// The operations Jamba's Mamba mixer needs from a backend.
 ///
 /// The default methods are the tensor-op references; a backend with kernels overrides them and
@@ -194,6 +220,25 @@ pub trait JambaBackend: Backend {
         weights: Tensor<Self, 2>,
     ) -> Tensor<Self, 2> {
         reference::moe_experts(x, gate_up, down, weights)
+    }
+
+    /// Whether [`JambaBackend::moe_grouped`] runs on the device without reading the routing
+    /// back to the host (a kernel). The model then uses it for every batch above the decoding
+    /// sizes; otherwise it groups the tokens by expert on the host.
+    const GROUPED_MOE: bool = false;
+
+    /// `out[t] = sum_j weights[t, j] * expert_{chosen[t, j]}(x[t])` over the pairs whose expert
+    /// is held here (see [`MoeInput`]). Backends with kernels sort the pairs by expert on the
+    /// device and run grouped matmuls; the reference runs every expert on every token.
+    fn moe_grouped(input: MoeInput<Self>) -> Tensor<Self, 2> {
+        reference::moe_grouped(input)
+    }
+
+    /// Gradients of `sum(moe_grouped(input) * grad)` w.r.t. `x`, `gate_up`, `down` and
+    /// `weights` (only called when [`JambaBackend::GROUPED_MOE`] is true).
+    fn moe_grouped_backward(input: &MoeInput<Self>, grad: Tensor<Self, 2>) -> MoeGrads<Self> {
+        let _ = (input, grad);
+        unimplemented!("moe_grouped_backward is only called on backends with GROUPED_MOE")
     }
 
     /// RMSNorm of the rows of `x` `[rows, dim]` (any float dtype), computed in f32, cast to the

@@ -4,7 +4,7 @@
 //! (Dao-AILab/causal-conv1d) literally, with the state and all accumulation in f32 whatever the
 //! input dtype. They run on any backend, including `Autodiff<B>`, which differentiates them.
 
-use burn::tensor::{activation, backend::Backend, DType, Tensor};
+use burn::tensor::{activation, backend::Backend, DType, Int, Tensor};
 
 use crate::{
     CausalConv1dInput, CausalConv1dUpdate, SelectiveScanInput, SelectiveScanOutput,
@@ -165,6 +165,44 @@ pub fn moe_experts<B: Backend>(
         out = out + y * weights.clone().narrow(1, k, 1).expand([n, h]);
     }
     out
+}
+
+/// The routing weights as a dense `[tokens, experts]` matrix: `weights[t, j]` at column
+/// `chosen[t, j] - first`, zero elsewhere (and for pairs outside `first..first + experts`).
+/// Built by comparison with the expert indices rather than a scatter: CubeCL's scatter faults
+/// on CUDA for some small shapes (3 experts, top-1).
+pub fn dense_routing<B: Backend>(
+    chosen: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+    first: usize,
+    experts: usize,
+) -> Tensor<B, 2> {
+    let [tokens, k] = chosen.dims();
+    let ids = Tensor::<B, 1, Int>::arange(first as i64..(first + experts) as i64, &chosen.device())
+        .reshape([1, 1, experts])
+        .expand([tokens, k, experts]);
+    let one_hot = chosen
+        .reshape([tokens, k, 1])
+        .expand([tokens, k, experts])
+        .equal(ids)
+        .float()
+        .cast(weights.dtype());
+    (one_hot * weights.reshape([tokens, k, 1]).expand([tokens, k, experts]))
+        .sum_dim(1)
+        .reshape([tokens, experts])
+}
+
+/// The grouped MoE (see `JambaBackend::moe_grouped`) as every expert on every token, weighted
+/// by the dense routing matrix: the oracle of the kernels, differentiable by Burn.
+pub fn moe_grouped<B: Backend>(input: crate::MoeInput<B>) -> Tensor<B, 2> {
+    let experts = input.gate_up.dims()[0];
+    let dense = dense_routing(
+        input.chosen,
+        input.weights.cast(input.x.dtype()),
+        input.first,
+        experts,
+    );
+    moe_experts(input.x, input.gate_up, input.down, dense)
 }
 
 /// RMSNorm over the last dimension in f32, cast to the weight's dtype, then scaled.

@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::nn::{export_experts, Export, Linear};
 use crate::parallel::transfer;
 use crate::weights::{Init, Weights};
-use jamba_kernels::JambaBackend;
+use jamba_kernels::{reference::dense_routing, JambaBackend, MoeInput};
 
 /// `down(silu(gate(x)) * up(x))`.
 #[derive(Module, Debug)]
@@ -188,7 +188,9 @@ pub struct JambaSparseMoeBlock<B: Backend> {
     pub top_k: usize,
     /// Up to this many tokens per call (decoding), the routing weights go to
     /// `JambaBackend::moe_experts` as a dense `[tokens, experts]` matrix (zero for unchosen
-    /// experts) and nothing is read back to the host. Above it, tokens are grouped by expert.
+    /// experts) and nothing is read back to the host. Above it, backends with
+    /// `JambaBackend::GROUPED_MOE` sort the tokens by expert on the device
+    /// (`JambaBackend::moe_grouped`); the others group them by expert on the host.
     pub dense_tokens: usize,
 }
 
@@ -197,29 +199,6 @@ pub struct JambaSparseMoeBlock<B: Backend> {
 /// `JambaBackend::moe_experts`, which on the CubeCL backends reads only the routed experts'
 /// weights without a host round trip (its kernel limit, [`jamba_kernels::DECODE_MAX_ROWS`]).
 pub const DENSE_MOE_TOKENS: usize = jamba_kernels::DECODE_MAX_ROWS;
-
-/// The routing weights as a dense `[tokens, experts]` matrix: `weights[t, j]` at column
-/// `chosen[t, j]`, zero elsewhere. Built by comparison with the expert indices rather than a
-/// scatter: CubeCL's scatter faults on CUDA for some small shapes (3 experts, top-1).
-fn dense_routing<B: Backend>(
-    chosen: Tensor<B, 2, Int>,
-    weights: Tensor<B, 2>,
-    experts: usize,
-) -> Tensor<B, 2> {
-    let [tokens, k] = chosen.dims();
-    let ids = Tensor::<B, 1, Int>::arange(0..experts as i64, &chosen.device())
-        .reshape([1, 1, experts])
-        .expand([tokens, k, experts]);
-    let one_hot = chosen
-        .reshape([tokens, k, 1])
-        .expand([tokens, k, experts])
-        .equal(ids)
-        .float()
-        .cast(weights.dtype());
-    (one_hot * weights.reshape([tokens, k, 1]).expand([tokens, k, experts]))
-        .sum_dim(1)
-        .reshape([tokens, experts])
-}
 
 impl<B: JambaBackend> JambaSparseMoeBlock<B> {
     pub fn new(cfg: &JambaConfig, w: &mut Weights<B>, prefix: &str) -> Result<Self> {
@@ -272,15 +251,36 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
 
         // On backends without kernels the reference would run every expert: grouping is cheaper.
         if tokens <= self.dense_tokens && B::KERNELS {
-            let dense = dense_routing(chosen, weights, self.num_experts()); // [tokens, E]
             for group in &self.experts {
                 let here = group.device();
                 let r = group.range();
-                let dense = match self.experts.len() {
-                    1 => dense.clone(),
-                    _ => transfer(dense.clone().narrow(1, r.start, r.len()), &here),
-                };
+                let dense = dense_routing(
+                    transfer(chosen.clone(), &here),
+                    transfer(weights.clone(), &here),
+                    r.start,
+                    r.len(),
+                ); // [tokens, E_here]
                 add(group.forward_dense(transfer(x.clone(), &here), dense));
+            }
+            return (
+                out.expect("a layer has experts")
+                    .reshape([batch, len, hidden]),
+                router_logits,
+            );
+        }
+
+        // Sorted by expert on the device and run as grouped matmuls (prefill, training).
+        if B::GROUPED_MOE {
+            for group in &self.experts {
+                let here = group.device();
+                add(B::moe_grouped(MoeInput {
+                    x: transfer(x.clone(), &here),
+                    gate_up: group.gate_up_proj.val(),
+                    down: group.down_proj.val(),
+                    chosen: transfer(chosen.clone(), &here),
+                    weights: transfer(weights.clone(), &here),
+                    first: group.first,
+                }));
             }
             return (
                 out.expect("a layer has experts")
@@ -377,7 +377,7 @@ mod tests {
             IndexingUpdateOp::Add,
         );
         // The scatter-free form the decoding path uses is the same matrix.
-        let diff = (dense_routing(chosen, weights, 5) - dense.clone())
+        let diff = (dense_routing(chosen, weights, 0, 5) - dense.clone())
             .abs()
             .max()
             .into_scalar();

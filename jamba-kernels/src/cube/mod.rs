@@ -4,6 +4,8 @@
 #![allow(clippy::type_complexity)]
 
 pub mod kernels;
+mod moe;
+pub mod moe_kernels;
 
 use burn::tensor::{DType, Tensor, TensorPrimitive};
 use burn_cubecl::{
@@ -14,7 +16,8 @@ use burn_cubecl::{
 
 use crate::{
     scan_chunk_len, CausalConv1dGrads, CausalConv1dInput, CausalConv1dUpdate, JambaBackend,
-    SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput, SelectiveStateUpdate,
+    MoeGrads, MoeInput, SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput,
+    SelectiveStateUpdate,
 };
 
 /// Channels per cube of the scan kernels.
@@ -97,8 +100,8 @@ fn elemwise_launch(n: usize) -> (CubeCount, CubeDim) {
 }
 
 /// Operations named in the `JAMBA_REFERENCE` environment variable (comma-separated: `scan`,
-/// `conv`, `step`, `rms_norm`, `linear`, `moe`, or `all`) run the tensor-op reference instead of
-/// the kernel: a switch to isolate a kernel when results differ.
+/// `conv`, `step`, `rms_norm`, `linear`, `moe`, `moe_grouped`, or `all`) run the tensor-op
+/// reference instead of the kernel: a switch to isolate a kernel when results differ.
 fn use_kernel(op: &str) -> bool {
     static DISABLED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     let disabled = DISABLED.get_or_init(|| {
@@ -206,6 +209,19 @@ where
             return crate::reference::moe_experts(x, gate_up, down, weights);
         }
         moe_decode(x, gate_up, down, weights.cast(dtype))
+    }
+
+    const GROUPED_MOE: bool = true;
+
+    fn moe_grouped(input: MoeInput<Self>) -> Tensor<Self, 2> {
+        if !use_kernel("moe_grouped") || !moe::supported(&input) {
+            return crate::reference::moe_grouped(input);
+        }
+        moe::moe_grouped(input)
+    }
+
+    fn moe_grouped_backward(input: &MoeInput<Self>, grad: Tensor<Self, 2>) -> MoeGrads<Self> {
+        moe::moe_grouped_backward(input, grad)
     }
 
     fn causal_conv1d_update(input: CausalConv1dUpdate<Self>) -> (Tensor<Self, 2>, Tensor<Self, 3>) {

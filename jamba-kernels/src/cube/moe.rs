@@ -1,0 +1,433 @@
+//! The grouped (dropless) MoE on the device: routing, gather, grouped matmuls, SwiGLU and the
+//! weighted combine of [`super::moe_kernels`], forward and backward. The backward recomputes
+//! the routing and the experts' activations from the inputs instead of keeping them.
+
+use burn::tensor::{DType, Shape, Tensor};
+use burn_cubecl::{
+    cubecl::prelude::{CubeCount, CubeDim},
+    ops::numeric::empty_device_dtype,
+    tensor::CubeTensor,
+    BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement,
+};
+
+use super::moe_kernels::{self as k, GEMM_UNITS, ROUTE_UNITS, TILE_M, TILE_N};
+use super::{elemwise_launch, grid, prim};
+use crate::{MoeGrads, MoeInput};
+
+type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+
+/// Units per cube of the routing-weight gradient (one cube per pair).
+const DOT_UNITS: usize = 128;
+/// The largest dimension of a grid.
+const GRID_MAX: usize = 65535;
+
+/// A layer's (token, slot) pairs sorted by the expert held here.
+struct Routing<R: CubeRuntime> {
+    /// `[pairs]`: the pair of each sorted row (rows past `offsets[experts]` unused).
+    perm: CubeTensor<R>,
+    /// `[pairs]`: the row of each pair, or `NO_ROW`.
+    pos: CubeTensor<R>,
+    /// `[experts + 1]`: the first row of each expert, then the number of routed rows.
+    offsets: CubeTensor<R>,
+    /// `[experts + 1]`: the first row tile of each expert, then the number of tiles.
+    tile_offsets: CubeTensor<R>,
+    /// `tokens * top_k`: the most rows the routing can produce.
+    pairs: usize,
+    experts: usize,
+}
+
+fn u32_buffer<R: CubeRuntime>(like: &CubeTensor<R>, len: usize) -> CubeTensor<R> {
+    empty_device_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::new([len.max(1)]),
+        DType::U32,
+    )
+}
+
+fn route<R: CubeRuntime>(
+    chosen: CubeTensor<R>,
+    pairs: usize,
+    experts: usize,
+    first: usize,
+) -> Routing<R> {
+    let blocks = pairs.div_ceil(ROUTE_UNITS).max(1);
+    let block_counts = u32_buffer(&chosen, blocks * experts);
+    let rank = u32_buffer(&chosen, pairs);
+    let offsets = u32_buffer(&chosen, experts + 1);
+    let tile_offsets = u32_buffer(&chosen, experts + 1);
+    let perm = u32_buffer(&chosen, pairs);
+    let pos = u32_buffer(&chosen, pairs);
+    let client = chosen.client.clone();
+    let int_dtype = chosen.dtype;
+    let cube_dim = CubeDim::new_1d(ROUTE_UNITS as u32);
+    unsafe {
+        k::route_count_kernel::launch_unchecked::<R>(
+            &client,
+            grid(blocks, 1),
+            cube_dim,
+            chosen.clone().into_tensor_arg(),
+            block_counts.clone().into_tensor_arg(),
+            rank.clone().into_tensor_arg(),
+            first,
+            experts,
+            int_dtype.into(),
+        );
+        k::route_scan_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(1, 1, 1),
+            cube_dim,
+            block_counts.clone().into_tensor_arg(),
+            offsets.clone().into_tensor_arg(),
+            tile_offsets.clone().into_tensor_arg(),
+            blocks,
+            experts,
+        );
+        k::route_place_kernel::launch_unchecked::<R>(
+            &client,
+            grid(blocks, 1),
+            cube_dim,
+            chosen.into_tensor_arg(),
+            block_counts.into_tensor_arg(),
+            rank.into_tensor_arg(),
+            offsets.clone().into_tensor_arg(),
+            perm.clone().into_tensor_arg(),
+            pos.clone().into_tensor_arg(),
+            first,
+            experts,
+            int_dtype.into(),
+        );
+    }
+    Routing {
+        perm,
+        pos,
+        offsets,
+        tile_offsets,
+        pairs,
+        experts,
+    }
+}
+
+/// `[pairs, hidden]`: the token row of each sorted row, scaled by its routing weight if asked.
+fn gather<R, F, I, BT>(
+    x: &Tensor<Cube<R, F, I, BT>, 2>,
+    weights: &Tensor<Cube<R, F, I, BT>, 2>,
+    routing: &Routing<R>,
+    scaled: bool,
+) -> Tensor<Cube<R, F, I, BT>, 2>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [_, hidden] = x.dims();
+    let dtype = x.dtype();
+    let out = Tensor::<Cube<R, F, I, BT>, 2>::empty([routing.pairs, hidden], (&x.device(), dtype));
+    let x = prim(x.clone());
+    let client = x.client.clone();
+    let (count, dim) = elemwise_launch(routing.pairs * hidden);
+    unsafe {
+        k::moe_gather_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            x.into_tensor_arg(),
+            prim(weights.clone()).into_tensor_arg(),
+            routing.perm.clone().into_tensor_arg(),
+            routing.offsets.clone().into_tensor_arg(),
+            prim(out.clone()).into_tensor_arg(),
+            scaled,
+            dtype.into(),
+        );
+    }
+    out
+}
+
+/// `[tokens, hidden]`: each token's sum over its pairs' rows of `y`, weighted if asked.
+fn combine<R, F, I, BT>(
+    y: Tensor<Cube<R, F, I, BT>, 2>,
+    weights: &Tensor<Cube<R, F, I, BT>, 2>,
+    routing: &Routing<R>,
+    weighted: bool,
+) -> Tensor<Cube<R, F, I, BT>, 2>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [tokens, _] = weights.dims();
+    let [_, hidden] = y.dims();
+    let dtype = y.dtype();
+    let out = Tensor::<Cube<R, F, I, BT>, 2>::empty([tokens, hidden], (&y.device(), dtype));
+    let y = prim(y);
+    let client = y.client.clone();
+    let (count, dim) = elemwise_launch(tokens * hidden);
+    unsafe {
+        k::moe_combine_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            y.into_tensor_arg(),
+            prim(weights.clone()).into_tensor_arg(),
+            routing.pos.clone().into_tensor_arg(),
+            prim(out.clone()).into_tensor_arg(),
+            weighted,
+            dtype.into(),
+        );
+    }
+    out
+}
+
+/// `[pairs, N]`: row `r` is `a[r] @ b[e(r)]^T` for `b` `[experts, N, K]` (any strides).
+fn grouped_gemm<R, F, I, BT>(
+    a: Tensor<Cube<R, F, I, BT>, 2>,
+    b: Tensor<Cube<R, F, I, BT>, 3>,
+    routing: &Routing<R>,
+) -> Tensor<Cube<R, F, I, BT>, 2>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [_, n, _] = b.dims();
+    let dtype = a.dtype();
+    let c = Tensor::<Cube<R, F, I, BT>, 2>::empty([routing.pairs, n], (&a.device(), dtype));
+    let a = prim(a);
+    let b = prim(b);
+    let b_k_contiguous = b.meta.strides()[2] == 1;
+    let client = a.client.clone();
+    // Enough row tiles for any routing: each expert's last tile may be partial.
+    let tiles = routing.pairs.div_ceil(TILE_M) + routing.experts;
+    let y = tiles.min(GRID_MAX);
+    let count = CubeCount::Static(
+        n.div_ceil(TILE_N) as u32,
+        y as u32,
+        tiles.div_ceil(y) as u32,
+    );
+    unsafe {
+        k::grouped_gemm_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            CubeDim::new_1d(GEMM_UNITS as u32),
+            a.into_tensor_arg(),
+            b.into_tensor_arg(),
+            routing.offsets.clone().into_tensor_arg(),
+            routing.tile_offsets.clone().into_tensor_arg(),
+            prim(c.clone()).into_tensor_arg(),
+            routing.experts,
+            b_k_contiguous,
+            dtype.into(),
+        );
+    }
+    c
+}
+
+/// `[experts, P, Q]`: per expert, the sum over its rows of `p[r]^T q[r]`.
+fn grouped_outer<R, F, I, BT>(
+    p: &Tensor<Cube<R, F, I, BT>, 2>,
+    q: &Tensor<Cube<R, F, I, BT>, 2>,
+    routing: &Routing<R>,
+    dtype: DType,
+) -> Tensor<Cube<R, F, I, BT>, 3>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [_, pd] = p.dims();
+    let [_, qd] = q.dims();
+    let out =
+        Tensor::<Cube<R, F, I, BT>, 3>::empty([routing.experts, pd, qd], (&p.device(), dtype));
+    let p = prim(p.clone());
+    let client = p.client.clone();
+    let tiles = pd.div_ceil(TILE_M) * qd.div_ceil(TILE_N);
+    let x = tiles.min(GRID_MAX);
+    unsafe {
+        k::grouped_outer_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(x as u32, tiles.div_ceil(x) as u32, routing.experts as u32),
+            CubeDim::new_1d(GEMM_UNITS as u32),
+            p.into_tensor_arg(),
+            prim(q.clone()).into_tensor_arg(),
+            routing.offsets.clone().into_tensor_arg(),
+            prim(out.clone()).into_tensor_arg(),
+            dtype.into(),
+        );
+    }
+    out
+}
+
+fn swiglu<R, F, I, BT>(
+    gu: &Tensor<Cube<R, F, I, BT>, 2>,
+    routing: &Routing<R>,
+) -> Tensor<Cube<R, F, I, BT>, 2>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [rows, two_i] = gu.dims();
+    let dtype = gu.dtype();
+    let act = Tensor::<Cube<R, F, I, BT>, 2>::empty([rows, two_i / 2], (&gu.device(), dtype));
+    let g = prim(gu.clone());
+    let client = g.client.clone();
+    let (count, dim) = elemwise_launch(rows * two_i / 2);
+    unsafe {
+        k::swiglu_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            g.into_tensor_arg(),
+            routing.offsets.clone().into_tensor_arg(),
+            prim(act.clone()).into_tensor_arg(),
+            dtype.into(),
+        );
+    }
+    act
+}
+
+fn swiglu_backward<R, F, I, BT>(
+    gu: &Tensor<Cube<R, F, I, BT>, 2>,
+    dact: Tensor<Cube<R, F, I, BT>, 2>,
+    routing: &Routing<R>,
+) -> Tensor<Cube<R, F, I, BT>, 2>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [rows, two_i] = gu.dims();
+    let dtype = gu.dtype();
+    let dgu = Tensor::<Cube<R, F, I, BT>, 2>::empty([rows, two_i], (&gu.device(), dtype));
+    let g = prim(gu.clone());
+    let client = g.client.clone();
+    let (count, dim) = elemwise_launch(rows * two_i / 2);
+    unsafe {
+        k::swiglu_bwd_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            g.into_tensor_arg(),
+            prim(dact).into_tensor_arg(),
+            routing.offsets.clone().into_tensor_arg(),
+            prim(dgu.clone()).into_tensor_arg(),
+            dtype.into(),
+        );
+    }
+    dgu
+}
+
+/// The sorted routing and the experts' forward: `(routing, xs, gu, act, y)`, each `[pairs, _]`.
+#[allow(clippy::type_complexity)]
+fn experts_forward<R, F, I, BT>(
+    input: &MoeInput<Cube<R, F, I, BT>>,
+    weights: &Tensor<Cube<R, F, I, BT>, 2>,
+) -> (
+    Routing<R>,
+    Tensor<Cube<R, F, I, BT>, 2>,
+    Tensor<Cube<R, F, I, BT>, 2>,
+    Tensor<Cube<R, F, I, BT>, 2>,
+    Tensor<Cube<R, F, I, BT>, 2>,
+)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [tokens, top_k] = input.chosen.dims();
+    let experts = input.gate_up.dims()[0];
+    let chosen: CubeTensor<R> = input.chosen.clone().into_primitive();
+    let routing = route(chosen, tokens * top_k, experts, input.first);
+    let xs = gather(&input.x, weights, &routing, false);
+    let gu = grouped_gemm(xs.clone(), input.gate_up.clone(), &routing);
+    let act = swiglu(&gu, &routing);
+    let y = grouped_gemm(act.clone(), input.down.clone(), &routing);
+    (routing, xs, gu, act, y)
+}
+
+/// Checks the inputs agree; the caller falls back to the reference when they do not.
+pub(super) fn supported<R, F, I, BT>(input: &MoeInput<Cube<R, F, I, BT>>) -> bool
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [tokens, _] = input.x.dims();
+    let dtype = input.x.dtype();
+    tokens > 0
+        && input.gate_up.dtype() == dtype
+        && input.down.dtype() == dtype
+        && input.gate_up.dims()[0] > 0
+}
+
+pub(super) fn moe_grouped<R, F, I, BT>(
+    input: MoeInput<Cube<R, F, I, BT>>,
+) -> Tensor<Cube<R, F, I, BT>, 2>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let weights = input.weights.clone().cast(input.x.dtype());
+    let (routing, _, _, _, y) = experts_forward(&input, &weights);
+    combine(y, &weights, &routing, true)
+}
+
+pub(super) fn moe_grouped_backward<R, F, I, BT>(
+    input: &MoeInput<Cube<R, F, I, BT>>,
+    grad: Tensor<Cube<R, F, I, BT>, 2>,
+) -> MoeGrads<Cube<R, F, I, BT>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let dtype = input.x.dtype();
+    let weights = input.weights.clone().cast(dtype);
+    let grad = grad.cast(dtype);
+    let (routing, xs, gu, act, y) = experts_forward(input, &weights);
+
+    let [tokens, top_k] = weights.dims();
+    let dweights = Tensor::<Cube<R, F, I, BT>, 2>::empty([tokens, top_k], (&grad.device(), dtype));
+    {
+        let g = prim(grad.clone());
+        let client = g.client.clone();
+        unsafe {
+            k::moe_pair_dot_kernel::launch_unchecked::<R>(
+                &client,
+                grid(tokens * top_k, 1),
+                CubeDim::new_1d(DOT_UNITS as u32),
+                g.into_tensor_arg(),
+                prim(y).into_tensor_arg(),
+                routing.pos.clone().into_tensor_arg(),
+                prim(dweights.clone()).into_tensor_arg(),
+                DOT_UNITS,
+                dtype.into(),
+            );
+        }
+    }
+    // Each sorted row's output gradient: the token's, times the pair's routing weight.
+    let dy = gather(&grad, &weights, &routing, true);
+    let dact = grouped_gemm(dy.clone(), input.down.clone().swap_dims(1, 2), &routing);
+    let ddown = grouped_outer(&dy, &act, &routing, input.down.dtype());
+    let dgu = swiglu_backward(&gu, dact, &routing);
+    let dgate_up = grouped_outer(&dgu, &xs, &routing, input.gate_up.dtype());
+    let dxs = grouped_gemm(dgu, input.gate_up.clone().swap_dims(1, 2), &routing);
+    let dx = combine(dxs, &weights, &routing, false);
+    MoeGrads {
+        x: dx,
+        gate_up: dgate_up,
+        down: ddown,
+        weights: dweights.cast(input.weights.dtype()),
+    }
+}

@@ -1,0 +1,558 @@
+//! CubeCL kernels of the dropless mixture of experts for many tokens (prefill, training).
+//!
+//! A layer's `n * top_k` (token, slot) pairs are sorted by expert on the device, without a
+//! host round trip and without a sort:
+//! 1. [`route_count_kernel`]: per block of [`ROUTE_UNITS`] pairs, the count of each expert and
+//!    each pair's rank among the block's pairs of its expert;
+//! 2. [`route_scan_kernel`]: per expert, the exclusive scan of those counts over the blocks, then
+//!    the exclusive scan of the experts' totals (the row offsets) and of their row tiles;
+//! 3. [`route_place_kernel`]: each pair's row is `offsets[e] + block base + rank` (stable: the
+//!    pairs of an expert keep their order), written both ways (`perm`: row -> pair, `pos`:
+//!    pair -> row).
+//!
+//! The experts then run as grouped matmuls ([`grouped_gemm_kernel`]) over the sorted rows: the
+//! grid holds enough row tiles for any routing (`pairs / TILE + experts`), each tile finds its
+//! expert in `tile_offsets` and the surplus tiles exit. [`grouped_outer_kernel`] gives the weight
+//! gradients (`sum over an expert's rows of p^T q`). Pairs routed to experts held elsewhere
+//! (expert parallelism: this device holds `first..first + experts`) get no row.
+//!
+//! Accumulation is f32 whatever the dtype; nothing assumes a plane size.
+
+// `#[cube]` expands a subset of Rust: integer `div_ceil` is written out.
+#![allow(clippy::manual_div_ceil)]
+
+use cubecl::prelude::*;
+
+/// Pairs per cube of the routing kernels.
+pub const ROUTE_UNITS: usize = 256;
+/// `pos` of a pair routed to an expert that is not held here.
+pub const NO_ROW: u32 = u32::MAX;
+
+/// Output rows and columns of a matmul tile, the reduced length staged per step, and the
+/// units of a cube: 16 x 16 units, each computing 4 x 4 outputs spaced 16 apart.
+pub const TILE_M: usize = 64;
+pub const TILE_N: usize = 64;
+const TILE_K: usize = 16;
+/// Outputs per unit along each side of a tile, and in all.
+const PER_UNIT: usize = 4;
+const ACC: usize = PER_UNIT * PER_UNIT;
+/// Units along each side of a tile.
+const SIDE: usize = TILE_M / PER_UNIT;
+pub const GEMM_UNITS: usize = 256;
+/// Shared tiles are stored reduced-index-major with one padding column against bank conflicts.
+const PAD_M: usize = TILE_M + 1;
+const PAD_N: usize = TILE_N + 1;
+
+#[cube]
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// The local expert of pair `p` (`experts` when it is held elsewhere).
+#[cube]
+fn local_expert<I: Numeric>(
+    chosen: &Tensor<I>,
+    p: usize,
+    first: usize,
+    #[comptime] experts: usize,
+) -> u32 {
+    let top_k = chosen.shape(1);
+    let t = p / top_k;
+    let j = p % top_k;
+    let e =
+        i64::cast_from(chosen[t * chosen.stride(0) + j * chosen.stride(1)]) - i64::cast_from(first);
+    let mut out = comptime!(experts as u32).runtime();
+    if e >= 0 && e < comptime!(experts as i64) {
+        out = u32::cast_from(e);
+    }
+    out
+}
+
+/// Step 1: `block_counts[blk, e]` and `rank[p]` for the pairs of block `blk`.
+#[cube(launch_unchecked)]
+pub fn route_count_kernel<I: Numeric>(
+    chosen: &Tensor<I>,
+    block_counts: &mut Tensor<u32>,
+    rank: &mut Tensor<u32>,
+    first: usize,
+    #[comptime] experts: usize,
+    #[define(I)] _dtype: StorageType,
+) {
+    let pairs = chosen.shape(0) * chosen.shape(1);
+    let blk = CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize;
+    if blk * ROUTE_UNITS >= pairs {
+        terminate!();
+    }
+    let tid = UNIT_POS_X as usize;
+    let p = blk * ROUTE_UNITS + tid;
+    let mut ex = SharedMemory::<u32>::new(ROUTE_UNITS);
+    let mut mine = comptime!(experts as u32).runtime();
+    if p < pairs {
+        mine = local_expert(chosen, p, first, experts);
+    }
+    ex[tid] = mine;
+    sync_cube();
+    if p < pairs {
+        let mut r = 0u32;
+        for q in 0..tid {
+            if ex[q] == mine {
+                r += 1;
+            }
+        }
+        rank[p] = r;
+    }
+    let mut e = tid;
+    while e < experts {
+        let mut count = 0u32;
+        for q in 0..ROUTE_UNITS {
+            if ex[q] == u32::cast_from(e) {
+                count += 1;
+            }
+        }
+        block_counts[blk * experts + e] = count;
+        e += ROUTE_UNITS;
+    }
+}
+
+/// Step 2 (one cube): `block_counts` becomes each block's first row within its expert;
+/// `offsets[e]` / `tile_offsets[e]` are the first row / row tile of expert `e` (one more entry
+/// holds the totals).
+#[cube(launch_unchecked)]
+pub fn route_scan_kernel(
+    block_counts: &mut Tensor<u32>,
+    offsets: &mut Tensor<u32>,
+    tile_offsets: &mut Tensor<u32>,
+    blocks: usize,
+    #[comptime] experts: usize,
+) {
+    let tid = UNIT_POS_X as usize;
+    let mut totals = SharedMemory::<u32>::new(experts);
+    let mut e = tid;
+    while e < experts {
+        let mut run = 0u32;
+        for b in 0..blocks {
+            let i = b * experts + e;
+            let c = block_counts[i];
+            block_counts[i] = run;
+            run += c;
+        }
+        totals[e] = run;
+        e += ROUTE_UNITS;
+    }
+    sync_cube();
+    if tid == 0 {
+        let mut rows = 0u32;
+        let mut tiles = 0u32;
+        for e in 0..experts {
+            offsets[e] = rows;
+            tile_offsets[e] = tiles;
+            let c = totals[e];
+            rows += c;
+            tiles += (c + comptime!(TILE_M as u32) - 1) / comptime!(TILE_M as u32);
+        }
+        offsets[experts] = rows;
+        tile_offsets[experts] = tiles;
+    }
+}
+
+/// Step 3: the row of every pair (`pos`, [`NO_ROW`] when its expert is held elsewhere) and the
+/// pair of every row (`perm`).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn route_place_kernel<I: Numeric>(
+    chosen: &Tensor<I>,
+    block_base: &Tensor<u32>,
+    rank: &Tensor<u32>,
+    offsets: &Tensor<u32>,
+    perm: &mut Tensor<u32>,
+    pos: &mut Tensor<u32>,
+    first: usize,
+    #[comptime] experts: usize,
+    #[define(I)] _dtype: StorageType,
+) {
+    let pairs = chosen.shape(0) * chosen.shape(1);
+    let blk = CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize;
+    let p = blk * ROUTE_UNITS + UNIT_POS_X as usize;
+    if p >= pairs {
+        terminate!();
+    }
+    let e = local_expert(chosen, p, first, experts);
+    if e == comptime!(experts as u32) {
+        pos[p] = NO_ROW;
+    } else {
+        let e = usize::cast_from(e);
+        let row = offsets[e] + block_base[blk * experts + e] + rank[p];
+        perm[usize::cast_from(row)] = u32::cast_from(p);
+        pos[p] = row;
+    }
+}
+
+/// The flat index of this unit in a 2-D grid of 1-D cubes.
+#[cube]
+fn flat_pos() -> usize {
+    (CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize) * CUBE_DIM_X as usize
+        + UNIT_POS_X as usize
+}
+
+/// `out[row] = x[token of perm[row]]`, times the pair's routing weight when `scaled`.
+#[cube(launch_unchecked)]
+pub fn moe_gather_kernel<F: Float>(
+    x: &Tensor<F>,
+    weights: &Tensor<F>,
+    perm: &Tensor<u32>,
+    offsets: &Tensor<u32>,
+    out: &mut Tensor<F>,
+    #[comptime] scaled: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let idx = flat_pos();
+    let h_len = x.shape(1);
+    let row = idx / h_len;
+    let h = idx % h_len;
+    if row >= usize::cast_from(offsets[offsets.shape(0) - 1]) {
+        terminate!();
+    }
+    let top_k = weights.shape(1);
+    let pair = usize::cast_from(perm[row]);
+    let t = pair / top_k;
+    let mut v = x[t * x.stride(0) + h * x.stride(1)];
+    if scaled {
+        let w = weights[t * weights.stride(0) + (pair % top_k) * weights.stride(1)];
+        v = F::cast_from(f32::cast_from(v) * f32::cast_from(w));
+    }
+    out[row * out.stride(0) + h * out.stride(1)] = v;
+}
+
+/// `out[t] = sum_j w[t, j] * y[pos[t, j]]` over the pairs with a row here (`w` = 1 unless
+/// `weighted`): the inverse of the gather.
+#[cube(launch_unchecked)]
+pub fn moe_combine_kernel<F: Float>(
+    y: &Tensor<F>,
+    weights: &Tensor<F>,
+    pos: &Tensor<u32>,
+    out: &mut Tensor<F>,
+    #[comptime] weighted: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let idx = flat_pos();
+    let h_len = out.shape(1);
+    let t = idx / h_len;
+    if t >= out.shape(0) {
+        terminate!();
+    }
+    let h = idx % h_len;
+    let top_k = weights.shape(1);
+    let mut acc = 0.0f32;
+    for j in 0..top_k {
+        let row = pos[t * top_k + j];
+        if row != NO_ROW {
+            let mut v = f32::cast_from(y[usize::cast_from(row) * y.stride(0) + h * y.stride(1)]);
+            if weighted {
+                v *= f32::cast_from(weights[t * weights.stride(0) + j * weights.stride(1)]);
+            }
+            acc += v;
+        }
+    }
+    out[t * out.stride(0) + h * out.stride(1)] = F::cast_from(acc);
+}
+
+/// `act[r, i] = silu(gu[r, i]) * gu[r, I + i]` on the routed rows.
+#[cube(launch_unchecked)]
+pub fn swiglu_kernel<F: Float>(
+    gu: &Tensor<F>,
+    offsets: &Tensor<u32>,
+    act: &mut Tensor<F>,
+    #[define(F)] _dtype: StorageType,
+) {
+    let idx = flat_pos();
+    let inter = act.shape(1);
+    let row = idx / inter;
+    if row >= usize::cast_from(offsets[offsets.shape(0) - 1]) {
+        terminate!();
+    }
+    let i = idx % inter;
+    let g = f32::cast_from(gu[row * gu.stride(0) + i * gu.stride(1)]);
+    let u = f32::cast_from(gu[row * gu.stride(0) + (inter + i) * gu.stride(1)]);
+    act[row * act.stride(0) + i * act.stride(1)] = F::cast_from(g * sigmoid(g) * u);
+}
+
+/// Backward of [`swiglu_kernel`]: `dgu = [dact * u * silu'(g), dact * silu(g)]`.
+#[cube(launch_unchecked)]
+pub fn swiglu_bwd_kernel<F: Float>(
+    gu: &Tensor<F>,
+    dact: &Tensor<F>,
+    offsets: &Tensor<u32>,
+    dgu: &mut Tensor<F>,
+    #[define(F)] _dtype: StorageType,
+) {
+    let idx = flat_pos();
+    let inter = dact.shape(1);
+    let row = idx / inter;
+    if row >= usize::cast_from(offsets[offsets.shape(0) - 1]) {
+        terminate!();
+    }
+    let i = idx % inter;
+    let g = f32::cast_from(gu[row * gu.stride(0) + i * gu.stride(1)]);
+    let u = f32::cast_from(gu[row * gu.stride(0) + (inter + i) * gu.stride(1)]);
+    let da = f32::cast_from(dact[row * dact.stride(0) + i * dact.stride(1)]);
+    let s = sigmoid(g);
+    let silu = g * s;
+    let dsilu = s * (1.0 + g * (1.0 - s));
+    dgu[row * dgu.stride(0) + i * dgu.stride(1)] = F::cast_from(da * u * dsilu);
+    dgu[row * dgu.stride(0) + (inter + i) * dgu.stride(1)] = F::cast_from(da * silu);
+}
+
+/// `dw[t, j] = grad[t] . y[pos[t, j]]` (0 for a pair without a row here): one cube per pair,
+/// reduced in shared memory.
+#[cube(launch_unchecked)]
+pub fn moe_pair_dot_kernel<F: Float>(
+    grad: &Tensor<F>,
+    y: &Tensor<F>,
+    pos: &Tensor<u32>,
+    dw: &mut Tensor<F>,
+    #[comptime] units: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let pair = CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize;
+    let top_k = dw.shape(1);
+    if pair >= dw.shape(0) * top_k {
+        terminate!();
+    }
+    let t = pair / top_k;
+    let j = pair % top_k;
+    let tid = UNIT_POS_X as usize;
+    let row = pos[pair];
+    let mut partial = SharedMemory::<f32>::new(units);
+    let mut acc = 0.0f32;
+    if row != NO_ROW {
+        let r = usize::cast_from(row);
+        let h_len = grad.shape(1);
+        let mut h = tid;
+        while h < h_len {
+            acc += f32::cast_from(grad[t * grad.stride(0) + h * grad.stride(1)])
+                * f32::cast_from(y[r * y.stride(0) + h * y.stride(1)]);
+            h += units;
+        }
+    }
+    partial[tid] = acc;
+    sync_cube();
+    #[unroll]
+    for k in 0..units.trailing_zeros() {
+        let half = comptime!(units >> (k + 1));
+        if tid < half {
+            partial[tid] += partial[tid + half];
+        }
+        sync_cube();
+    }
+    if tid == 0 {
+        dw[t * dw.stride(0) + j * dw.stride(1)] = F::cast_from(partial[0]);
+    }
+}
+
+/// The 4 x 4 outputs of this unit += the staged tiles' product over `TILE_K`.
+#[cube]
+fn tile_fma(
+    a_s: &SharedMemory<f32>,
+    b_s: &SharedMemory<f32>,
+    acc: &mut Array<f32>,
+    tx: usize,
+    ty: usize,
+) {
+    let mut af = Array::<f32>::new(PER_UNIT);
+    let mut bf = Array::<f32>::new(PER_UNIT);
+    #[unroll]
+    for kk in 0..TILE_K {
+        #[unroll]
+        for i in 0..PER_UNIT {
+            af[i] = a_s[kk * PAD_M + ty + i * SIDE];
+        }
+        #[unroll]
+        for j in 0..PER_UNIT {
+            bf[j] = b_s[kk * PAD_N + tx + j * SIDE];
+        }
+        #[unroll]
+        for i in 0..PER_UNIT {
+            #[unroll]
+            for j in 0..PER_UNIT {
+                acc[i * PER_UNIT + j] += af[i] * bf[j];
+            }
+        }
+    }
+}
+
+/// Grouped matmul over the sorted rows: `c[r, n] = sum_k a[r, k] * b[e(r), n, k]`, where `e(r)`
+/// is the expert that owns row `r`. `b` is read through its strides (a transposed view gives
+/// `a @ b_e`); `b_k_contiguous` says which index the loads should walk along.
+/// Cube `(x, y + z * count_y)`: (column tile, row tile of the grouped rows).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_gemm_kernel<F: Float>(
+    a: &Tensor<F>,
+    b: &Tensor<F>,
+    offsets: &Tensor<u32>,
+    tile_offsets: &Tensor<u32>,
+    c: &mut Tensor<F>,
+    #[comptime] experts: usize,
+    #[comptime] b_k_contiguous: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let tile = CUBE_POS_Y as usize + CUBE_POS_Z as usize * CUBE_COUNT_Y as usize;
+    if tile >= usize::cast_from(tile_offsets[experts]) {
+        terminate!();
+    }
+    // The expert of this tile: the number of experts whose tiles end at or before it.
+    let mut e = 0usize;
+    for x in 0..experts {
+        if usize::cast_from(tile_offsets[x + 1]) <= tile {
+            e = x + 1;
+        }
+    }
+    let row0 = usize::cast_from(offsets[e]) + (tile - usize::cast_from(tile_offsets[e])) * TILE_M;
+    let row_end = usize::cast_from(offsets[e + 1]);
+    let n0 = CUBE_POS_X as usize * TILE_N;
+    let k_len = a.shape(1);
+    let n_len = c.shape(1);
+    let tid = UNIT_POS_X as usize;
+    let tx = tid % SIDE;
+    let ty = tid / SIDE;
+    let mut a_s = SharedMemory::<f32>::new(comptime!(TILE_K * PAD_M));
+    let mut b_s = SharedMemory::<f32>::new(comptime!(TILE_K * PAD_N));
+    let mut acc = Array::<f32>::new(ACC);
+    #[unroll]
+    for i in 0..ACC {
+        acc[i] = 0.0;
+    }
+    let b_base = e * b.stride(0);
+    let mut k0 = 0usize;
+    while k0 < k_len {
+        #[unroll]
+        for u in 0..comptime!(TILE_M * TILE_K / GEMM_UNITS) {
+            let li = tid + u * GEMM_UNITS;
+            let m = li / TILE_K;
+            let kk = li % TILE_K;
+            let row = row0 + m;
+            let k = k0 + kk;
+            let mut v = 0.0f32;
+            if row < row_end && k < k_len {
+                v = f32::cast_from(a[row * a.stride(0) + k * a.stride(1)]);
+            }
+            a_s[kk * PAD_M + m] = v;
+        }
+        #[unroll]
+        for u in 0..comptime!(TILE_N * TILE_K / GEMM_UNITS) {
+            let li = tid + u * GEMM_UNITS;
+            let mut n = li % TILE_N;
+            let mut kk = li / TILE_N;
+            if b_k_contiguous {
+                n = li / TILE_K;
+                kk = li % TILE_K;
+            }
+            let col = n0 + n;
+            let k = k0 + kk;
+            let mut v = 0.0f32;
+            if col < n_len && k < k_len {
+                v = f32::cast_from(b[b_base + col * b.stride(1) + k * b.stride(2)]);
+            }
+            b_s[kk * PAD_N + n] = v;
+        }
+        sync_cube();
+        tile_fma(&a_s, &b_s, &mut acc, tx, ty);
+        sync_cube();
+        k0 += TILE_K;
+    }
+    #[unroll]
+    for i in 0..PER_UNIT {
+        let row = row0 + ty + i * SIDE;
+        if row < row_end {
+            #[unroll]
+            for j in 0..PER_UNIT {
+                let col = n0 + tx + j * SIDE;
+                if col < n_len {
+                    c[row * c.stride(0) + col * c.stride(1)] = F::cast_from(acc[i * PER_UNIT + j]);
+                }
+            }
+        }
+    }
+}
+
+/// Per-expert sums of outer products over the sorted rows (weight gradients):
+/// `out[e, i, j] = sum over the rows r of expert e of p[r, i] * q[r, j]`.
+/// Cube `(x + y * count_x, z)`: (tile of `(i, j)`, expert).
+#[cube(launch_unchecked)]
+pub fn grouped_outer_kernel<F: Float>(
+    p: &Tensor<F>,
+    q: &Tensor<F>,
+    offsets: &Tensor<u32>,
+    out: &mut Tensor<F>,
+    #[define(F)] _dtype: StorageType,
+) {
+    let e = CUBE_POS_Z as usize;
+    let i_len = out.shape(1);
+    let j_len = out.shape(2);
+    let tiles_j = (j_len + TILE_N - 1) / TILE_N;
+    let tile = CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize;
+    let i0 = (tile / tiles_j) * TILE_M;
+    if i0 >= i_len {
+        terminate!();
+    }
+    let j0 = (tile % tiles_j) * TILE_N;
+    let row_start = usize::cast_from(offsets[e]);
+    let row_end = usize::cast_from(offsets[e + 1]);
+    let tid = UNIT_POS_X as usize;
+    let tx = tid % SIDE;
+    let ty = tid / SIDE;
+    let mut a_s = SharedMemory::<f32>::new(comptime!(TILE_K * PAD_M));
+    let mut b_s = SharedMemory::<f32>::new(comptime!(TILE_K * PAD_N));
+    let mut acc = Array::<f32>::new(ACC);
+    #[unroll]
+    for k in 0..ACC {
+        acc[k] = 0.0;
+    }
+    let mut r0 = row_start;
+    while r0 < row_end {
+        #[unroll]
+        for u in 0..comptime!(TILE_M * TILE_K / GEMM_UNITS) {
+            let li = tid + u * GEMM_UNITS;
+            let m = li % TILE_M;
+            let kk = li / TILE_M;
+            let row = r0 + kk;
+            let col = i0 + m;
+            let mut v = 0.0f32;
+            if row < row_end && col < i_len {
+                v = f32::cast_from(p[row * p.stride(0) + col * p.stride(1)]);
+            }
+            a_s[kk * PAD_M + m] = v;
+        }
+        #[unroll]
+        for u in 0..comptime!(TILE_N * TILE_K / GEMM_UNITS) {
+            let li = tid + u * GEMM_UNITS;
+            let n = li % TILE_N;
+            let kk = li / TILE_N;
+            let row = r0 + kk;
+            let col = j0 + n;
+            let mut v = 0.0f32;
+            if row < row_end && col < j_len {
+                v = f32::cast_from(q[row * q.stride(0) + col * q.stride(1)]);
+            }
+            b_s[kk * PAD_N + n] = v;
+        }
+        sync_cube();
+        tile_fma(&a_s, &b_s, &mut acc, tx, ty);
+        sync_cube();
+        r0 += TILE_K;
+    }
+    #[unroll]
+    for a in 0..PER_UNIT {
+        let i = i0 + ty + a * SIDE;
+        if i < i_len {
+            #[unroll]
+            for b in 0..PER_UNIT {
+                let j = j0 + tx + b * SIDE;
+                if j < j_len {
+                    out[e * out.stride(0) + i * out.stride(1) + j * out.stride(2)] =
+                        F::cast_from(acc[a * PER_UNIT + b]);
+                }
+            }
+        }
+    }
+}
