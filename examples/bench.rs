@@ -45,6 +45,11 @@ struct Args {
     /// mamba-ssm's layout (d_state 16, z gate, delta bias and softplus), e.g. 1x8192x4096.
     #[arg(long, value_delimiter = ',')]
     scan: Vec<String>,
+    /// Time the experts of one MoE layer of `--config` alone (`JambaBackend::moe_grouped`,
+    /// forward and backward, `--dtype`, softmax-top-k routing of random logits) at these token
+    /// counts, e.g. 4096,16384.
+    #[arg(long, value_delimiter = ',')]
+    moe: Vec<usize>,
     /// Skip the model (kernel checks and scan timings only).
     #[arg(long)]
     no_model: bool,
@@ -106,6 +111,12 @@ where
             .map(|v| v.parse().expect("BATCHxDxLEN"))
             .collect();
         scan_timing::<B>(device, [dims[0], dims[1], dims[2]], dtype);
+    }
+    if !args.moe.is_empty() {
+        let cfg = JambaConfig::from_file(&args.config).expect("config");
+        for &tokens in &args.moe {
+            moe_timing::<B>(device, &cfg, tokens, dtype);
+        }
     }
     if args.no_model {
         return;
@@ -252,6 +263,69 @@ fn scan_timing<B: JambaBackend>(device: &B::Device, [batch, d, len]: [usize; 3],
         "(no kernel)".into()
     };
     println!("| scan {batch} x {d} x {len}, {dtype:?} | forward {fwd:.3} ms | backward {bwd} |");
+}
+
+/// Median of 10 synchronised runs after 3 warm-up ones, in ms.
+fn time_ms<B: JambaBackend>(device: &B::Device, f: &dyn Fn()) -> f64 {
+    let mut v = Vec::new();
+    for rep in 0..13 {
+        B::sync(device).unwrap();
+        let t = Instant::now();
+        f();
+        B::sync(device).unwrap();
+        if rep >= 3 {
+            v.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+    }
+    median(v)
+}
+
+/// The experts of one MoE layer (`moe_grouped`) at `tokens` tokens: forward, and backward
+/// (which recomputes the forward), with the matmul rate of the routed experts.
+fn moe_timing<B: JambaBackend>(device: &B::Device, cfg: &JambaConfig, tokens: usize, dtype: DType)
+where
+    Autodiff<B>: JambaBackend<Device = B::Device>,
+{
+    use jamba_kernels::MoeInput;
+    let (h, i, e, k) = (
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_experts,
+        cfg.num_experts_per_tok,
+    );
+    let std = Distribution::Normal(0.0, 0.02);
+    let probs = burn::tensor::activation::softmax(
+        Tensor::<B, 2>::random([tokens, e], Distribution::Normal(0.0, 1.0), device),
+        1,
+    );
+    let (weights, chosen) = probs.topk_with_indices(k, 1);
+    let input = MoeInput::<B> {
+        x: Tensor::<B, 2>::random([tokens, h], Distribution::Normal(0.0, 1.0), device).cast(dtype),
+        gate_up: Tensor::<B, 3>::random([e, 2 * i, h], std, device).cast(dtype),
+        down: Tensor::<B, 3>::random([e, h, i], std, device).cast(dtype),
+        chosen,
+        weights: weights.cast(dtype),
+        first: 0,
+    };
+    let fwd = time_ms::<B>(device, &|| {
+        let _ = B::moe_grouped(input.clone());
+    });
+    let flop = 2.0 * (tokens * k) as f64 * (3 * h * i) as f64;
+    let bwd = if B::GROUPED_MOE {
+        let grad =
+            Tensor::<B, 2>::random([tokens, h], Distribution::Normal(0.0, 1.0), device).cast(dtype);
+        let ms = time_ms::<B>(device, &|| {
+            let _ = B::moe_grouped_backward(&input, grad.clone());
+        });
+        // Forward again, then two matmuls per forward one.
+        format!("{ms:.2} ms ({:.1} TFLOP/s)", 3.0 * flop / ms / 1e9)
+    } else {
+        "(no kernel)".into()
+    };
+    println!(
+        "| MoE experts, {tokens} tokens x top-{k} of {e}, {h} -> {i}, {dtype:?} | forward {fwd:.2} ms ({:.1} TFLOP/s) | backward {bwd} |",
+        flop / fwd / 1e9
+    );
 }
 
 /// The kernels of `B` against the tensor-op reference on ndarray: outputs and every gradient.
@@ -499,6 +573,132 @@ mod kernel_check {
                 .zip(&want)
             {
                 report(format!("conv {s:?} f32 grad {name}"), rel(g, w), 1e-4);
+            }
+        }
+        // The grouped MoE: 300 tokens, top-2 of 6 experts of which 5 are held here (from 1),
+        // odd sizes; forward in f32 and bf16, gradients in f32.
+        {
+            use burn::tensor::Int;
+            use jamba_kernels::MoeInput;
+            let (n, top_k, experts, first, h, i) = (300, 2, 5, 1, 96, 80);
+            let x = host(n * h, Distribution::Normal(0.0, 1.0));
+            let gu = host(experts * 2 * i * h, Distribution::Normal(0.0, 0.2));
+            let down = host(experts * h * i, Distribution::Normal(0.0, 0.2));
+            let weights = host(n * top_k, Distribution::Uniform(0.05, 1.0));
+            let chosen: Vec<i64> = (0..n * top_k)
+                .map(|p| ((p / top_k) * 7 + (p % top_k) * 3 + p / 11) as i64 % 6)
+                .collect();
+            let grad_out = host(n * h, Distribution::Normal(0.0, 1.0));
+            fn input<C: Backend>(
+                dev: &C::Device,
+                v: [&[f32]; 4],
+                chosen: &[i64],
+                [n, top_k, experts, first, h, i]: [usize; 6],
+                dtype: DType,
+            ) -> MoeInput<C> {
+                let t = |v: &[f32]| {
+                    Tensor::<C, 1>::from_data(TensorData::new(v.to_vec(), [v.len()]), dev)
+                        .cast(dtype)
+                };
+                MoeInput {
+                    x: t(v[0]).reshape([n, h]),
+                    gate_up: t(v[1]).reshape([experts, 2 * i, h]),
+                    down: t(v[2]).reshape([experts, h, i]),
+                    chosen: Tensor::<C, 2, Int>::from_data(
+                        TensorData::new(chosen.to_vec(), [n, top_k]),
+                        dev,
+                    ),
+                    weights: t(v[3]).reshape([n, top_k]),
+                    first,
+                }
+            }
+            let s = [n, top_k, experts, first, h, i];
+            let v = [&x[..], &gu[..], &down[..], &weights[..]];
+            let want = vals(reference::moe_grouped(input::<Ref>(
+                &rdev,
+                v,
+                &chosen,
+                s,
+                DType::F32,
+            )));
+            let got = vals(B::moe_grouped(input::<B>(dev, v, &chosen, s, DType::F32)));
+            report(format!("moe {s:?} f32 y"), rel(&got, &want), 1e-4);
+            // bf16: the reference gets the same rounded values.
+            let round = |v: &[f32]| {
+                vals(
+                    Tensor::<B, 1>::from_data(TensorData::new(v.to_vec(), [v.len()]), dev)
+                        .cast(DType::BF16),
+                )
+            };
+            let (rx, rgu, rdown, rw) = (round(&x), round(&gu), round(&down), round(&weights));
+            let rv = [&rx[..], &rgu[..], &rdown[..], &rw[..]];
+            let want = vals(reference::moe_grouped(input::<Ref>(
+                &rdev,
+                rv,
+                &chosen,
+                s,
+                DType::F32,
+            )));
+            let got = vals(B::moe_grouped(input::<B>(dev, v, &chosen, s, DType::BF16)));
+            report(format!("moe {s:?} bf16 y"), rel(&got, &want), 1e-2);
+            fn moe_grads<C: burn::tensor::backend::AutodiffBackend + JambaBackend>(
+                i: MoeInput<C>,
+                grad_out: &[f32],
+            ) -> Vec<Vec<f32>> {
+                let i = MoeInput {
+                    x: i.x.require_grad(),
+                    gate_up: i.gate_up.require_grad(),
+                    down: i.down.require_grad(),
+                    weights: i.weights.require_grad(),
+                    ..i
+                };
+                let keep = i.clone();
+                let dims = i.x.dims();
+                let y = C::moe_grouped(i);
+                let w = Tensor::<C, 2>::from_data(
+                    TensorData::new(grad_out.to_vec(), dims),
+                    &y.device(),
+                );
+                let g = (y * w).sum().backward();
+                vec![
+                    vals(keep.x.grad(&g).unwrap()),
+                    vals(keep.gate_up.grad(&g).unwrap()),
+                    vals(keep.down.grad(&g).unwrap()),
+                    vals(keep.weights.grad(&g).unwrap()),
+                ]
+            }
+            let want = moe_grads(
+                input::<Autodiff<Ref>>(&rdev, v, &chosen, s, DType::F32),
+                &grad_out,
+            );
+            let got = moe_grads(
+                input::<Autodiff<B>>(dev, v, &chosen, s, DType::F32),
+                &grad_out,
+            );
+            for ((name, g), w) in ["x", "gate_up", "down", "weights"]
+                .iter()
+                .zip(&got)
+                .zip(&want)
+            {
+                report(format!("moe {s:?} f32 grad {name}"), rel(g, w), 1e-4);
+            }
+            // bf16 gradients (the tensor-core kernels on CUDA) against the reference on the
+            // rounded inputs: the kernels round gate/up, the activation and the row gradients
+            // to bf16 between matmuls (2^-9 relative each) where the reference keeps f32.
+            let want = moe_grads(
+                input::<Autodiff<Ref>>(&rdev, rv, &chosen, s, DType::F32),
+                &grad_out,
+            );
+            let got = moe_grads(
+                input::<Autodiff<B>>(dev, v, &chosen, s, DType::BF16),
+                &grad_out,
+            );
+            for ((name, g), w) in ["x", "gate_up", "down", "weights"]
+                .iter()
+                .zip(&got)
+                .zip(&want)
+            {
+                report(format!("moe {s:?} bf16 grad {name}"), rel(g, w), 2e-2);
             }
         }
         println!("kernel check: {failed} failed");

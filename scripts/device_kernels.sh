@@ -3,7 +3,7 @@
 # selective-scan timings at the shapes of benches/ANCHORS.md, the "block" model's prefill and
 # decode rows with the peak GPU memory, training steps of the "block" model at batch 8 x 2048,
 # and (with PROFILE=1) the GPU time per kernel of decode steps and of a prefill under ncu.
-# SCAN=0, TRAIN=0 skip those parts. Usage: scripts/device_kernels.sh BIN_DIR OUT_DIR
+# SCAN=0, TRAIN=0, MOE=0 skip those parts. Usage: scripts/device_kernels.sh BIN_DIR OUT_DIR
 set -uo pipefail
 bin=$1; out=$2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -21,6 +21,11 @@ echo "== kernel checks, CUDA with fusion"
 if [ "${SCAN:-1}" = 1 ]; then
 echo "== selective scan, bf16, mamba-ssm's layout"
 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096,1x8192x16384,8x8192x2048,4x4096x8192
+fi
+if [ "${MOE:-1}" = 1 ]; then
+echo "== MoE experts of one block layer alone, bf16 (tensor cores, then JAMBA_REFERENCE=moe_mma: the portable kernels)"
+"$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 4096,16384,32768
+JAMBA_REFERENCE=moe_mma "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 4096,16384
 fi
 echo "== block model, bf16"
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > /tmp/mem-model.log &

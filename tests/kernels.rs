@@ -834,6 +834,11 @@ fn moe_cases() -> Vec<(&'static str, MoeCase)> {
             "n70 k2 e3 of 8 from 2",
             MoeCase::new([70, 2, 3, 2, 33, 17], spread(8)),
         ),
+        // Decoding sizes (the kernels that read only the routed experts), expert-parallel.
+        (
+            "n4 k2 e3 of 6 from 3",
+            MoeCase::new([4, 2, 3, 3, 40, 24], spread(6)),
+        ),
     ]
 }
 
@@ -926,6 +931,37 @@ fn grouped_experts_gradients_match_reference() {
                     1e-4,
                 );
             }
+        }
+    }
+}
+
+#[test]
+fn router_softmax_top_k_matches_reference() {
+    for (tokens, experts, top_k) in [(1, 3, 1), (37, 16, 2), (300, 5, 3), (9, 130, 4)] {
+        let logits = random(tokens * experts, Distribution::Normal(0.0, 2.0));
+        fn run<B: JambaBackend>(l: &[f32], shape: [usize; 2], k: usize) -> (Vec<f32>, Vec<i64>) {
+            let (w, c) = B::moe_route(
+                Tensor::from_data(TensorData::new(l.to_vec(), shape), &Default::default()),
+                k,
+            );
+            (
+                to_f32_vec(w),
+                c.into_data().convert::<i64>().to_vec().unwrap(),
+            )
+        }
+        let shape = [tokens, experts];
+        let (want_w, want_c) = run::<Ref>(&logits, shape, top_k);
+        for (name, (w, c)) in [
+            ("cube", run::<Cube>(&logits, shape, top_k)),
+            ("fusion", run::<Wgpu>(&logits, shape, top_k)),
+        ] {
+            assert_eq!(c, want_c, "{name} router indices {shape:?} top-{top_k}");
+            assert_close(
+                &format!("{name} router weights {shape:?} top-{top_k}"),
+                &w,
+                &TensorData::new(want_w.clone(), [tokens, top_k]),
+                1e-6,
+            );
         }
     }
 }

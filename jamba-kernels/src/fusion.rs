@@ -5,7 +5,7 @@
 
 use std::{fmt, marker::PhantomData, sync::Arc};
 
-use burn::tensor::{ops::FloatTensor, DType, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{ops::FloatTensor, DType, Int, Shape, Tensor, TensorPrimitive};
 use burn_fusion::{
     stream::{Operation, OperationStreams},
     Fusion, FusionBackend, FusionRuntime, FusionTensor,
@@ -430,6 +430,32 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
     }
 
     const GROUPED_MOE: bool = B::GROUPED_MOE;
+
+    fn moe_route(logits: Tensor<Self, 2>, top_k: usize) -> (Tensor<Self, 2>, Tensor<Self, 2, Int>) {
+        if !B::KERNELS {
+            return crate::reference::moe_route(logits, top_k);
+        }
+        let [tokens, _] = logits.dims();
+        // The indices come back as f32 (custom operations carry float tensors; exact for any
+        // expert count).
+        let outs = register::<B>(
+            "jamba_moe_route",
+            vec![fprim(logits)],
+            vec![
+                (vec![tokens, top_k], DType::F32),
+                (vec![tokens, top_k], DType::F32),
+            ],
+            Arc::new(move |prims| {
+                let logits = inner(prims.into_iter().next().unwrap());
+                let (weights, chosen) = B::moe_route(logits, top_k);
+                vec![raw(weights), raw(chosen.float().cast(DType::F32))]
+            }),
+        );
+        let mut it = outs.into_iter();
+        let weights = fwrap(it.next().unwrap());
+        let chosen: Tensor<Self, 2> = fwrap(it.next().unwrap());
+        (weights, chosen.int())
+    }
 
     fn moe_grouped(input: MoeInput<Self>) -> Tensor<Self, 2> {
         if !B::GROUPED_MOE {

@@ -222,6 +222,12 @@ pub trait JambaBackend: Backend {
         reference::moe_experts(x, gate_up, down, weights)
     }
 
+    /// Jamba's router on `logits` `[tokens, experts]` (f32): the `top_k` largest softmax
+    /// probabilities (f32, not renormalised) and their expert indices, largest first.
+    fn moe_route(logits: Tensor<Self, 2>, top_k: usize) -> (Tensor<Self, 2>, Tensor<Self, 2, Int>) {
+        reference::moe_route(logits, top_k)
+    }
+
     /// Whether [`JambaBackend::moe_grouped`] runs on the device without reading the routing
     /// back to the host (a kernel). The model then uses it for every batch above the decoding
     /// sizes; otherwise it groups the tokens by expert on the host.

@@ -167,6 +167,14 @@ pub fn moe_experts<B: Backend>(
     out
 }
 
+/// Softmax over the experts, then the `top_k` largest probabilities and their indices.
+pub fn moe_route<B: Backend>(
+    logits: Tensor<B, 2>,
+    top_k: usize,
+) -> (Tensor<B, 2>, Tensor<B, 2, Int>) {
+    activation::softmax(logits, 1).topk_with_indices(top_k, 1)
+}
+
 /// The routing weights as a dense `[tokens, experts]` matrix: `weights[t, j]` at column
 /// `chosen[t, j] - first`, zero elsewhere (and for pairs outside `first..first + experts`).
 /// Built by comparison with the expert indices rather than a scatter: CubeCL's scatter faults

@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::nn::{export_experts, Export, Linear};
 use crate::parallel::transfer;
 use crate::weights::{Init, Weights};
-use jamba_kernels::{reference::dense_routing, JambaBackend, MoeInput};
+use jamba_kernels::{JambaBackend, MoeInput};
 
 /// `down(silu(gate(x)) * up(x))`.
 #[derive(Module, Debug)]
@@ -153,15 +153,6 @@ impl<B: Backend> JambaExperts<B> {
         act.matmul(down.transpose())
     }
 
-    /// Every expert held here on every token of `x` `[n, H]`, summed with the routing weights
-    /// `dense` `[n, E_here]` (zero for unchosen experts): equal to the grouped computation.
-    fn forward_dense(&self, x: Tensor<B, 2>, dense: Tensor<B, 2>) -> Tensor<B, 2>
-    where
-        B: JambaBackend,
-    {
-        B::moe_experts(x, self.gate_up_proj.val(), self.down_proj.val(), dense)
-    }
-
     /// Both tensors under their fused names (see [`crate::nn::hub_split`] for the Hub layout).
     pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
         export_experts(
@@ -186,19 +177,7 @@ pub struct JambaSparseMoeBlock<B: Backend> {
     /// All experts, or with expert parallelism one group per device, in expert order.
     pub experts: Vec<JambaExperts<B>>,
     pub top_k: usize,
-    /// Up to this many tokens per call (decoding), the routing weights go to
-    /// `JambaBackend::moe_experts` as a dense `[tokens, experts]` matrix (zero for unchosen
-    /// experts) and nothing is read back to the host. Above it, backends with
-    /// `JambaBackend::GROUPED_MOE` sort the tokens by expert on the device
-    /// (`JambaBackend::moe_grouped`); the others group them by expert on the host.
-    pub dense_tokens: usize,
 }
-
-/// Default of [`JambaSparseMoeBlock::dense_tokens`] (the `JAMBA_DENSE_MOE_TOKENS` environment
-/// variable overrides it): decoding batches up to this size go through
-/// `JambaBackend::moe_experts`, which on the CubeCL backends reads only the routed experts'
-/// weights without a host round trip (its kernel limit, [`jamba_kernels::DECODE_MAX_ROWS`]).
-pub const DENSE_MOE_TOKENS: usize = jamba_kernels::DECODE_MAX_ROWS;
 
 impl<B: JambaBackend> JambaSparseMoeBlock<B> {
     pub fn new(cfg: &JambaConfig, w: &mut Weights<B>, prefix: &str) -> Result<Self> {
@@ -212,10 +191,6 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
             )?,
             experts: JambaExperts::load(cfg, w, &format!("{prefix}.experts"))?,
             top_k: cfg.num_experts_per_tok,
-            dense_tokens: std::env::var("JAMBA_DENSE_MOE_TOKENS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(DENSE_MOE_TOKENS),
         })
     }
 
@@ -237,8 +212,7 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
             self.router.weight.val().cast(DType::F32),
             None,
         );
-        let probs = activation::softmax(router_logits.clone(), 1);
-        let (weights, chosen) = probs.topk_with_indices(self.top_k, 1); // [tokens, k]
+        let (weights, chosen) = B::moe_route(router_logits.clone(), self.top_k); // [tokens, k]
         let weights = weights.cast(x.dtype());
         let mut out: Option<Tensor<B, 2>> = None;
         let mut add = |part: Tensor<B, 2>| {
@@ -249,27 +223,7 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
             });
         };
 
-        // On backends without kernels the reference would run every expert: grouping is cheaper.
-        if tokens <= self.dense_tokens && B::KERNELS {
-            for group in &self.experts {
-                let here = group.device();
-                let r = group.range();
-                let dense = dense_routing(
-                    transfer(chosen.clone(), &here),
-                    transfer(weights.clone(), &here),
-                    r.start,
-                    r.len(),
-                ); // [tokens, E_here]
-                add(group.forward_dense(transfer(x.clone(), &here), dense));
-            }
-            return (
-                out.expect("a layer has experts")
-                    .reshape([batch, len, hidden]),
-                router_logits,
-            );
-        }
-
-        // Sorted by expert on the device and run as grouped matmuls (prefill, training).
+        // Sorted by expert on the device (decoding: only the routed experts' weights are read).
         if B::GROUPED_MOE {
             for group in &self.experts {
                 let here = group.device();
@@ -353,7 +307,7 @@ mod tests {
     type B = NdArray<f32>;
 
     #[test]
-    fn dense_and_grouped_experts_agree() {
+    fn host_grouping_matches_every_expert_on_every_token() {
         let cfg = JambaConfig {
             hidden_size: 24,
             intermediate_size: 20,
@@ -363,28 +317,21 @@ mod tests {
         };
         let dev = Default::default();
         let mut w = Weights::<B>::random(0.2, &dev, DType::F32);
-        let mut block = JambaSparseMoeBlock::new(&cfg, &mut w, "moe").unwrap();
+        let block = JambaSparseMoeBlock::new(&cfg, &mut w, "moe").unwrap();
         let x = Tensor::<B, 3>::random([3, 7, 24], Distribution::Normal(0.0, 1.0), &dev);
-        block.dense_tokens = 0;
+        // ndarray has no grouped kernel: the forward groups the tokens on the host.
         let (grouped, logits) = block.forward(x.clone());
-        // The dense form (what backends with kernels use for decoding), from the same routing.
-        let probs = burn::tensor::activation::softmax(logits, 1);
-        let (weights, chosen) = probs.topk_with_indices(block.top_k, 1);
-        let dense = Tensor::<B, 2>::zeros([21, 5], &dev).scatter(
-            1,
-            chosen.clone(),
-            weights.clone(),
-            IndexingUpdateOp::Add,
-        );
-        // The scatter-free form the decoding path uses is the same matrix.
-        let diff = (dense_routing(chosen, weights, 0, 5) - dense.clone())
-            .abs()
-            .max()
-            .into_scalar();
-        assert_eq!(diff, 0.0);
-        let dense = block.experts[0]
-            .forward_dense(x.reshape([21, 24]), dense)
-            .reshape([3, 7, 24]);
+        // The dense form (the kernels' oracle), from the same routing.
+        let (weights, chosen) = B::moe_route(logits, block.top_k);
+        let dense = B::moe_grouped(MoeInput {
+            x: x.reshape([21, 24]),
+            gate_up: block.experts[0].gate_up_proj.val(),
+            down: block.experts[0].down_proj.val(),
+            chosen,
+            weights,
+            first: 0,
+        })
+        .reshape([3, 7, 24]);
         let scale = grouped.clone().abs().max().into_scalar();
         let diff = (dense - grouped).abs().max().into_scalar();
         assert!(

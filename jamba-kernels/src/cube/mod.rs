@@ -7,7 +7,7 @@ pub mod kernels;
 mod moe;
 pub mod moe_kernels;
 
-use burn::tensor::{DType, Tensor, TensorPrimitive};
+use burn::tensor::{DType, Int, Tensor, TensorPrimitive};
 use burn_cubecl::{
     cubecl::prelude::{CubeCount, CubeDim},
     tensor::CubeTensor,
@@ -100,7 +100,8 @@ fn elemwise_launch(n: usize) -> (CubeCount, CubeDim) {
 }
 
 /// Operations named in the `JAMBA_REFERENCE` environment variable (comma-separated: `scan`,
-/// `conv`, `step`, `rms_norm`, `linear`, `moe`, `moe_grouped`, or `all`) run the tensor-op
+/// `conv`, `step`, `rms_norm`, `linear`, `moe`, `moe_grouped`, `moe_mma`, `route`, or `all`) run
+/// the tensor-op
 /// reference instead of the kernel: a switch to isolate a kernel when results differ.
 fn use_kernel(op: &str) -> bool {
     static DISABLED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
@@ -213,8 +214,26 @@ where
 
     const GROUPED_MOE: bool = true;
 
+    fn moe_route(logits: Tensor<Self, 2>, top_k: usize) -> (Tensor<Self, 2>, Tensor<Self, 2, Int>) {
+        let [tokens, experts] = logits.dims();
+        if !use_kernel("route") || tokens == 0 || top_k == 0 || top_k > experts {
+            return crate::reference::moe_route(logits, top_k);
+        }
+        moe::route_topk(logits, top_k)
+    }
+
     fn moe_grouped(input: MoeInput<Self>) -> Tensor<Self, 2> {
-        if !use_kernel("moe_grouped") || !moe::supported(&input) {
+        if !moe::supported(&input) {
+            return crate::reference::moe_grouped(input);
+        }
+        let [tokens, _] = input.x.dims();
+        if tokens <= crate::DECODE_MAX_ROWS && use_kernel("moe") {
+            // Decoding: the dense routing matrix and the kernels that read only the routed
+            // experts' weights.
+            let dense = moe::dense_routing(&input);
+            return moe_decode(input.x, input.gate_up, input.down, dense);
+        }
+        if !use_kernel("moe_grouped") {
             return crate::reference::moe_grouped(input);
         }
         moe::moe_grouped(input)

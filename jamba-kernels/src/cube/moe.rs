@@ -2,15 +2,20 @@
 //! weighted combine of [`super::moe_kernels`], forward and backward. The backward recomputes
 //! the routing and the experts' activations from the inputs instead of keeping them.
 
-use burn::tensor::{DType, Shape, Tensor};
+use burn::tensor::{DType, Int, Shape, Tensor};
 use burn_cubecl::{
-    cubecl::prelude::{CubeCount, CubeDim},
+    cubecl::{
+        ir::{features::MmaConfig, StorageType},
+        prelude::{ComputeClient, CubeCount, CubeDim},
+    },
     ops::numeric::empty_device_dtype,
     tensor::CubeTensor,
     BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement,
 };
 
-use super::moe_kernels::{self as k, GEMM_UNITS, ROUTE_UNITS, TILE_M, TILE_N};
+use super::moe_kernels::{
+    self as k, GEMM_UNITS, MMA_PLANE, MMA_PLANES, MMA_TILE, ROUTE_UNITS, TILE_M, TILE_N,
+};
 use super::{elemwise_launch, grid, prim};
 use crate::{MoeGrads, MoeInput};
 
@@ -20,6 +25,33 @@ type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 const DOT_UNITS: usize = 128;
 /// The largest dimension of a grid.
 const GRID_MAX: usize = 65535;
+
+// The routing counts row tiles of `TILE_M`; both matmul kernels must use that size.
+const _: () = assert!(TILE_M == MMA_TILE && TILE_N == MMA_TILE);
+
+/// Whether the tensor-core kernels run for `dtype`: f16/bf16 inputs, 16 x 16 x 16 cooperative
+/// matrices with f32 accumulators, and planes of exactly 32 units (what they are written for).
+fn use_mma<R: CubeRuntime>(client: &ComputeClient<R>, dtype: DType) -> bool {
+    if !matches!(dtype, DType::BF16 | DType::F16) || !super::use_kernel("moe_mma") {
+        return false;
+    }
+    let hardware = &client.properties().hardware;
+    let st: StorageType = dtype.into();
+    hardware.plane_size_min == MMA_PLANE as u32
+        && hardware.plane_size_max == MMA_PLANE as u32
+        && client.features().matmul.cmma.contains(&MmaConfig {
+            a_type: st,
+            b_type: st,
+            cd_type: DType::F32.into(),
+            m: 16,
+            n: 16,
+            k: 16,
+        })
+}
+
+fn mma_dim() -> CubeDim {
+    CubeDim::new_2d(MMA_PLANE as u32, MMA_PLANES as u32)
+}
 
 /// A layer's (token, slot) pairs sorted by the expert held here.
 struct Routing<R: CubeRuntime> {
@@ -207,20 +239,43 @@ where
         y as u32,
         tiles.div_ceil(y) as u32,
     );
+    let args = (
+        a.into_tensor_arg(),
+        b.into_tensor_arg(),
+        routing.offsets.clone().into_tensor_arg(),
+        routing.tile_offsets.clone().into_tensor_arg(),
+        prim(c.clone()).into_tensor_arg(),
+    );
     unsafe {
-        k::grouped_gemm_kernel::launch_unchecked::<R>(
-            &client,
-            count,
-            CubeDim::new_1d(GEMM_UNITS as u32),
-            a.into_tensor_arg(),
-            b.into_tensor_arg(),
-            routing.offsets.clone().into_tensor_arg(),
-            routing.tile_offsets.clone().into_tensor_arg(),
-            prim(c.clone()).into_tensor_arg(),
-            routing.experts,
-            b_k_contiguous,
-            dtype.into(),
-        );
+        if use_mma(&client, dtype) {
+            k::grouped_gemm_mma_kernel::launch_unchecked::<R>(
+                &client,
+                count,
+                mma_dim(),
+                args.0,
+                args.1,
+                args.2,
+                args.3,
+                args.4,
+                routing.experts,
+                b_k_contiguous,
+                dtype.into(),
+            );
+        } else {
+            k::grouped_gemm_kernel::launch_unchecked::<R>(
+                &client,
+                count,
+                CubeDim::new_1d(GEMM_UNITS as u32),
+                args.0,
+                args.1,
+                args.2,
+                args.3,
+                args.4,
+                routing.experts,
+                b_k_contiguous,
+                dtype.into(),
+            );
+        }
     }
     c
 }
@@ -246,17 +301,37 @@ where
     let client = p.client.clone();
     let tiles = pd.div_ceil(TILE_M) * qd.div_ceil(TILE_N);
     let x = tiles.min(GRID_MAX);
+    let count = CubeCount::Static(x as u32, tiles.div_ceil(x) as u32, routing.experts as u32);
+    let args = (
+        p.into_tensor_arg(),
+        prim(q.clone()).into_tensor_arg(),
+        routing.offsets.clone().into_tensor_arg(),
+        prim(out.clone()).into_tensor_arg(),
+    );
     unsafe {
-        k::grouped_outer_kernel::launch_unchecked::<R>(
-            &client,
-            CubeCount::Static(x as u32, tiles.div_ceil(x) as u32, routing.experts as u32),
-            CubeDim::new_1d(GEMM_UNITS as u32),
-            p.into_tensor_arg(),
-            prim(q.clone()).into_tensor_arg(),
-            routing.offsets.clone().into_tensor_arg(),
-            prim(out.clone()).into_tensor_arg(),
-            dtype.into(),
-        );
+        if use_mma(&client, dtype) {
+            k::grouped_outer_mma_kernel::launch_unchecked::<R>(
+                &client,
+                count,
+                mma_dim(),
+                args.0,
+                args.1,
+                args.2,
+                args.3,
+                dtype.into(),
+            );
+        } else {
+            k::grouped_outer_kernel::launch_unchecked::<R>(
+                &client,
+                count,
+                CubeDim::new_1d(GEMM_UNITS as u32),
+                args.0,
+                args.1,
+                args.2,
+                args.3,
+                dtype.into(),
+            );
+        }
     }
     out
 }
@@ -430,4 +505,76 @@ where
         down: ddown,
         weights: dweights.cast(input.weights.dtype()),
     }
+}
+
+/// The router's softmax and top-k in one kernel (one unit per token).
+pub(super) fn route_topk<R, F, I, BT>(
+    logits: Tensor<Cube<R, F, I, BT>, 2>,
+    top_k: usize,
+) -> (
+    Tensor<Cube<R, F, I, BT>, 2>,
+    Tensor<Cube<R, F, I, BT>, 2, Int>,
+)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [tokens, _] = logits.dims();
+    let device = logits.device();
+    let weights = Tensor::<Cube<R, F, I, BT>, 2>::empty([tokens, top_k], (&device, DType::F32));
+    let chosen = Tensor::<Cube<R, F, I, BT>, 2, Int>::empty([tokens, top_k], &device);
+    let logits = prim(logits.cast(DType::F32));
+    let client = logits.client.clone();
+    let chosen_prim: CubeTensor<R> = chosen.clone().into_primitive();
+    let int_dtype = chosen_prim.dtype;
+    let (count, dim) = elemwise_launch(tokens);
+    unsafe {
+        k::route_topk_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            logits.into_tensor_arg(),
+            prim(weights.clone()).into_tensor_arg(),
+            chosen_prim.into_tensor_arg(),
+            int_dtype.into(),
+        );
+    }
+    (weights, chosen)
+}
+
+/// `[tokens, experts]` in the activations' dtype: each pair's routing weight at its (local)
+/// expert's column, zero elsewhere.
+pub(super) fn dense_routing<R, F, I, BT>(
+    input: &MoeInput<Cube<R, F, I, BT>>,
+) -> Tensor<Cube<R, F, I, BT>, 2>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [tokens, _] = input.x.dims();
+    let experts = input.gate_up.dims()[0];
+    let dtype = input.x.dtype();
+    let dense =
+        Tensor::<Cube<R, F, I, BT>, 2>::empty([tokens, experts], (&input.x.device(), dtype));
+    let chosen: CubeTensor<R> = input.chosen.clone().into_primitive();
+    let client = chosen.client.clone();
+    let int_dtype = chosen.dtype;
+    let (count, dim) = elemwise_launch(tokens * experts);
+    unsafe {
+        k::dense_routing_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            chosen.into_tensor_arg(),
+            prim(input.weights.clone().cast(dtype)).into_tensor_arg(),
+            prim(dense.clone()).into_tensor_arg(),
+            input.first,
+            [dtype.into(), int_dtype.into()],
+        );
+    }
+    dense
 }

@@ -556,3 +556,370 @@ pub fn grouped_outer_kernel<F: Float>(
         }
     }
 }
+
+// Tensor-core (cmma) versions of the two matmuls, for f16/bf16 inputs on runtimes with 16 x 16
+// x 16 cooperative matrices and 32-unit planes (CUDA). A cube of four planes computes a 64 x 64
+// tile; each plane a 32 x 32 quarter as 2 x 2 fragments, with f32 accumulators. The staged
+// tiles are stored row-major in the reduced index (`MMA_LD` apart, a multiple of 8 elements as
+// the fragment loads require): A as `[m][k]`, B as `[n][k]` (a column-major `K x N`).
+
+/// Output tile side of the cmma kernels.
+pub const MMA_TILE: usize = 64;
+/// Reduced length staged per step.
+const MMA_K: usize = 32;
+const MMA_LD: usize = MMA_K + 8;
+/// Units per plane the cmma kernels are written for, and planes per cube.
+pub const MMA_PLANE: usize = 32;
+pub const MMA_PLANES: usize = 4;
+const MMA_UNITS: usize = MMA_PLANE * MMA_PLANES;
+
+/// One staged step: the plane's four accumulators += its rows of `a_s` times its columns of `b_s`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn mma_step<F: Float>(
+    a_s: &SharedMemory<F>,
+    b_s: &SharedMemory<F>,
+    c00: &mut cmma::Matrix<f32>,
+    c01: &mut cmma::Matrix<f32>,
+    c10: &mut cmma::Matrix<f32>,
+    c11: &mut cmma::Matrix<f32>,
+    wm: usize,
+    wn: usize,
+) {
+    let end = comptime!(MMA_TILE * MMA_LD);
+    let ld = comptime!(MMA_LD as u32);
+    #[unroll]
+    for kk in 0..comptime!(MMA_K / 16) {
+        let k = kk * 16;
+        let a0 = cmma::Matrix::<F>::from_slice(
+            cmma::MatrixIdent::A,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::RowMajor,
+            &a_s.slice(wm * MMA_LD + k, end),
+            ld,
+        );
+        let a1 = cmma::Matrix::<F>::from_slice(
+            cmma::MatrixIdent::A,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::RowMajor,
+            &a_s.slice((wm + 16) * MMA_LD + k, end),
+            ld,
+        );
+        let b0 = cmma::Matrix::<F>::from_slice(
+            cmma::MatrixIdent::B,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::ColMajor,
+            &b_s.slice(wn * MMA_LD + k, end),
+            ld,
+        );
+        let b1 = cmma::Matrix::<F>::from_slice(
+            cmma::MatrixIdent::B,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::ColMajor,
+            &b_s.slice((wn + 16) * MMA_LD + k, end),
+            ld,
+        );
+        cmma::execute::<F, F, f32, f32>(&a0, &b0, c00, c00);
+        cmma::execute::<F, F, f32, f32>(&a0, &b1, c01, c01);
+        cmma::execute::<F, F, f32, f32>(&a1, &b0, c10, c10);
+        cmma::execute::<F, F, f32, f32>(&a1, &b1, c11, c11);
+    }
+}
+
+/// The accumulators through shared memory: `c_s` `[64][64]` f32 row-major.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn mma_store(
+    c_s: &mut SharedMemory<f32>,
+    c00: &cmma::Matrix<f32>,
+    c01: &cmma::Matrix<f32>,
+    c10: &cmma::Matrix<f32>,
+    c11: &cmma::Matrix<f32>,
+    wm: usize,
+    wn: usize,
+) {
+    let end = comptime!(MMA_TILE * MMA_TILE);
+    let ld = comptime!(MMA_TILE as u32);
+    cmma::store(
+        &mut c_s.slice_mut(wm * MMA_TILE + wn, end),
+        c00,
+        ld,
+        cmma::MatrixLayout::RowMajor,
+    );
+    cmma::store(
+        &mut c_s.slice_mut(wm * MMA_TILE + wn + 16, end),
+        c01,
+        ld,
+        cmma::MatrixLayout::RowMajor,
+    );
+    cmma::store(
+        &mut c_s.slice_mut((wm + 16) * MMA_TILE + wn, end),
+        c10,
+        ld,
+        cmma::MatrixLayout::RowMajor,
+    );
+    cmma::store(
+        &mut c_s.slice_mut((wm + 16) * MMA_TILE + wn + 16, end),
+        c11,
+        ld,
+        cmma::MatrixLayout::RowMajor,
+    );
+}
+
+#[cube]
+fn zero_acc() -> cmma::Matrix<f32> {
+    cmma::Matrix::<f32>::from_value(
+        cmma::MatrixIdent::Accumulator,
+        16usize,
+        16usize,
+        16usize,
+        cmma::MatrixLayout::Undefined,
+        0.0,
+    )
+}
+
+/// [`grouped_gemm_kernel`] on tensor cores. Cube `(x, y + z * count_y)`, units `(32, 4)`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn grouped_gemm_mma_kernel<F: Float>(
+    a: &Tensor<F>,
+    b: &Tensor<F>,
+    offsets: &Tensor<u32>,
+    tile_offsets: &Tensor<u32>,
+    c: &mut Tensor<F>,
+    #[comptime] experts: usize,
+    #[comptime] b_k_contiguous: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let tile = CUBE_POS_Y as usize + CUBE_POS_Z as usize * CUBE_COUNT_Y as usize;
+    if tile >= usize::cast_from(tile_offsets[experts]) {
+        terminate!();
+    }
+    let mut e = 0usize;
+    for x in 0..experts {
+        if usize::cast_from(tile_offsets[x + 1]) <= tile {
+            e = x + 1;
+        }
+    }
+    let row0 = usize::cast_from(offsets[e]) + (tile - usize::cast_from(tile_offsets[e])) * MMA_TILE;
+    let row_end = usize::cast_from(offsets[e + 1]);
+    let n0 = CUBE_POS_X as usize * MMA_TILE;
+    let k_len = a.shape(1);
+    let n_len = c.shape(1);
+    let plane = UNIT_POS_Y as usize;
+    let tid = plane * MMA_PLANE + UNIT_POS_X as usize;
+    let wm = (plane / 2) * 32;
+    let wn = (plane % 2) * 32;
+    let mut a_s = SharedMemory::<F>::new(comptime!(MMA_TILE * MMA_LD));
+    let mut b_s = SharedMemory::<F>::new(comptime!(MMA_TILE * MMA_LD));
+    let mut c_s = SharedMemory::<f32>::new(comptime!(MMA_TILE * MMA_TILE));
+    let mut c00 = zero_acc();
+    let mut c01 = zero_acc();
+    let mut c10 = zero_acc();
+    let mut c11 = zero_acc();
+    let b_base = e * b.stride(0);
+    let mut k0 = 0usize;
+    while k0 < k_len {
+        #[unroll]
+        for u in 0..comptime!(MMA_TILE * MMA_K / MMA_UNITS) {
+            let li = tid + u * MMA_UNITS;
+            let m = li / MMA_K;
+            let kk = li % MMA_K;
+            let row = row0 + m;
+            let k = k0 + kk;
+            let mut v = F::from_int(0);
+            if row < row_end && k < k_len {
+                v = a[row * a.stride(0) + k * a.stride(1)];
+            }
+            a_s[m * MMA_LD + kk] = v;
+        }
+        #[unroll]
+        for u in 0..comptime!(MMA_TILE * MMA_K / MMA_UNITS) {
+            let li = tid + u * MMA_UNITS;
+            let mut n = li % MMA_TILE;
+            let mut kk = li / MMA_TILE;
+            if b_k_contiguous {
+                n = li / MMA_K;
+                kk = li % MMA_K;
+            }
+            let col = n0 + n;
+            let k = k0 + kk;
+            let mut v = F::from_int(0);
+            if col < n_len && k < k_len {
+                v = b[b_base + col * b.stride(1) + k * b.stride(2)];
+            }
+            b_s[n * MMA_LD + kk] = v;
+        }
+        sync_cube();
+        mma_step::<F>(&a_s, &b_s, &mut c00, &mut c01, &mut c10, &mut c11, wm, wn);
+        sync_cube();
+        k0 += MMA_K;
+    }
+    mma_store(&mut c_s, &c00, &c01, &c10, &c11, wm, wn);
+    sync_cube();
+    #[unroll]
+    for u in 0..comptime!(MMA_TILE * MMA_TILE / MMA_UNITS) {
+        let li = tid + u * MMA_UNITS;
+        let m = li / MMA_TILE;
+        let n = li % MMA_TILE;
+        let row = row0 + m;
+        let col = n0 + n;
+        if row < row_end && col < n_len {
+            c[row * c.stride(0) + col * c.stride(1)] = F::cast_from(c_s[li]);
+        }
+    }
+}
+
+/// [`grouped_outer_kernel`] on tensor cores. Cube `(x + y * count_x, z)`, units `(32, 4)`.
+#[cube(launch_unchecked)]
+pub fn grouped_outer_mma_kernel<F: Float>(
+    p: &Tensor<F>,
+    q: &Tensor<F>,
+    offsets: &Tensor<u32>,
+    out: &mut Tensor<F>,
+    #[define(F)] _dtype: StorageType,
+) {
+    let e = CUBE_POS_Z as usize;
+    let i_len = out.shape(1);
+    let j_len = out.shape(2);
+    let tiles_j = (j_len + MMA_TILE - 1) / MMA_TILE;
+    let tile = CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize;
+    let i0 = (tile / tiles_j) * MMA_TILE;
+    if i0 >= i_len {
+        terminate!();
+    }
+    let j0 = (tile % tiles_j) * MMA_TILE;
+    let row_start = usize::cast_from(offsets[e]);
+    let row_end = usize::cast_from(offsets[e + 1]);
+    let plane = UNIT_POS_Y as usize;
+    let tid = plane * MMA_PLANE + UNIT_POS_X as usize;
+    let wm = (plane / 2) * 32;
+    let wn = (plane % 2) * 32;
+    let mut a_s = SharedMemory::<F>::new(comptime!(MMA_TILE * MMA_LD));
+    let mut b_s = SharedMemory::<F>::new(comptime!(MMA_TILE * MMA_LD));
+    let mut c_s = SharedMemory::<f32>::new(comptime!(MMA_TILE * MMA_TILE));
+    let mut c00 = zero_acc();
+    let mut c01 = zero_acc();
+    let mut c10 = zero_acc();
+    let mut c11 = zero_acc();
+    let mut r0 = row_start;
+    while r0 < row_end {
+        #[unroll]
+        for u in 0..comptime!(MMA_TILE * MMA_K / MMA_UNITS) {
+            let li = tid + u * MMA_UNITS;
+            let m = li % MMA_TILE;
+            let kk = li / MMA_TILE;
+            let row = r0 + kk;
+            let mut va = F::from_int(0);
+            if row < row_end && i0 + m < i_len {
+                va = p[row * p.stride(0) + (i0 + m) * p.stride(1)];
+            }
+            a_s[m * MMA_LD + kk] = va;
+            let mut vb = F::from_int(0);
+            if row < row_end && j0 + m < j_len {
+                vb = q[row * q.stride(0) + (j0 + m) * q.stride(1)];
+            }
+            b_s[m * MMA_LD + kk] = vb;
+        }
+        sync_cube();
+        mma_step::<F>(&a_s, &b_s, &mut c00, &mut c01, &mut c10, &mut c11, wm, wn);
+        sync_cube();
+        r0 += MMA_K;
+    }
+    mma_store(&mut c_s, &c00, &c01, &c10, &c11, wm, wn);
+    sync_cube();
+    #[unroll]
+    for u in 0..comptime!(MMA_TILE * MMA_TILE / MMA_UNITS) {
+        let li = tid + u * MMA_UNITS;
+        let m = li / MMA_TILE;
+        let n = li % MMA_TILE;
+        if i0 + m < i_len && j0 + n < j_len {
+            out[e * out.stride(0) + (i0 + m) * out.stride(1) + (j0 + n) * out.stride(2)] =
+                F::cast_from(c_s[li]);
+        }
+    }
+}
+
+/// The router: per token (one unit each), the softmax of `logits[t]` over the experts in f32 and
+/// its `top_k` largest probabilities with their expert indices, largest first (the lower index
+/// first among equal ones). Not renormalised (Jamba's routing).
+#[cube(launch_unchecked)]
+pub fn route_topk_kernel<I: Numeric>(
+    logits: &Tensor<f32>,
+    weights: &mut Tensor<f32>,
+    chosen: &mut Tensor<I>,
+    #[define(I)] _dtype: StorageType,
+) {
+    let t = flat_pos();
+    if t >= logits.shape(0) {
+        terminate!();
+    }
+    let experts = logits.shape(1);
+    let top_k = weights.shape(1);
+    let row = t * logits.stride(0);
+    let mut max = f32::new(-3.0e38);
+    for e in 0..experts {
+        max = f32::max(max, logits[row + e * logits.stride(1)]);
+    }
+    let mut sum = 0.0f32;
+    for e in 0..experts {
+        sum += (logits[row + e * logits.stride(1)] - max).exp();
+    }
+    // The j-th choice: the largest logit below the previous choice (or equal to it at a higher
+    // index), so that no expert is taken twice.
+    let mut prev_val = f32::new(3.0e38);
+    let mut prev_idx = 0usize;
+    for j in 0..top_k {
+        let mut best_val = f32::new(-3.0e38);
+        let mut best_idx = 0usize;
+        let mut found = false;
+        for e in 0..experts {
+            let v = logits[row + e * logits.stride(1)];
+            let after_prev = v < prev_val || (v == prev_val && e > prev_idx && j > 0);
+            if after_prev && (!found || v > best_val) {
+                best_val = v;
+                best_idx = e;
+                found = true;
+            }
+        }
+        weights[t * weights.stride(0) + j * weights.stride(1)] = (best_val - max).exp() / sum;
+        chosen[t * chosen.stride(0) + j * chosen.stride(1)] = I::cast_from(best_idx);
+        prev_val = best_val;
+        prev_idx = best_idx;
+    }
+}
+
+/// The decoding kernels' dense routing matrix: `dense[t, e] = sum_j weights[t, j]` over the
+/// slots `j` routed to expert `first + e`.
+#[cube(launch_unchecked)]
+pub fn dense_routing_kernel<F: Float, I: Numeric>(
+    chosen: &Tensor<I>,
+    weights: &Tensor<F>,
+    dense: &mut Tensor<F>,
+    first: usize,
+    #[define(F, I)] _dtypes: [StorageType; 2],
+) {
+    let idx = flat_pos();
+    let experts = dense.shape(1);
+    let t = idx / experts;
+    if t >= dense.shape(0) {
+        terminate!();
+    }
+    let e = idx % experts;
+    let target = i64::cast_from(e + first);
+    let mut acc = 0.0f32;
+    for j in 0..chosen.shape(1) {
+        if i64::cast_from(chosen[t * chosen.stride(0) + j * chosen.stride(1)]) == target {
+            acc += f32::cast_from(weights[t * weights.stride(0) + j * weights.stride(1)]);
+        }
+    }
+    dense[t * dense.stride(0) + e * dense.stride(1)] = F::cast_from(acc);
+}
