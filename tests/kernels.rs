@@ -834,6 +834,14 @@ fn moe_cases() -> Vec<(&'static str, MoeCase)> {
             "n70 k2 e3 of 8 from 2",
             MoeCase::new([70, 2, 3, 2, 33, 17], spread(8)),
         ),
+        // 2200 pairs: each expert's block through Burn's matmul (`PER_EXPERT_PAIRS`), one
+        // expert without a row, experts held from an offset.
+        (
+            "n1100 k2 e4 of 6 from 1, per-expert matmuls",
+            MoeCase::new([1100, 2, 4, 1, 24, 20], |t, j| {
+                [0, 2, 3, 5, 4, 2][(t + 3 * j) % 6]
+            }),
+        ),
         // Decoding sizes (the kernels that read only the routed experts), expert-parallel.
         (
             "n4 k2 e3 of 6 from 3",

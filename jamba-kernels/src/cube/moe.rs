@@ -398,18 +398,117 @@ where
     dgu
 }
 
-/// The sorted routing and the experts' forward: `(routing, xs, gu, act, y)`, each `[pairs, _]`.
-#[allow(clippy::type_complexity)]
+/// Routed pairs from which each expert's block of sorted rows goes through Burn's matmul
+/// (cubek) instead of the grouped kernels, after one read of the `experts + 1` row offsets:
+/// at prefill and training sizes cubek's tiled matmuls are faster than the grouped kernels (see
+/// BENCHMARKS.md). `JAMBA_MOE_PER_EXPERT_PAIRS` overrides it.
+pub const PER_EXPERT_PAIRS: usize = 2048;
+
+fn per_expert_pairs() -> usize {
+    static PAIRS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *PAIRS.get_or_init(|| {
+        std::env::var("JAMBA_MOE_PER_EXPERT_PAIRS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(PER_EXPERT_PAIRS)
+    })
+}
+
+/// The row offsets of the experts, on the host.
+fn host_offsets<R, F, I, BT>(routing: &Routing<R>) -> Vec<usize>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    Tensor::<Cube<R, F, I, BT>, 1, Int>::from_primitive(routing.offsets.clone())
+        .into_data()
+        .convert::<i64>()
+        .to_vec::<i64>()
+        .expect("int data")
+        .into_iter()
+        .map(|v| v as usize)
+        .collect()
+}
+
+/// `[total, _]`: each expert's block of rows of `a` times its matrix `b[e]` (`[N, K]`):
+/// `a_e @ b_e^T` when `transpose`, else `a_e @ b_e`. A zero row when no row is routed here.
+fn per_expert_gemm<R, F, I, BT>(
+    a: &Tensor<Cube<R, F, I, BT>, 2>,
+    b: &Tensor<Cube<R, F, I, BT>, 3>,
+    offsets: &[usize],
+    transpose: bool,
+) -> Tensor<Cube<R, F, I, BT>, 2>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [_, n, k] = b.dims();
+    let parts: Vec<_> = (0..offsets.len() - 1)
+        .filter(|&e| offsets[e + 1] > offsets[e])
+        .map(|e| {
+            let rows = a.clone().narrow(0, offsets[e], offsets[e + 1] - offsets[e]);
+            let w = b.clone().narrow(0, e, 1).reshape([n, k]);
+            match transpose {
+                true => rows.matmul(w.transpose()),
+                false => rows.matmul(w),
+            }
+        })
+        .collect();
+    if parts.is_empty() {
+        let cols = if transpose { n } else { k };
+        return Tensor::zeros([1, cols], (&a.device(), a.dtype()));
+    }
+    Tensor::cat(parts, 0)
+}
+
+/// `[experts, P, Q]`: per expert, `p_e^T @ q_e` over its block of rows (zero when empty).
+fn per_expert_outer<R, F, I, BT>(
+    p: &Tensor<Cube<R, F, I, BT>, 2>,
+    q: &Tensor<Cube<R, F, I, BT>, 2>,
+    offsets: &[usize],
+    dtype: DType,
+) -> Tensor<Cube<R, F, I, BT>, 3>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [_, pd] = p.dims();
+    let [_, qd] = q.dims();
+    let parts = (0..offsets.len() - 1)
+        .map(|e| {
+            let rows = offsets[e + 1] - offsets[e];
+            if rows == 0 {
+                return Tensor::zeros([pd, qd], (&p.device(), dtype));
+            }
+            let pe = p.clone().narrow(0, offsets[e], rows);
+            let qe = q.clone().narrow(0, offsets[e], rows);
+            pe.transpose().matmul(qe).cast(dtype)
+        })
+        .collect();
+    Tensor::stack(parts, 0)
+}
+
+/// The experts' forward on the sorted rows.
+struct Forward<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> {
+    routing: Routing<R>,
+    /// The row offsets on the host when the per-expert matmuls run.
+    host: Option<Vec<usize>>,
+    xs: Tensor<Cube<R, F, I, BT>, 2>,
+    gu: Tensor<Cube<R, F, I, BT>, 2>,
+    act: Tensor<Cube<R, F, I, BT>, 2>,
+    y: Tensor<Cube<R, F, I, BT>, 2>,
+}
+
 fn experts_forward<R, F, I, BT>(
     input: &MoeInput<Cube<R, F, I, BT>>,
     weights: &Tensor<Cube<R, F, I, BT>, 2>,
-) -> (
-    Routing<R>,
-    Tensor<Cube<R, F, I, BT>, 2>,
-    Tensor<Cube<R, F, I, BT>, 2>,
-    Tensor<Cube<R, F, I, BT>, 2>,
-    Tensor<Cube<R, F, I, BT>, 2>,
-)
+) -> Forward<R, F, I, BT>
 where
     R: CubeRuntime,
     F: FloatElement,
@@ -420,11 +519,25 @@ where
     let experts = input.gate_up.dims()[0];
     let chosen: CubeTensor<R> = input.chosen.clone().into_primitive();
     let routing = route(chosen, tokens * top_k, experts, input.first);
+    let host = (routing.pairs >= per_expert_pairs()).then(|| host_offsets::<R, F, I, BT>(&routing));
     let xs = gather(&input.x, weights, &routing, false);
-    let gu = grouped_gemm(xs.clone(), input.gate_up.clone(), &routing);
+    let gu = match &host {
+        Some(o) => per_expert_gemm(&xs, &input.gate_up, o, true),
+        None => grouped_gemm(xs.clone(), input.gate_up.clone(), &routing),
+    };
     let act = swiglu(&gu, &routing);
-    let y = grouped_gemm(act.clone(), input.down.clone(), &routing);
-    (routing, xs, gu, act, y)
+    let y = match &host {
+        Some(o) => per_expert_gemm(&act, &input.down, o, true),
+        None => grouped_gemm(act.clone(), input.down.clone(), &routing),
+    };
+    Forward {
+        routing,
+        host,
+        xs,
+        gu,
+        act,
+        y,
+    }
 }
 
 /// Checks the inputs agree; the caller falls back to the reference when they do not.
@@ -453,8 +566,8 @@ where
     BT: BoolElement,
 {
     let weights = input.weights.clone().cast(input.x.dtype());
-    let (routing, _, _, _, y) = experts_forward(&input, &weights);
-    combine(y, &weights, &routing, true)
+    let f = experts_forward(&input, &weights);
+    combine(f.y, &weights, &f.routing, true)
 }
 
 pub(super) fn moe_grouped_backward<R, F, I, BT>(
@@ -470,7 +583,14 @@ where
     let dtype = input.x.dtype();
     let weights = input.weights.clone().cast(dtype);
     let grad = grad.cast(dtype);
-    let (routing, xs, gu, act, y) = experts_forward(input, &weights);
+    let Forward {
+        routing,
+        host,
+        xs,
+        gu,
+        act,
+        y,
+    } = experts_forward(input, &weights);
 
     let [tokens, top_k] = weights.dims();
     let dweights = Tensor::<Cube<R, F, I, BT>, 2>::empty([tokens, top_k], (&grad.device(), dtype));
@@ -493,11 +613,27 @@ where
     }
     // Each sorted row's output gradient: the token's, times the pair's routing weight.
     let dy = gather(&grad, &weights, &routing, true);
-    let dact = grouped_gemm(dy.clone(), input.down.clone().swap_dims(1, 2), &routing);
-    let ddown = grouped_outer(&dy, &act, &routing, input.down.dtype());
+    let (dact, ddown) = match &host {
+        Some(o) => (
+            per_expert_gemm(&dy, &input.down, o, false),
+            per_expert_outer(&dy, &act, o, input.down.dtype()),
+        ),
+        None => (
+            grouped_gemm(dy.clone(), input.down.clone().swap_dims(1, 2), &routing),
+            grouped_outer(&dy, &act, &routing, input.down.dtype()),
+        ),
+    };
     let dgu = swiglu_backward(&gu, dact, &routing);
-    let dgate_up = grouped_outer(&dgu, &xs, &routing, input.gate_up.dtype());
-    let dxs = grouped_gemm(dgu, input.gate_up.clone().swap_dims(1, 2), &routing);
+    let (dgate_up, dxs) = match &host {
+        Some(o) => (
+            per_expert_outer(&dgu, &xs, o, input.gate_up.dtype()),
+            per_expert_gemm(&dgu, &input.gate_up, o, false),
+        ),
+        None => (
+            grouped_outer(&dgu, &xs, &routing, input.gate_up.dtype()),
+            grouped_gemm(dgu, input.gate_up.clone().swap_dims(1, 2), &routing),
+        ),
+    };
     let dx = combine(dxs, &weights, &routing, false);
     MoeGrads {
         x: dx,
