@@ -23,9 +23,13 @@ echo "== selective scan, bf16, mamba-ssm's layout"
 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096,1x8192x16384,8x8192x2048,4x4096x8192
 fi
 if [ "${MOE:-1}" = 1 ]; then
-echo "== MoE experts of one block layer alone, bf16 (tensor cores, then JAMBA_REFERENCE=moe_mma: the portable kernels)"
-"$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 4096,16384,32768
-JAMBA_REFERENCE=moe_mma "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 4096,16384
+echo "== MoE experts of one block layer alone, bf16: as released (per-expert matmuls from 2048 pairs)"
+"$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 512,4096,16384,32768
+echo "== same, the grouped kernels at every size: tensor cores, then the portable ones (JAMBA_REFERENCE=moe_mma)"
+JAMBA_MOE_PER_EXPERT_PAIRS=100000000 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 512,4096,16384
+JAMBA_MOE_PER_EXPERT_PAIRS=100000000 JAMBA_REFERENCE=moe_mma "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 512,4096
+echo "== same, the per-expert matmuls at every size"
+JAMBA_MOE_PER_EXPERT_PAIRS=0 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 512
 fi
 echo "== block model, bf16"
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > /tmp/mem-model.log &
@@ -36,7 +40,7 @@ kill $smi
 echo "peak GPU memory (nvidia-smi, MiB): $(sort -n /tmp/mem-model.log | tail -1)"
 echo "== block model, decode without fusion"
 "$bin/bench" --config benches/configs/block.json --backend cuda-unfused --dtype bf16 --prompt 512 \
-    --batches 1,32 --steps 16 --warmup 4 2>&1 | grep decode
+    --batches 1,8,32 --steps 16 --warmup 4 2>&1 | grep decode
 [ "${TRAIN:-1}" = 1 ] && {
 echo "== block model, training steps, batch 8 x 2048, bf16"
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > /tmp/mem-train.log &

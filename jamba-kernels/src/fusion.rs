@@ -379,7 +379,7 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
     ) -> Tensor<Self, 2> {
         let [rows, _] = x.dims();
         let [out, _] = weight.dims();
-        if !B::KERNELS || rows == 0 || rows > crate::DECODE_MAX_ROWS || x.dtype() != weight.dtype()
+        if !B::KERNELS || rows == 0 || rows > crate::decode_max_rows() || x.dtype() != weight.dtype()
         {
             return burn::tensor::module::linear(x, weight.transpose(), bias);
         }
@@ -409,7 +409,7 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
         weights: Tensor<Self, 2>,
     ) -> Tensor<Self, 2> {
         let [rows, hidden] = x.dims();
-        if !B::KERNELS || rows == 0 || rows > crate::DECODE_MAX_ROWS {
+        if !B::KERNELS || rows == 0 || rows > crate::decode_max_rows() {
             return crate::reference::moe_experts(x, gate_up, down, weights);
         }
         let dtype = x.dtype();

@@ -266,8 +266,21 @@ pub trait JambaBackend: Backend {
     }
 }
 
-/// Rows up to which the decoding kernels (`linear`, `moe_experts`) are used.
-pub const DECODE_MAX_ROWS: usize = 4;
+/// Default of [`decode_max_rows`].
+pub const DECODE_MAX_ROWS: usize = 32;
+
+/// Rows up to which the decoding kernels (`linear`, `moe_experts`, and `moe_grouped`'s decoding
+/// path) are used: they read each weight once for all rows, which beats a tiled matmul while
+/// the rows are few (decoding batches). `JAMBA_DECODE_MAX_ROWS` overrides [`DECODE_MAX_ROWS`].
+pub fn decode_max_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("JAMBA_DECODE_MAX_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DECODE_MAX_ROWS)
+    })
+}
 
 /// Positions per chunk of the scan kernels: the backward recomputes the states of one chunk at
 /// a time from the state saved at its start. Smaller for large `d_state` so that a chunk's

@@ -184,7 +184,7 @@ where
     ) -> Tensor<Self, 2> {
         let [rows, _] = x.dims();
         if rows == 0
-            || rows > crate::DECODE_MAX_ROWS
+            || rows > crate::decode_max_rows()
             || x.dtype() != weight.dtype()
             || !use_kernel("linear")
         {
@@ -202,7 +202,7 @@ where
         let [rows, _] = x.dims();
         let dtype = x.dtype();
         if rows == 0
-            || rows > crate::DECODE_MAX_ROWS
+            || rows > crate::decode_max_rows()
             || gate_up.dtype() != dtype
             || down.dtype() != dtype
             || !use_kernel("moe")
@@ -227,7 +227,7 @@ where
             return crate::reference::moe_grouped(input);
         }
         let [tokens, _] = input.x.dims();
-        if tokens <= crate::DECODE_MAX_ROWS && use_kernel("moe") {
+        if tokens <= crate::decode_max_rows() && use_kernel("moe") {
             // Decoding: the dense routing matrix and the kernels that read only the routed
             // experts' weights.
             let dense = moe::dense_routing(&input);
