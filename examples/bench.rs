@@ -616,6 +616,10 @@ mod kernel_check {
                 }
             }
             let s = [n, top_k, experts, first, h, i];
+            // From 2048 pairs each expert's block goes through Burn's matmul, which on CUDA runs
+            // f32 on TF32 tensor cores (10-bit mantissa: 2^-11 relative per product, summed
+            // over 48-64 terms); the grouped kernels compute in f32.
+            let tol32 = if n * top_k >= 2048 { 2e-3 } else { 1e-4 };
             let v = [&x[..], &gu[..], &down[..], &weights[..]];
             let want = vals(reference::moe_grouped(input::<Ref>(
                 &rdev,
@@ -625,7 +629,7 @@ mod kernel_check {
                 DType::F32,
             )));
             let got = vals(B::moe_grouped(input::<B>(dev, v, &chosen, s, DType::F32)));
-            report(format!("moe {s:?} f32 y"), rel(&got, &want), 1e-4);
+            report(format!("moe {s:?} f32 y"), rel(&got, &want), tol32);
             // bf16: the reference gets the same rounded values.
             let round = |v: &[f32]| {
                 vals(
@@ -684,7 +688,7 @@ mod kernel_check {
                 .zip(&got)
                 .zip(&want)
             {
-                report(format!("moe {s:?} f32 grad {name}"), rel(g, w), 1e-4);
+                report(format!("moe {s:?} f32 grad {name}"), rel(g, w), tol32);
             }
             // bf16 gradients (the tensor-core kernels on CUDA) against the reference on the
             // rounded inputs: the kernels round gate/up, the activation and the row gradients

@@ -379,7 +379,10 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
     ) -> Tensor<Self, 2> {
         let [rows, _] = x.dims();
         let [out, _] = weight.dims();
-        if !B::KERNELS || rows == 0 || rows > crate::decode_max_rows() || x.dtype() != weight.dtype()
+        if !B::KERNELS
+            || rows == 0
+            || rows > crate::decode_max_rows()
+            || x.dtype() != weight.dtype()
         {
             return burn::tensor::module::linear(x, weight.transpose(), bias);
         }

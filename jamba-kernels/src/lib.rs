@@ -266,8 +266,10 @@ pub trait JambaBackend: Backend {
     }
 }
 
-/// Default of [`decode_max_rows`].
-pub const DECODE_MAX_ROWS: usize = 32;
+/// Default of [`decode_max_rows`]. On the H200 ("block" shapes, bf16) the decoding kernels
+/// beat the matmuls at batch 8 (15.6 against 16.9 ms/step) and lose badly at 32 (61 against 21:
+/// every routed expert computes every row), see BENCHMARKS.md.
+pub const DECODE_MAX_ROWS: usize = 8;
 
 /// Rows up to which the decoding kernels (`linear`, `moe_experts`, and `moe_grouped`'s decoding
 /// path) are used: they read each weight once for all rows, which beats a tiled matmul while
