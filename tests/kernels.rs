@@ -817,10 +817,10 @@ fn moe_cases() -> Vec<(&'static str, MoeCase)> {
             "n37 k2 e5 h70 i33",
             MoeCase::new([37, 2, 5, 0, 70, 33], spread(5)),
         ),
-        // 600 pairs (three routing blocks) all on one expert: ten row tiles of one expert, the
-        // other experts empty.
+        // 600 pairs (three routing blocks) on three of four experts (300, 200, 100 pairs: several
+        // row tiles per expert), expert 0 empty.
         (
-            "n300 k2 e4 one expert",
+            "n300 k2 e4 uneven",
             MoeCase::new([300, 2, 4, 0, 40, 70], |t, j| {
                 if j == 0 {
                     2
@@ -828,6 +828,11 @@ fn moe_cases() -> Vec<(&'static str, MoeCase)> {
                     (t % 3 == 0) as usize * 2 + 1
                 }
             }),
+        ),
+        // Every token on one expert (top-1): five row tiles of one expert, the others empty.
+        (
+            "n300 k1 e4 all on one",
+            MoeCase::new([300, 1, 4, 0, 40, 70], |_, _| 2),
         ),
         // Expert parallelism: experts 2..5 of 8 held here, the other pairs skipped.
         (
@@ -878,7 +883,7 @@ fn grouped_experts_match_reference() {
             1e-4,
         );
     }
-    for (name, case) in moe_cases().into_iter().take(2) {
+    for (name, case) in moe_cases() {
         let want = moe_reference(&case, DType::F16);
         let ours = Wgpu::moe_grouped(case.input::<Wgpu>(DType::F16));
         assert_eq!(ours.dtype(), DType::F16);

@@ -11,7 +11,7 @@ use burn::backend::autodiff::{
     ops::{Backward, Ops, OpsKind},
     Autodiff,
 };
-use burn::tensor::{ops::FloatTensor, DType, Tensor, TensorPrimitive};
+use burn::tensor::{ops::FloatTensor, DType, Int, Tensor, TensorPrimitive};
 
 use crate::{
     reference, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MoeInput, SelectiveScanInput,
@@ -148,10 +148,19 @@ impl<B: JambaBackend> Backward<B, 4> for MoeBackward {
 impl<B: JambaBackend, C: CheckpointStrategy> JambaBackend for Autodiff<B, C> {
     const GROUPED_MOE: bool = B::GROUPED_MOE;
 
+    /// The indices from `B`'s router (a kernel where `B` has one: no sort on the host), the
+    /// weights gathered from a differentiable softmax.
+    fn moe_route(logits: Tensor<Self, 2>, top_k: usize) -> (Tensor<Self, 2>, Tensor<Self, 2, Int>) {
+        let (_, chosen) = B::moe_route(to_inner::<B, C, 2>(&ad(logits.clone())), top_k);
+        let chosen = Tensor::<Self, 2, Int>::from_primitive(chosen.into_primitive());
+        let weights = burn::tensor::activation::softmax(logits, 1).gather(1, chosen.clone());
+        (weights, chosen)
+    }
+
     /// One node whose backward runs `B`'s kernels (recomputing the experts' activations), or
     /// the differentiated reference.
     fn moe_grouped(input: MoeInput<Self>) -> Tensor<Self, 2> {
-        if !B::GROUPED_MOE {
+        if !B::GROUPED_MOE || !crate::moe_kernels_apply(&input) {
             return reference::moe_grouped(input);
         }
         let x = ad(input.x);

@@ -439,8 +439,8 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
             return crate::reference::moe_route(logits, top_k);
         }
         let [tokens, _] = logits.dims();
-        // The indices come back as f32 (custom operations carry float tensors; exact for any
-        // expert count).
+        // The indices come back as f32 (custom operations carry float tensors; f32 is exact up to
+        // 2^24 experts).
         let outs = register::<B>(
             "jamba_moe_route",
             vec![fprim(logits)],
@@ -451,7 +451,10 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
             Arc::new(move |prims| {
                 let logits = inner(prims.into_iter().next().unwrap());
                 let (weights, chosen) = B::moe_route(logits, top_k);
-                vec![raw(weights), raw(chosen.float().cast(DType::F32))]
+                vec![
+                    raw(weights.cast(DType::F32)),
+                    raw(chosen.float().cast(DType::F32)),
+                ]
             }),
         );
         let mut it = outs.into_iter();
@@ -656,8 +659,8 @@ fn conv_input<B: FusionBackend>(
     )
 }
 
-/// The grouped MoE's inputs as float tensors: the expert indices travel as f32 (exact for any
-/// expert count) since custom operations carry float tensors.
+/// The grouped MoE's inputs as float tensors: the expert indices travel as f32 (exact up to
+/// 2^24 experts) since custom operations carry float tensors.
 fn moe_args<B: FusionBackend>(input: &MoeInput<Fusion<B>>) -> Vec<FusionTensor<B::FusionRuntime>> {
     vec![
         fprim(input.x.clone()),

@@ -140,6 +140,27 @@ pub struct MoeInput<B: Backend> {
     pub first: usize,
 }
 
+/// Whether the kernels of [`JambaBackend::moe_grouped`] apply to `input`: at least one token,
+/// slot and expert, one dtype for the activations and both expert tensors, and shapes that
+/// agree. Otherwise backends run the reference (which Burn differentiates).
+pub fn moe_kernels_apply<B: Backend>(input: &MoeInput<B>) -> bool {
+    let [tokens, hidden] = input.x.dims();
+    let [experts, two_inter, gate_hidden] = input.gate_up.dims();
+    let [down_experts, down_hidden, inter] = input.down.dims();
+    let dtype = input.x.dtype();
+    tokens > 0
+        && experts > 0
+        && input.chosen.dims()[1] > 0
+        && input.chosen.dims() == input.weights.dims()
+        && input.chosen.dims()[0] == tokens
+        && gate_hidden == hidden
+        && down_hidden == hidden
+        && down_experts == experts
+        && two_inter == 2 * inter
+        && input.gate_up.dtype() == dtype
+        && input.down.dtype() == dtype
+}
+
 /// Gradients of the grouped MoE w.r.t. its float inputs, in their dtypes.
 #[derive(Debug, Clone)]
 pub struct MoeGrads<B: Backend> {
@@ -228,9 +249,9 @@ pub trait JambaBackend: Backend {
         reference::moe_route(logits, top_k)
     }
 
-    /// Whether [`JambaBackend::moe_grouped`] runs on the device without reading the routing
-    /// back to the host (a kernel). The model then uses it for every batch above the decoding
-    /// sizes; otherwise it groups the tokens by expert on the host.
+    /// Whether [`JambaBackend::moe_grouped`] runs on the device (kernels: the routing is sorted
+    /// there; at most the experts' row offsets are read back). The model then uses it for every
+    /// MoE layer; otherwise it groups the tokens by expert on the host.
     const GROUPED_MOE: bool = false;
 
     /// `out[t] = sum_j weights[t, j] * expert_{chosen[t, j]}(x[t])` over the pairs whose expert

@@ -100,9 +100,10 @@ fn elemwise_launch(n: usize) -> (CubeCount, CubeDim) {
 }
 
 /// Operations named in the `JAMBA_REFERENCE` environment variable (comma-separated: `scan`,
-/// `conv`, `step`, `rms_norm`, `linear`, `moe`, `moe_grouped`, `moe_mma`, `route`, or `all`) run
-/// the tensor-op
-/// reference instead of the kernel: a switch to isolate a kernel when results differ.
+/// `conv`, `step`, `rms_norm`, `linear`, `moe` (the decoding MoE kernels: the grouped ones run
+/// instead), `moe_grouped`, `moe_mma` (the portable grouped matmuls instead of the tensor-core
+/// ones), `route`, or `all`) run the tensor-op reference instead of the kernel: a switch to
+/// isolate a kernel when results differ.
 fn use_kernel(op: &str) -> bool {
     static DISABLED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     let disabled = DISABLED.get_or_init(|| {

@@ -398,7 +398,7 @@ where
     dgu
 }
 
-/// Routed pairs from which each expert's block of sorted rows goes through Burn's matmul
+/// Pairs (tokens x top-k, routed here or not) from which each expert's block of sorted rows goes through Burn's matmul
 /// (cubek) instead of the grouped kernels, after one read of the `experts + 1` row offsets:
 /// at prefill and training sizes cubek's tiled matmuls are faster than the grouped kernels (see
 /// BENCHMARKS.md). `JAMBA_MOE_PER_EXPERT_PAIRS` overrides it.
@@ -548,12 +548,7 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    let [tokens, _] = input.x.dims();
-    let dtype = input.x.dtype();
-    tokens > 0
-        && input.gate_up.dtype() == dtype
-        && input.down.dtype() == dtype
-        && input.gate_up.dims()[0] > 0
+    crate::moe_kernels_apply(input)
 }
 
 pub(super) fn moe_grouped<R, F, I, BT>(

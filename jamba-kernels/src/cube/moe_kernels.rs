@@ -16,7 +16,8 @@
 //! gradients (`sum over an expert's rows of p^T q`). Pairs routed to experts held elsewhere
 //! (expert parallelism: this device holds `first..first + experts`) get no row.
 //!
-//! Accumulation is f32 whatever the dtype; nothing assumes a plane size.
+//! Accumulation is f32 whatever the dtype. Only the tensor-core kernels assume a plane size (32
+//! units); the host chooses them only where planes are exactly that.
 
 // `#[cube]` expands a subset of Rust: integer `div_ceil` is written out.
 #![allow(clippy::manual_div_ceil)]
@@ -80,7 +81,8 @@ pub fn route_count_kernel<I: Numeric>(
 ) {
     let pairs = chosen.shape(0) * chosen.shape(1);
     let blk = CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize;
-    if blk * ROUTE_UNITS >= pairs {
+    // Block 0 always runs, so that zero pairs still get (zero) counts.
+    if blk > 0 && blk * ROUTE_UNITS >= pairs {
         terminate!();
     }
     let tid = UNIT_POS_X as usize;
@@ -850,7 +852,8 @@ pub fn grouped_outer_mma_kernel<F: Float>(
 
 /// The router: per token (one unit each), the softmax of `logits[t]` over the experts in f32 and
 /// its `top_k` largest probabilities with their expert indices, largest first (the lower index
-/// first among equal ones). Not renormalised (Jamba's routing).
+/// first among equal logits; the reference's order of ties is its sort's). Not renormalised
+/// (Jamba's routing).
 #[cube(launch_unchecked)]
 pub fn route_topk_kernel<I: Numeric>(
     logits: &Tensor<f32>,
@@ -875,7 +878,7 @@ pub fn route_topk_kernel<I: Numeric>(
     }
     // The j-th choice: the largest logit below the previous choice (or equal to it at a higher
     // index), so that no expert is taken twice.
-    let mut prev_val = f32::new(3.0e38);
+    let mut prev_val = 0.0f32;
     let mut prev_idx = 0usize;
     for j in 0..top_k {
         let mut best_val = f32::new(-3.0e38);
@@ -883,7 +886,7 @@ pub fn route_topk_kernel<I: Numeric>(
         let mut found = false;
         for e in 0..experts {
             let v = logits[row + e * logits.stride(1)];
-            let after_prev = v < prev_val || (v == prev_val && e > prev_idx && j > 0);
+            let after_prev = j == 0 || v < prev_val || (v == prev_val && e > prev_idx);
             if after_prev && (!found || v > best_val) {
                 best_val = v;
                 best_idx = e;
