@@ -22,6 +22,21 @@ use jamba_kernels::{
 };
 
 type Ref = NdArray<f32>;
+
+/// The switches that send kernels to their references (or to other paths) would make these
+/// comparisons vacuous: refuse to run under them.
+fn no_overrides() {
+    for var in [
+        "JAMBA_REFERENCE",
+        "JAMBA_DECODE_MAX_ROWS",
+        "JAMBA_MOE_PER_EXPERT_PAIRS",
+    ] {
+        assert!(
+            std::env::var_os(var).is_none(),
+            "{var} is set: the kernels under test would not all run"
+        );
+    }
+}
 /// The kernels without Burn's fusion.
 type Cube = jamba_kernels::WgpuUnfused;
 
@@ -215,6 +230,7 @@ fn scan_cases() -> Vec<(&'static str, ScanCase)> {
 
 #[test]
 fn scan_forward_f32_cube_and_fused() {
+    no_overrides();
     for (name, case) in scan_cases() {
         check_scan_forward::<Cube>(&format!("cube {name}"), &case, DType::F32, 1e-4);
         check_scan_forward::<Wgpu>(&format!("fusion {name}"), &case, DType::F32, 1e-4);
@@ -223,6 +239,7 @@ fn scan_forward_f32_cube_and_fused() {
 
 #[test]
 fn scan_forward_f16() {
+    no_overrides();
     for (name, case) in scan_cases().into_iter().take(3) {
         check_scan_forward::<Wgpu>(&format!("f16 {name}"), &case, DType::F16, 1e-2);
     }
@@ -303,6 +320,7 @@ fn check_scan_grads<B: JambaBackend + burn::tensor::backend::AutodiffBackend>(
 
 #[test]
 fn scan_gradients_cube_and_fused() {
+    no_overrides();
     for (name, case) in scan_cases().into_iter().take(5) {
         // The reference's autodiff is slow on long sequences; keep the long one small.
         let case = if case.len > 200 {
@@ -319,6 +337,7 @@ fn scan_gradients_cube_and_fused() {
 
 #[test]
 fn state_update_matches_scan_of_one_and_leaves_shared_state_alone() {
+    no_overrides();
     for (name, case) in [
         ("b3 d37 n16", ScanCase::new(3, 37, 1, 16).with_state()),
         (
@@ -449,6 +468,7 @@ fn conv_cases() -> Vec<(&'static str, ConvCase)> {
 
 #[test]
 fn conv_forward_and_gradients() {
+    no_overrides();
     for (name, case) in conv_cases() {
         let want = reference::causal_conv1d(case.input::<Ref>(&Default::default(), DType::F32));
         for (label, got) in [
@@ -526,6 +546,7 @@ fn conv_forward_and_gradients() {
 
 #[test]
 fn conv_update_matches_conv_of_one() {
+    no_overrides();
     for (name, case) in [
         ("b3 d37 k4", ConvCase::new(3, 37, 1, 4)),
         ("b2 d5 k2", ConvCase::new(2, 5, 1, 2)),
@@ -580,6 +601,7 @@ fn conv_update_matches_conv_of_one() {
 
 #[test]
 fn kernels_run_on_the_lavapipe_plane_size() {
+    no_overrides();
     // The backward's per-plane partial sums are sized from the smallest plane; this documents
     // which one the tests ran with.
     let dev = WgpuDevice::default();
@@ -592,6 +614,7 @@ fn kernels_run_on_the_lavapipe_plane_size() {
 
 #[test]
 fn rms_norm_matches_reference() {
+    no_overrides();
     let dev = Default::default();
     for (rows, dim) in [(1, 1), (3, 16), (5, 128), (2, 2048), (1, 4099)] {
         let x = random(rows * dim, Distribution::Normal(0.5, 2.0));
@@ -644,6 +667,7 @@ fn rms_norm_matches_reference() {
 
 #[test]
 fn decoding_linear_and_experts_match_reference() {
+    no_overrides();
     let dev = Default::default();
     // Linear: [rows, k] x [n, k]^T (+ bias), rows around the kernel's limit (8).
     for (rows, k, n) in [(1, 64, 33), (3, 130, 70), (8, 40, 9), (9, 70, 17)] {
@@ -871,6 +895,7 @@ fn moe_reference(case: &MoeCase, dtype: DType) -> TensorData {
 
 #[test]
 fn grouped_experts_match_reference() {
+    no_overrides();
     for (name, case) in moe_cases() {
         let want = moe_reference(&case, DType::F32);
         let cube = Cube::moe_grouped(case.input::<Cube>(DType::F32));
@@ -929,6 +954,7 @@ fn moe_grads<A: burn::tensor::backend::AutodiffBackend + JambaBackend>(
 
 #[test]
 fn grouped_experts_gradients_match_reference() {
+    no_overrides();
     for (name, case) in moe_cases() {
         let w = random(case.tokens * case.hidden, Distribution::Normal(0.0, 1.0));
         let want = moe_grads::<Autodiff<Ref>>(&case, &w);
@@ -950,6 +976,7 @@ fn grouped_experts_gradients_match_reference() {
 
 #[test]
 fn router_softmax_top_k_matches_reference() {
+    no_overrides();
     for (tokens, experts, top_k) in [(1, 3, 1), (37, 16, 2), (300, 5, 3), (9, 130, 4)] {
         let logits = random(tokens * experts, Distribution::Normal(0.0, 2.0));
         fn run<B: JambaBackend>(l: &[f32], shape: [usize; 2], k: usize) -> (Vec<f32>, Vec<i64>) {
