@@ -5,7 +5,10 @@
 
 use std::{fmt, marker::PhantomData, sync::Arc};
 
-use burn::tensor::{ops::FloatTensor, DType, Int, Shape, Tensor, TensorPrimitive};
+use burn::tensor::{
+    ops::{FloatTensor, IntTensor},
+    DType, Int, Shape, Tensor, TensorPrimitive,
+};
 use burn_fusion::{
     stream::{Operation, OperationStreams},
     Fusion, FusionBackend, FusionRuntime, FusionTensor,
@@ -17,7 +20,14 @@ use crate::{
     SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput, SelectiveStateUpdate,
 };
 
-type Run<B> = Arc<dyn Fn(Vec<FloatTensor<B>>) -> Vec<FloatTensor<B>> + Send + Sync>;
+/// A tensor of the inner backend as a custom operation passes it: float or int (by the dtype of
+/// its description).
+enum Prim<B: FusionBackend> {
+    Float(FloatTensor<B>),
+    Int(IntTensor<B>),
+}
+
+type Run<B> = Arc<dyn Fn(Vec<Prim<B>>) -> Vec<Prim<B>> + Send + Sync>;
 
 /// A custom operation: runs `run` on the inner backend's primitives of `desc.inputs` and binds
 /// its results to `desc.outputs`.
@@ -54,12 +64,18 @@ impl<B: FusionBackend> Operation<B::FusionRuntime> for CustomOp<B> {
             .desc
             .inputs
             .iter()
-            .map(|t| handles.get_float_tensor::<B>(t))
+            .map(|t| match t.dtype.is_int() {
+                true => Prim::Int(handles.get_int_tensor::<B>(t)),
+                false => Prim::Float(handles.get_float_tensor::<B>(t)),
+            })
             .collect();
         let outputs = (self.run)(inputs);
         assert_eq!(outputs.len(), self.desc.outputs.len());
         for (ir, t) in self.desc.outputs.iter().zip(outputs) {
-            handles.register_float_tensor::<B>(&ir.id, t);
+            match t {
+                Prim::Float(t) => handles.register_float_tensor::<B>(&ir.id, t),
+                Prim::Int(t) => handles.register_int_tensor::<B>(&ir.id, t),
+            }
         }
     }
 }
@@ -105,12 +121,22 @@ fn fwrap<B: FusionBackend, const D: usize>(
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
-fn inner<B: FusionBackend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
-    Tensor::from_primitive(TensorPrimitive::Float(t))
+fn inner<B: FusionBackend, const D: usize>(t: Prim<B>) -> Tensor<B, D> {
+    match t {
+        Prim::Float(t) => Tensor::from_primitive(TensorPrimitive::Float(t)),
+        Prim::Int(_) => unreachable!("a float input of a custom operation is registered as int"),
+    }
 }
 
-fn raw<B: FusionBackend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
-    t.into_primitive().tensor()
+fn inner_int<B: FusionBackend, const D: usize>(t: Prim<B>) -> Tensor<B, D, Int> {
+    match t {
+        Prim::Int(t) => Tensor::from_primitive(t),
+        Prim::Float(_) => unreachable!("an int input of a custom operation is registered as float"),
+    }
+}
+
+fn raw<B: FusionBackend, const D: usize>(t: Tensor<B, D>) -> Prim<B> {
+    Prim::Float(t.into_primitive().tensor())
 }
 
 /// The scan's inputs, flattened: the nine tensors with absent optionals skipped, and which
@@ -153,10 +179,10 @@ fn scan_args<B: FusionBackend>(input: &SelectiveScanInput<Fusion<B>>) -> ScanArg
 /// Rebuilds the inner backend's scan input from the primitives of [`scan_args`] (in order);
 /// returns it and the primitives that followed.
 fn scan_input<B: FusionBackend>(
-    mut prims: Vec<FloatTensor<B>>,
+    mut prims: Vec<Prim<B>>,
     flags: [bool; 3],
     softplus: bool,
-) -> (SelectiveScanInput<B>, Vec<FloatTensor<B>>) {
+) -> (SelectiveScanInput<B>, Vec<Prim<B>>) {
     let mut it = prims.drain(..);
     let mut next = || it.next().expect("custom op input");
     let u = inner(next());
@@ -439,28 +465,27 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
             return crate::reference::moe_route(logits, top_k);
         }
         let [tokens, _] = logits.dims();
-        // The indices come back as f32 (custom operations carry float tensors; f32 is exact up to
-        // 2^24 experts).
+        let int_dtype = <B::IntElem as burn::tensor::Element>::dtype();
         let outs = register::<B>(
             "jamba_moe_route",
             vec![fprim(logits)],
             vec![
                 (vec![tokens, top_k], DType::F32),
-                (vec![tokens, top_k], DType::F32),
+                (vec![tokens, top_k], int_dtype),
             ],
             Arc::new(move |prims| {
                 let logits = inner(prims.into_iter().next().unwrap());
                 let (weights, chosen) = B::moe_route(logits, top_k);
                 vec![
                     raw(weights.cast(DType::F32)),
-                    raw(chosen.float().cast(DType::F32)),
+                    Prim::Int(chosen.into_primitive()),
                 ]
             }),
         );
         let mut it = outs.into_iter();
         let weights = fwrap(it.next().unwrap());
-        let chosen: Tensor<Self, 2> = fwrap(it.next().unwrap());
-        (weights, chosen.int())
+        let chosen = Tensor::from_primitive(it.next().unwrap());
+        (weights, chosen)
     }
 
     fn moe_grouped(input: MoeInput<Self>) -> Tensor<Self, 2> {
@@ -638,10 +663,10 @@ fn conv_args<B: FusionBackend>(
 }
 
 fn conv_input<B: FusionBackend>(
-    prims: Vec<FloatTensor<B>>,
+    prims: Vec<Prim<B>>,
     flags: [bool; 2],
     silu: bool,
-) -> (CausalConv1dInput<B>, Vec<FloatTensor<B>>) {
+) -> (CausalConv1dInput<B>, Vec<Prim<B>>) {
     let mut it = prims.into_iter();
     let x = inner(it.next().unwrap());
     let weight = inner(it.next().unwrap());
@@ -659,25 +684,24 @@ fn conv_input<B: FusionBackend>(
     )
 }
 
-/// The grouped MoE's inputs as float tensors: the expert indices travel as f32 (exact up to
-/// 2^24 experts) since custom operations carry float tensors.
+/// The grouped MoE's inputs in the order of [`moe_input`].
 fn moe_args<B: FusionBackend>(input: &MoeInput<Fusion<B>>) -> Vec<FusionTensor<B::FusionRuntime>> {
     vec![
         fprim(input.x.clone()),
         fprim(input.gate_up.clone()),
         fprim(input.down.clone()),
-        fprim(input.chosen.clone().float().cast(DType::F32)),
+        input.chosen.clone().into_primitive(),
         fprim(input.weights.clone()),
     ]
 }
 
-fn moe_input<B: FusionBackend>(prims: Vec<FloatTensor<B>>, first: usize) -> MoeInput<B> {
+fn moe_input<B: FusionBackend>(prims: Vec<Prim<B>>, first: usize) -> MoeInput<B> {
     let mut it = prims.into_iter();
     MoeInput {
         x: inner(it.next().unwrap()),
         gate_up: inner(it.next().unwrap()),
         down: inner(it.next().unwrap()),
-        chosen: inner::<B, 2>(it.next().unwrap()).int(),
+        chosen: inner_int(it.next().unwrap()),
         weights: inner(it.next().unwrap()),
         first,
     }
