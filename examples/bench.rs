@@ -50,6 +50,10 @@ struct Args {
     /// counts, e.g. 4096,16384.
     #[arg(long, value_delimiter = ',')]
     moe: Vec<usize>,
+    /// Time causal self-attention alone (`JambaBackend::causal_attention`, `--dtype`, 16 heads of
+    /// 128, batch 1) at these lengths, against the model's attention with a materialised mask.
+    #[arg(long, value_delimiter = ',')]
+    attention: Vec<usize>,
     /// Skip the model (kernel checks and scan timings only).
     #[arg(long)]
     no_model: bool,
@@ -117,6 +121,9 @@ where
         for &tokens in &args.moe {
             moe_timing::<B>(device, &cfg, tokens, dtype);
         }
+    }
+    for &len in &args.attention {
+        attention_timing::<B>(device, len, dtype);
     }
     if args.no_model {
         return;
@@ -328,6 +335,36 @@ where
     );
 }
 
+fn attention_timing<B: JambaBackend>(device: &B::Device, len: usize, dtype: DType) {
+    let (heads, head_dim) = (16, 128);
+    let qkv: Vec<Tensor<B, 4>> = (0..3)
+        .map(|_| {
+            Tensor::<B, 4>::random(
+                [1, heads, len, head_dim],
+                Distribution::Normal(0.0, 1.0),
+                device,
+            )
+            .cast(dtype)
+        })
+        .collect();
+    let kernel = time_ms::<B>(device, &|| {
+        let _ = B::causal_attention(qkv[0].clone(), qkv[1].clone(), qkv[2].clone());
+    });
+    let reference = time_ms::<B>(device, &|| {
+        let _ = jamba_kernels::reference::causal_attention(
+            qkv[0].clone(),
+            qkv[1].clone(),
+            qkv[2].clone(),
+        );
+    });
+    // Causal: half of the two `len x len x head_dim` products per head.
+    let flop = 2.0 * 2.0 * heads as f64 * (len * len * head_dim) as f64 / 2.0;
+    println!(
+        "| causal attention, {heads} heads x {head_dim}, {len} tokens, {dtype:?} | {kernel:.2} ms ({:.1} TFLOP/s) | reference (scores in memory) {reference:.2} ms |",
+        flop / kernel / 1e9
+    );
+}
+
 /// The kernels of `B` against the tensor-op reference on ndarray: outputs and every gradient.
 mod kernel_check {
     use super::*;
@@ -523,6 +560,36 @@ mod kernel_check {
                 for ((name, g), w) in names.iter().zip(&got).zip(&want) {
                     report(format!("scan {shape:?} f32 grad {name}"), rel(g, w), 1e-4);
                 }
+            }
+        }
+        // Causal attention in bf16 (f32 runs the reference itself): the flash kernels stage in
+        // f16 and round the output to bf16, 2^-8 relative.
+        if bf16 {
+            for shape in [
+                [1, 2, 1, 64],
+                [3, 2, 77, 64],
+                [2, 4, 300, 128],
+                [1, 16, 1024, 128],
+            ] {
+                let n = shape.iter().product();
+                let qkv: Vec<Vec<f32>> = (0..3)
+                    .map(|_| host(n, Distribution::Normal(0.0, 1.0)))
+                    .collect();
+                let on = |x: &Vec<f32>| {
+                    Tensor::<B, 4>::from_data(TensorData::new(x.clone(), shape), dev)
+                        .cast(DType::BF16)
+                };
+                let (q, k, v) = (on(&qkv[0]), on(&qkv[1]), on(&qkv[2]));
+                let back = |t: &Tensor<B, 4>| {
+                    Tensor::<Ref, 4>::from_data(t.clone().cast(DType::F32).into_data(), &rdev)
+                };
+                let want = reference::causal_attention(back(&q), back(&k), back(&v));
+                let got = B::causal_attention(q, k, v);
+                report(
+                    format!("causal attention {shape:?} bf16"),
+                    rel(&vals(got), &vals(want)),
+                    1e-2,
+                );
             }
         }
         for [b, d, l, k] in [[3, 37, 513, 4], [2, 5, 1, 4]] {

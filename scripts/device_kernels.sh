@@ -22,6 +22,8 @@ if [ "${SCAN:-1}" = 1 ]; then
 echo "== selective scan, bf16, mamba-ssm's layout"
 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096,1x8192x16384,8x8192x2048,4x4096x8192
 fi
+echo "== causal attention alone, bf16, 16 heads of 128: flash kernel against the reference"
+"$bin/bench" --backend cuda --dtype bf16 --no-model --attention 1024,4096,16384
 if [ "${MOE:-1}" = 1 ]; then
 echo "== MoE experts of one block layer alone, bf16: as released (per-expert matmuls from 2048 pairs)"
 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 512,4096,16384,32768
@@ -35,7 +37,7 @@ echo "== block model, bf16"
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > /tmp/mem-model.log &
 smi=$!
 "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 --prompt 512 \
-    --batches 1,8,32 --steps 16 --warmup 4 --prefill 4096,16384,8x2048 --chunk 4096
+    --batches 1,8,32 --steps 16 --warmup 4 --prefill 4096,16384,8x2048 --chunk 16384
 kill $smi
 echo "peak GPU memory (nvidia-smi, MiB): $(sort -n /tmp/mem-model.log | tail -1)"
 echo "== block model, decode without fusion"
@@ -61,6 +63,8 @@ prof "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf1
     --batches 1 --steps 0 --warmup 0 > "$out/ncu-decode0.txt" 2>&1
 prof "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 --batches 0 \
     --prefill 4096 --chunk 4096 --reps 1 > "$out/ncu-prefill.txt" 2>&1
+prof "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 --batches 0 \
+    --prefill 16384 --chunk 16384 --reps 1 > "$out/ncu-prefill16k.txt" 2>&1
 echo "== ncu: the scan kernels at 1 x 8192 x 4096 (bf16)"
 for k in scan_fwd scan_bwd; do
   timeout 100 ncu --clock-control none -k regex:$k --launch-count 1 --section SpeedOfLight \

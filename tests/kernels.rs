@@ -225,6 +225,12 @@ fn scan_cases() -> Vec<(&'static str, ScanCase)> {
             "b1 d9 l33 n256 state",
             ScanCase::new(1, 9, 33, 256).with_state(),
         ),
+        // Several tiles of the forward that splits the sequence between units (1024 positions
+        // per tile for d_state 16), the last one partial.
+        (
+            "b2 d11 l2100 n16 state channel-last",
+            ScanCase::new(2, 11, 2100, 16).with_state().channel_last(),
+        ),
     ]
 }
 
@@ -333,6 +339,9 @@ fn scan_gradients_cube_and_fused() {
         check_scan_grads::<Autodiff<Cube>>(&format!("cube {name}"), &case);
         check_scan_grads::<Autodiff<Wgpu>>(&format!("fusion {name}"), &case);
     }
+    // The chunk states saved by every segment of two tiles, the second partial.
+    let case = ScanCase::new(1, 6, 1500, 16).with_state();
+    check_scan_grads::<Autodiff<Cube>>("cube b1 d6 l1500 n16 state", &case);
 }
 
 #[test]
@@ -609,7 +618,10 @@ fn kernels_run_on_the_lavapipe_plane_size() {
     let client = t.into_primitive().tensor().client;
     let p = client.properties().hardware.plane_size_min;
     assert!(p >= 1, "plane size {p}");
-    eprintln!("plane_size_min = {p}");
+    eprintln!(
+        "plane_size_min = {p}, max_shared_memory_size = {}",
+        client.properties().hardware.max_shared_memory_size
+    );
 }
 
 #[test]
@@ -1003,5 +1015,70 @@ fn router_softmax_top_k_matches_reference() {
                 1e-6,
             );
         }
+    }
+}
+
+/// Causal flash attention (the kernels take f16 and bf16: they stage in f16) against the f32
+/// reference on the same f16-rounded inputs. Outputs are convex combinations of rows of `v`,
+/// rounded to f16 (2^-11 relative) from probabilities staged in f16: within 1e-2 of the scale.
+#[test]
+fn causal_attention_matches_reference() {
+    no_overrides();
+    let dev = Default::default();
+    for (batch, heads, len, head_dim) in [
+        (1, 1, 1, 8),
+        (2, 3, 7, 16),
+        (1, 2, 33, 64),
+        (3, 1, 130, 32),
+        (1, 2, 257, 128),
+    ] {
+        let shape = [batch, heads, len, head_dim];
+        let n = batch * heads * len * head_dim;
+        let name = format!("attention {batch}x{heads}x{len}x{head_dim}");
+        let inputs: Vec<Vec<f32>> = (0..3)
+            .map(|_| random(n, Distribution::Normal(0.0, 1.0)))
+            .collect();
+        fn half<B: Backend>(x: &[f32], shape: [usize; 4]) -> Tensor<B, 4> {
+            Tensor::<B, 4>::from_data(TensorData::new(x.to_vec(), shape), &Default::default())
+                .cast(DType::F16)
+        }
+        let rounded: Vec<Tensor<Ref, 4>> = inputs
+            .iter()
+            .map(|x| {
+                let r = to_f32_vec(half::<Wgpu>(x, shape));
+                Tensor::from_data(TensorData::new(r, shape), &dev)
+            })
+            .collect();
+        let want = data(reference::causal_attention(
+            rounded[0].clone(),
+            rounded[1].clone(),
+            rounded[2].clone(),
+        ));
+        let (q, k, v) = (
+            half::<Cube>(&inputs[0], shape),
+            half::<Cube>(&inputs[1], shape),
+            half::<Cube>(&inputs[2], shape),
+        );
+        let flash = jamba_kernels::cube::flash_attention(&q, &k, &v)
+            .unwrap_or_else(|| panic!("{name}: no flash-attention routine ran"));
+        assert_eq!(flash.dtype(), DType::F16);
+        assert_close(&format!("cube {name}"), &to_f32_vec(flash), &want, 1e-2);
+        let fused = Wgpu::causal_attention(
+            half::<Wgpu>(&inputs[0], shape),
+            half::<Wgpu>(&inputs[1], shape),
+            half::<Wgpu>(&inputs[2], shape),
+        );
+        assert_close(&format!("fusion {name}"), &to_f32_vec(fused), &want, 1e-2);
+        // f32 stays on the reference (f16 staging would cost it precision).
+        let f32_inputs: Vec<Tensor<Cube, 4>> = inputs
+            .iter()
+            .map(|x| Tensor::from_data(TensorData::new(x.clone(), shape), &Default::default()))
+            .collect();
+        assert!(jamba_kernels::cube::flash_attention(
+            &f32_inputs[0],
+            &f32_inputs[1],
+            &f32_inputs[2]
+        )
+        .is_none());
     }
 }

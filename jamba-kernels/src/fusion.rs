@@ -533,6 +533,35 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
         }
     }
 
+    fn causal_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        // The kernels take f16 and bf16 only; f32 stays in fusable tensor ops.
+        let dtype = q.dtype();
+        if !B::KERNELS || !matches!(dtype, DType::F16 | DType::BF16) {
+            return crate::reference::causal_attention(q, k, v);
+        }
+        let [batch, heads, len, _] = q.dims();
+        let shape = vec![batch, heads, len, v.dims()[3]];
+        let outs = register::<B>(
+            "jamba_causal_attention",
+            vec![fprim(q), fprim(k), fprim(v)],
+            vec![(shape, dtype)],
+            Arc::new(move |prims| {
+                let mut it = prims.into_iter();
+                let (q, k, v) = (
+                    inner(it.next().unwrap()),
+                    inner(it.next().unwrap()),
+                    inner(it.next().unwrap()),
+                );
+                vec![raw(B::causal_attention(q, k, v))]
+            }),
+        );
+        fwrap(outs.into_iter().next().unwrap())
+    }
+
     fn rms_norm(x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
         if !B::KERNELS {
             return crate::reference::rms_norm(x, weight, eps);

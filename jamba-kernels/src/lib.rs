@@ -274,6 +274,18 @@ pub trait JambaBackend: Backend {
         reference::rms_norm(x, weight, eps)
     }
 
+    /// Causal self-attention over `q`, `k`, `v` `[batch, heads, len, head_dim]` with one length
+    /// for all three (no cached positions, no padding; KV heads already repeated): query `i`
+    /// sees keys `0..=i`, scale `head_dim^-0.5`, softmax in f32. Backends with kernels run a
+    /// flash-attention kernel (no `[len, len]` scores in memory) for f16 and bf16.
+    fn causal_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        reference::causal_attention(q, k, v)
+    }
+
     /// One decoding position of the scan: returns `y` `[batch, d_inner]` and the new state.
     fn selective_state_update(
         input: SelectiveStateUpdate<Self>,

@@ -2,7 +2,7 @@
 //! (the Mamba layers before it provide position), scale `head_dim^-0.5`, softmax in f32.
 
 use burn::module::Module;
-use burn::tensor::{activation, backend::Backend, DType, Tensor};
+use burn::tensor::{activation, backend::Backend, Bool, DType, Tensor, TensorData};
 
 use crate::config::JambaConfig;
 use crate::error::Result;
@@ -122,16 +122,16 @@ impl<B: jamba_kernels::JambaBackend> JambaAttention<B> {
         })
     }
 
-    /// `hidden` `[batch, len, hidden]`. `mask` `[batch, 1, len, past + len]` is true where a query may
-    /// not look (future or padding). With `cache`, the new keys and values are appended to it and the
-    /// queries attend to everything cached.
+    /// `hidden` `[batch, len, hidden]`; `mask` says what each query may not see. With `cache`, the
+    /// new keys and values are appended to it and the queries attend to everything cached.
     pub fn forward(
         &self,
         hidden: Tensor<B, 3>,
-        mask: Option<&Tensor<B, 4, burn::tensor::Bool>>,
+        mask: &AttentionMask<B>,
         cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         let [batch, len, _] = hidden.dims();
+        let hidden_device = hidden.device();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, len, n, hd]).swap_dims(1, 2);
         let q = heads(self.q_proj.forward(hidden.clone()), nh);
@@ -141,7 +141,17 @@ impl<B: jamba_kernels::JambaBackend> JambaAttention<B> {
             cache.append(k, v);
             (k, v) = cache.get();
         }
-        let out = attend(q, repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv), mask, hd);
+        let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
+        let out = match mask {
+            // Nothing cached before the new positions: the keys are exactly the queries' positions.
+            AttentionMask::Causal if k.dims()[2] == len => B::causal_attention(q, k, v),
+            AttentionMask::Causal => {
+                let past = k.dims()[2] - len;
+                attend(q, k, v, Some(&causal_mask(len, past, &hidden_device)), hd)
+            }
+            AttentionMask::None => attend(q, k, v, None, hd),
+            AttentionMask::Explicit(mask) => attend(q, k, v, Some(mask), hd),
+        };
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([batch, len, nh * hd]))
     }
@@ -152,6 +162,43 @@ impl<B: jamba_kernels::JambaBackend> JambaAttention<B> {
         self.v_proj.export(&format!("{prefix}.v_proj"), out);
         self.o_proj.export(&format!("{prefix}.o_proj"), out);
     }
+}
+
+/// What the queries of one forward may not see.
+#[derive(Debug, Clone)]
+pub enum AttentionMask<B: Backend> {
+    /// Nothing is masked (one new position, no padding).
+    None,
+    /// The future only: no padding. Without cached positions before the new ones,
+    /// [`JambaBackend::causal_attention`](jamba_kernels::JambaBackend::causal_attention) applies
+    /// it inside its kernel, and no mask or score matrix is built.
+    Causal,
+    /// `[batch, 1, len, past + len]`, true where a query may not look (future or padding).
+    Explicit(Tensor<B, 4, Bool>),
+}
+
+impl<B: Backend> AttentionMask<B> {
+    /// The mask on `device` (for a layer on another device).
+    pub fn to_device(self, device: &B::Device) -> Self {
+        match self {
+            Self::Explicit(m) => Self::Explicit(crate::parallel::transfer(m, device)),
+            other => other,
+        }
+    }
+}
+
+/// `[1, 1, len, past + len]`, true where query `q` (at position `past + q`) would see the future.
+pub(crate) fn causal_mask<B: Backend>(
+    len: usize,
+    past: usize,
+    device: &B::Device,
+) -> Tensor<B, 4, Bool> {
+    let total = past + len;
+    let data: Vec<bool> = (0..len)
+        .flat_map(|q| (0..total).map(move |k| k > past + q))
+        .collect();
+    Tensor::<B, 2, Bool>::from_data(TensorData::new(data, [len, total]), device)
+        .reshape([1, 1, len, total])
 }
 
 /// Query head `j` uses KV head `j / groups` (`repeat_interleave`, as transformers' `repeat_kv`).
@@ -171,7 +218,7 @@ fn attend<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    mask: Option<&Tensor<B, 4, burn::tensor::Bool>>,
+    mask: Option<&Tensor<B, 4, Bool>>,
     head_dim: usize,
 ) -> Tensor<B, 4> {
     let dtype = q.dtype();

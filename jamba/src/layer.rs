@@ -2,10 +2,10 @@
 //! each with a residual connection (`JambaAttentionDecoderLayer` / `JambaMambaDecoderLayer`).
 
 use burn::module::Module;
-use burn::tensor::{backend::Backend, Bool, DType, Tensor};
+use burn::tensor::{backend::Backend, DType, Tensor};
 use jamba_kernels::JambaBackend;
 
-use crate::attention::{JambaAttention, KvCache};
+use crate::attention::{AttentionMask, JambaAttention, KvCache};
 use crate::config::{FeedForwardKind, JambaConfig, MixerKind};
 use crate::error::Result;
 use crate::mamba::{JambaMambaMixer, MambaState};
@@ -42,8 +42,8 @@ pub enum LayerState<B: Backend> {
 /// Masks prepared once per forward and shared by every layer.
 #[derive(Debug, Clone)]
 pub struct LayerMasks<B: Backend> {
-    /// `[batch, 1, len, past + len]`, true where attention may not look; `None` when nothing is masked.
-    pub attention: Option<Tensor<B, 4, Bool>>,
+    /// What attention may not look at.
+    pub attention: AttentionMask<B>,
     /// `[batch, len]` of 0/1 in the hidden dtype, for Mamba layers; `None` without padding.
     pub padding: Option<Tensor<B, 2>>,
     /// Keep padded positions from reaching real ones at all (see [`JambaMambaMixer::forward`]).
@@ -54,7 +54,7 @@ impl<B: Backend> LayerMasks<B> {
     /// The masks on `device` (for a layer on another device).
     pub fn to_device(self, device: &B::Device) -> Self {
         Self {
-            attention: self.attention.map(|m| crate::parallel::transfer(m, device)),
+            attention: self.attention.to_device(device),
             padding: self.padding.map(|m| crate::parallel::transfer(m, device)),
             isolate_padding: self.isolate_padding,
         }
@@ -110,9 +110,9 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
         let h = self.input_layernorm.forward(x.clone());
         let h = match (&self.mixer, state) {
             (Mixer::Attention(attn), Some(LayerState::Attention(kv))) => {
-                attn.forward(h, masks.attention.as_ref(), Some(kv))
+                attn.forward(h, &masks.attention, Some(kv))
             }
-            (Mixer::Attention(attn), None) => attn.forward(h, masks.attention.as_ref(), None),
+            (Mixer::Attention(attn), None) => attn.forward(h, &masks.attention, None),
             (Mixer::Mamba(mamba), Some(LayerState::Mamba(s))) => {
                 mamba.forward(h, masks.padding.as_ref(), masks.isolate_padding, Some(s))
             }

@@ -7,7 +7,7 @@ use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, Bool, DType, Int, Tensor, TensorData};
 use jamba_kernels::JambaBackend;
 
-use crate::attention::{KvCache, KV_BLOCK};
+use crate::attention::{causal_mask, AttentionMask, KvCache, KV_BLOCK};
 use crate::checkpoint::{write_atomic, write_safetensors, Checkpoint, WEIGHTS_FILE};
 use crate::config::JambaConfig;
 use crate::error::{JambaError, Result};
@@ -642,30 +642,31 @@ impl<B: Backend> HybridCache<B> {
     }
 }
 
-/// `[batch, 1, len, past + len]`, true where query `q` (at position `past + q`) may not see key `k`:
-/// the future, or a padded key. `None` when nothing is masked (a single new position, no padding).
+/// What the new positions may not see: the future (when there are several), and padded keys
+/// (then as `[batch, 1, len, past + len]`, true where query `q` at position `past + q` may not
+/// see key `k`).
 fn attention_mask_for<B: Backend>(
     len: usize,
     past: usize,
     key_pad: Option<Tensor<B, 2, Bool>>,
     batch: usize,
     device: &B::Device,
-) -> Option<Tensor<B, 4, Bool>> {
+) -> AttentionMask<B> {
     let total = past + len;
-    let causal = (len > 1).then(|| {
-        let data: Vec<bool> = (0..len)
-            .flat_map(|q| (0..total).map(move |k| k > past + q))
-            .collect();
-        Tensor::<B, 2, Bool>::from_data(TensorData::new(data, [len, total]), device)
-            .reshape([1, 1, len, total])
-    });
-    let pad = key_pad.map(|p| {
-        p.reshape([batch, 1, 1, total])
-            .expand([batch, 1, len, total])
-    });
-    match (causal, pad) {
-        (Some(c), Some(p)) => Some(c.expand([batch, 1, len, total]).bool_or(p)),
-        (c, p) => c.or(p),
+    match key_pad {
+        None if len > 1 => AttentionMask::Causal,
+        None => AttentionMask::None,
+        Some(pad) => {
+            let pad = pad
+                .reshape([batch, 1, 1, total])
+                .expand([batch, 1, len, total]);
+            AttentionMask::Explicit(match len > 1 {
+                true => causal_mask::<B>(len, past, device)
+                    .expand([batch, 1, len, total])
+                    .bool_or(pad),
+                false => pad,
+            })
+        }
     }
 }
 

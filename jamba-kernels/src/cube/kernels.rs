@@ -443,6 +443,202 @@ pub fn scan_fwd_kernel<F: Float>(
     }
 }
 
+/// `delta` at one position after `delta_bias` and the softplus, in f32.
+#[cube]
+fn delta_at(raw: f32, bias: f32, #[comptime] softplus: bool) -> f32 {
+    let mut v = raw + bias;
+    if softplus {
+        v = softplus_f32(v);
+    }
+    v
+}
+
+/// Selective scan forward with the sequence also split between the units of a cube, for
+/// `d_state <= 16` (all of a channel's states in one unit's registers).
+///
+/// Cube `(x, y)` = (block of `block` channels, batch row); unit `(x, y)` = (channel, segment).
+/// The cube walks the sequence in tiles of `segs * seg_len` positions. In a tile, unit `s`
+/// first composes its `seg_len` positions from a zero state: the product of their decays,
+/// `exp(A * sum(delta))`, and the state they leave. Its starting state is then the tile's
+/// starting state carried through the compositions of the segments before it, and it walks its
+/// positions again from there to produce `y`. This costs two exponentials per position and
+/// state instead of one, for `segs` times the parallelism of walking each channel's sequence
+/// in one unit. `seg_len` is the backward's chunk length, so a unit's starting state is the
+/// chunk state the backward needs.
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+#[allow(clippy::too_many_arguments)]
+pub fn scan_fwd_seg_kernel<F: Float>(
+    u: &Tensor<F>,
+    delta: &Tensor<F>,
+    z: &Tensor<F>,
+    b: &Tensor<F>,
+    c: &Tensor<F>,
+    a: &Tensor<f32>,
+    d_skip: &Tensor<f32>,
+    delta_bias: &Tensor<f32>,
+    init: &Tensor<f32>,
+    y: &mut Tensor<F>,
+    last: &mut Tensor<f32>,
+    chunks: &mut Tensor<f32>,
+    #[comptime] n_state: usize,
+    #[comptime] seg_len: usize,
+    #[comptime] block: usize,
+    #[comptime] segs: usize,
+    #[comptime] has_z: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] has_init: bool,
+    #[comptime] softplus: bool,
+    #[comptime] save: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let dim = u.shape(1);
+    let len = u.shape(2);
+    let bi = CUBE_POS_Y as usize;
+    let dl = UNIT_POS_X as usize;
+    let seg = UNIT_POS_Y as usize;
+    let di = CUBE_POS_X as usize * block + dl;
+    let valid = di < dim;
+
+    // Each unit's composition `(decay product, state from zero)`, then the tile's starting
+    // state of each channel.
+    let mut s_p = SharedMemory::<f32>::new(segs * block * n_state);
+    let mut s_q = SharedMemory::<f32>::new(segs * block * n_state);
+    let mut s_h = SharedMemory::<f32>::new(block * n_state);
+
+    let mut h = Array::<f32>::new(n_state);
+    let mut a_row = Array::<f32>::new(n_state);
+    let mut d_val = 0.0f32;
+    let mut bias = 0.0f32;
+    #[unroll]
+    for n in 0..n_state {
+        a_row[n] = 0.0;
+    }
+    if valid {
+        d_val = d_skip[di * d_skip.stride(0)];
+        if has_bias {
+            bias = delta_bias[di * delta_bias.stride(0)];
+        }
+        #[unroll]
+        for n in 0..n_state {
+            a_row[n] = a[di * a.stride(0) + n * a.stride(1)];
+        }
+    }
+    if seg == 0 {
+        #[unroll]
+        for n in 0..n_state {
+            let mut v = 0.0f32;
+            if has_init {
+                if valid {
+                    v = init[bi * init.stride(0) + di * init.stride(1) + n * init.stride(2)];
+                }
+            }
+            s_h[dl * n_state + n] = v;
+        }
+    }
+
+    let (u0, u1) = (bi * u.stride(0) + di * u.stride(1), u.stride(2));
+    let (t0_d, t1_d) = (bi * delta.stride(0) + di * delta.stride(1), delta.stride(2));
+    let (b0, b1, b2) = (bi * b.stride(0), b.stride(1), b.stride(2));
+    let (c0, c1, c2) = (bi * c.stride(0), c.stride(1), c.stride(2));
+    let own = (seg * block + dl) * n_state;
+    let tile_len = comptime!(segs * seg_len);
+    let n_tiles = (len + tile_len - 1) / tile_len;
+    for k in 0..n_tiles {
+        let start = k * tile_len + seg * seg_len;
+        let mut count = 0usize;
+        if valid && start < len {
+            count = len - start;
+            if count > seg_len {
+                count = seg_len;
+            }
+        }
+
+        // Composition of the segment from a zero state.
+        let mut dt_sum = 0.0f32;
+        #[unroll]
+        for n in 0..n_state {
+            h[n] = 0.0;
+        }
+        for tl in 0..count {
+            let t = start + tl;
+            let dtv = delta_at(f32::cast_from(delta[t0_d + t * t1_d]), bias, softplus);
+            let du = dtv * f32::cast_from(u[u0 + t * u1]);
+            dt_sum += dtv;
+            #[unroll]
+            for n in 0..n_state {
+                h[n] = (dtv * a_row[n]).exp() * h[n] + du * f32::cast_from(b[b0 + n * b1 + t * b2]);
+            }
+        }
+        #[unroll]
+        for n in 0..n_state {
+            s_p[own + n] = (dt_sum * a_row[n]).exp();
+            s_q[own + n] = h[n];
+        }
+        sync_cube();
+
+        // The segment's starting state.
+        #[unroll]
+        for n in 0..n_state {
+            h[n] = s_h[dl * n_state + n];
+        }
+        for prev in 0..seg {
+            let at = (prev * block + dl) * n_state;
+            #[unroll]
+            for n in 0..n_state {
+                h[n] = s_p[at + n] * h[n] + s_q[at + n];
+            }
+        }
+        if save {
+            if count > 0 {
+                let chunk = k * segs + seg;
+                #[unroll]
+                for n in 0..n_state {
+                    chunks[bi * chunks.stride(0)
+                        + di * chunks.stride(1)
+                        + chunk * chunks.stride(2)
+                        + n * chunks.stride(3)] = h[n];
+                }
+            }
+        }
+        // Every unit has read the tile's starting state before the last segment replaces it.
+        sync_cube();
+        if seg == segs - 1 {
+            #[unroll]
+            for n in 0..n_state {
+                s_h[dl * n_state + n] = s_p[own + n] * h[n] + s_q[own + n];
+            }
+        }
+
+        // The segment again, from its starting state.
+        for tl in 0..count {
+            let t = start + tl;
+            let dtv = delta_at(f32::cast_from(delta[t0_d + t * t1_d]), bias, softplus);
+            let uv = f32::cast_from(u[u0 + t * u1]);
+            let du = dtv * uv;
+            let mut acc = 0.0f32;
+            #[unroll]
+            for n in 0..n_state {
+                h[n] = (dtv * a_row[n]).exp() * h[n] + du * f32::cast_from(b[b0 + n * b1 + t * b2]);
+                acc += h[n] * f32::cast_from(c[c0 + n * c1 + t * c2]);
+            }
+            let mut out = acc + d_val * uv;
+            if has_z {
+                let zv = f32::cast_from(z[bi * z.stride(0) + di * z.stride(1) + t * z.stride(2)]);
+                out *= zv * sigmoid_f32(zv);
+            }
+            y[bi * y.stride(0) + di * y.stride(1) + t * y.stride(2)] = F::cast_from(out);
+        }
+    }
+    sync_cube();
+    if seg == 0 && valid {
+        #[unroll]
+        for n in 0..n_state {
+            last[bi * last.stride(0) + di * last.stride(1) + n * last.stride(2)] =
+                s_h[dl * n_state + n];
+        }
+    }
+}
+
 /// Selective scan backward, recomputing each tile's states from the saved tile-boundary state.
 ///
 /// Per-channel outputs (`du`, `ddelta` w.r.t. the raw delta, `dz`) are written directly;

@@ -22,6 +22,13 @@ use crate::{
 
 /// Channels per cube of the scan kernels.
 const SCAN_BLOCK: usize = 32;
+/// The forward that splits the sequence between units ([`kernels::scan_fwd_seg_kernel`]) holds
+/// all of a channel's states in one unit: it runs up to this `d_state`.
+const SEG_MAX_STATE: usize = 16;
+/// Channels per cube of that kernel.
+const SEG_BLOCK: usize = 8;
+/// Segments of a tile (units per channel) of that kernel, where its shared memory fits.
+const SEG_SEGMENTS: usize = 32;
 /// At most this many units share a channel's states.
 const MAX_SPLIT_LOG2: u32 = 3;
 
@@ -102,7 +109,9 @@ fn elemwise_launch(n: usize) -> (CubeCount, CubeDim) {
 /// Operations named in the `JAMBA_REFERENCE` environment variable (comma-separated: `scan`,
 /// `conv`, `step`, `rms_norm`, `linear`, `moe` (the decoding MoE kernels: the grouped ones run
 /// instead), `moe_grouped`, `moe_mma` (the portable grouped matmuls instead of the tensor-core
-/// ones), `route`, or `all`) run the tensor-op reference instead of the kernel: a switch to
+/// ones), `route`, `scan_seg` (the forward scan that splits the sequence between units: the
+/// one that walks each channel's sequence in one unit runs instead), `attention`, `attention_mma` (the portable flash attention instead of the
+/// tensor-core one), or `all`) run the tensor-op reference instead of the kernel: a switch to
 /// isolate a kernel when results differ.
 fn use_kernel(op: &str) -> bool {
     static DISABLED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
@@ -176,6 +185,17 @@ where
             return crate::reference::rms_norm(x, weight, eps);
         }
         rms_norm(x, weight, eps)
+    }
+
+    fn causal_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        match flash_attention(&q, &k, &v) {
+            Some(out) => out,
+            None => crate::reference::causal_attention(q, k, v),
+        }
     }
 
     fn linear(
@@ -288,11 +308,75 @@ where
         dummy(&device)
     };
     let client = u.client.clone();
+    let f = |t: &Tensor<Cube<R, F, I, BT>, 3>| prim(t.clone().cast(dtype));
+    let z = input
+        .z
+        .as_ref()
+        .map(f)
+        .unwrap_or_else(|| prim(dummy_of::<Cube<R, F, I, BT>, 3>(&device, dtype)));
+    let delta_bias = prim(
+        input
+            .delta_bias
+            .clone()
+            .map(|b| b.cast(f32))
+            .unwrap_or_else(|| dummy(&device)),
+    );
+    let initial_state = prim(
+        input
+            .initial_state
+            .clone()
+            .map(|s| s.cast(f32))
+            .unwrap_or_else(|| dummy(&device)),
+    );
+    // Its shared memory (`(2 * segs + 1) * block * d_state` f32) must fit the device's: 33 KiB
+    // at 32 segments and d_state 16, over lavapipe's 32 KiB.
+    let max_shared = client.properties().hardware.max_shared_memory_size;
+    let mut segs = SEG_SEGMENTS;
+    while segs > 1 && (2 * segs + 1) * SEG_BLOCK * d_state * 4 > max_shared {
+        segs /= 2;
+    }
+    if d_state <= SEG_MAX_STATE && segs >= 4 && use_kernel("scan_seg") {
+        unsafe {
+            kernels::scan_fwd_seg_kernel::launch_unchecked::<R>(
+                &client,
+                CubeCount::Static(d_inner.div_ceil(SEG_BLOCK) as u32, batch as u32, 1),
+                CubeDim::new_2d(SEG_BLOCK as u32, segs as u32),
+                u.into_tensor_arg(),
+                f(&input.delta).into_tensor_arg(),
+                z.into_tensor_arg(),
+                f(&input.b).into_tensor_arg(),
+                f(&input.c).into_tensor_arg(),
+                prim(input.a.clone().cast(f32)).into_tensor_arg(),
+                prim(input.d.clone().cast(f32)).into_tensor_arg(),
+                delta_bias.into_tensor_arg(),
+                initial_state.into_tensor_arg(),
+                prim(y.clone()).into_tensor_arg(),
+                prim(last.clone()).into_tensor_arg(),
+                prim(saved.clone()).into_tensor_arg(),
+                d_state,
+                tile,
+                SEG_BLOCK,
+                segs,
+                input.z.is_some(),
+                input.delta_bias.is_some(),
+                input.initial_state.is_some(),
+                input.delta_softplus,
+                save,
+                dtype.into(),
+            );
+        }
+        return (
+            SelectiveScanOutput {
+                y,
+                last_state: last,
+            },
+            save.then_some(saved),
+        );
+    }
     let plane_min = client.properties().hardware.plane_size_min.max(1) as usize;
     let split = split_log2(d_state, plane_min);
     let cube_count = CubeCount::Static(d_inner.div_ceil(SCAN_BLOCK) as u32, batch as u32, 1);
     let cube_dim = CubeDim::new_1d((SCAN_BLOCK << split) as u32);
-    let f = |t: &Tensor<Cube<R, F, I, BT>, 3>| prim(t.clone().cast(dtype));
     unsafe {
         kernels::scan_fwd_kernel::launch_unchecked::<R>(
             &client,
@@ -300,32 +384,13 @@ where
             cube_dim,
             u.into_tensor_arg(),
             f(&input.delta).into_tensor_arg(),
-            input
-                .z
-                .as_ref()
-                .map(f)
-                .unwrap_or_else(|| prim(dummy_of::<Cube<R, F, I, BT>, 3>(&device, dtype)))
-                .into_tensor_arg(),
+            z.into_tensor_arg(),
             f(&input.b).into_tensor_arg(),
             f(&input.c).into_tensor_arg(),
             prim(input.a.clone().cast(f32)).into_tensor_arg(),
             prim(input.d.clone().cast(f32)).into_tensor_arg(),
-            prim(
-                input
-                    .delta_bias
-                    .clone()
-                    .map(|b| b.cast(f32))
-                    .unwrap_or_else(|| dummy(&device)),
-            )
-            .into_tensor_arg(),
-            prim(
-                input
-                    .initial_state
-                    .clone()
-                    .map(|s| s.cast(f32))
-                    .unwrap_or_else(|| dummy(&device)),
-            )
-            .into_tensor_arg(),
+            delta_bias.into_tensor_arg(),
+            initial_state.into_tensor_arg(),
             prim(y.clone()).into_tensor_arg(),
             prim(last.clone()).into_tensor_arg(),
             prim(saved.clone()).into_tensor_arg(),
@@ -870,4 +935,73 @@ where
         );
     }
     out
+}
+
+/// Causal flash attention (cubek's kernels, as Burn's `attention` runs them under autotune):
+/// the tensor-core routine (16 x 16 tiles, four planes of query rows) where the device has
+/// f16 cooperative matrices and planes of 32 units, the portable one (a plane of units, each a
+/// query row) otherwise. Both stage Q, K, V and the probabilities in f16 and accumulate the
+/// scores, the softmax and the output in f32. `None` for f32 inputs (f16 staging would cost
+/// them precision) or where neither routine takes the shape; the caller then runs the reference.
+pub fn flash_attention<R, F, I, BT>(
+    q: &Tensor<CubeBackend<R, F, I, BT>, 4>,
+    k: &Tensor<CubeBackend<R, F, I, BT>, 4>,
+    v: &Tensor<CubeBackend<R, F, I, BT>, 4>,
+) -> Option<Tensor<CubeBackend<R, F, I, BT>, 4>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    use burn::tensor::ops::AttentionModuleOptions;
+    use burn_cubecl::kernel::attention::{attention, AttentionStrategy};
+    use cubek::attention::routines::blackbox_accelerated::BlackboxAcceleratedStrategy;
+
+    let dtype = q.dtype();
+    let [batch, heads, len, head_dim] = q.dims();
+    if !matches!(dtype, DType::F16 | DType::BF16)
+        || !use_kernel("attention")
+        || head_dim == 0
+        || k.dtype() != dtype
+        || v.dtype() != dtype
+        || k.dims() != [batch, heads, len, head_dim]
+        || v.dims() != [batch, heads, len, head_dim]
+        || len == 0
+    {
+        return None;
+    }
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: true,
+    };
+    // The model's queries are a transposed view; the kernels are only tested on dense inputs.
+    let dense = |t: &Tensor<CubeBackend<R, F, I, BT>, 4>| {
+        burn_cubecl::kernel::into_contiguous(prim(t.clone()))
+    };
+    let (q, k, v) = (dense(q), dense(k), dense(v));
+    let hardware = &q.client.properties().hardware;
+    let planes_of_32 = hardware.plane_size_min == 32 && hardware.plane_size_max == 32;
+    if planes_of_32 && use_kernel("attention_mma") {
+        let strategy = AttentionStrategy::FlashBlackboxAccelerated(BlackboxAcceleratedStrategy {
+            num_planes: 4,
+            seq_q: 1,
+            seq_kv: 1,
+        });
+        if let Ok(out) = attention(
+            q.clone(),
+            k.clone(),
+            v.clone(),
+            None,
+            None,
+            options,
+            strategy,
+        ) {
+            return Some(wrap(out));
+        }
+    }
+    attention(q, k, v, None, None, options, AttentionStrategy::FlashUnit)
+        .ok()
+        .map(wrap)
 }
