@@ -21,6 +21,8 @@ echo "== kernel checks, CUDA with fusion"
 if [ "${SCAN:-1}" = 1 ]; then
 echo "== selective scan, bf16, mamba-ssm's layout"
 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096,1x8192x16384,8x8192x2048,4x4096x8192
+echo "== same, the one-pass forward instead of the split one (JAMBA_REFERENCE=scan_seg)"
+JAMBA_REFERENCE=scan_seg "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096,8x8192x2048
 fi
 echo "== causal attention alone, bf16, 16 heads of 128: flash kernel against the reference"
 "$bin/bench" --backend cuda --dtype bf16 --no-model --attention 1024,4096,16384
