@@ -4,7 +4,7 @@
 //! (Dao-AILab/causal-conv1d) literally, with the state and all accumulation in f32 whatever the
 //! input dtype. They run on any backend, including `Autodiff<B>`, which differentiates them.
 
-use burn::tensor::{activation, backend::Backend, Bool, DType, Int, Tensor, TensorData};
+use burn::tensor::{activation, backend::Backend, Bool, DType, Int, Tensor};
 
 use crate::{
     CausalConv1dInput, CausalConv1dUpdate, SelectiveScanInput, SelectiveScanOutput,
@@ -280,6 +280,28 @@ pub fn causal_conv1d_update<B: Backend>(
     (y.squeeze_dim(2), next)
 }
 
+/// Causal scaled dot-product attention, `q`, `k`, `v` `[batch, heads, len, head_dim]`: the
+/// scores `q k^T` in the inputs' dtype (as a matmul of them gives), then scaled and softmaxed in
+/// f32, the probabilities cast back for the product with `v`.
+pub fn causal_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let dtype = q.dtype();
+    let [batch, heads, len, head_dim] = q.dims();
+    let device = q.device();
+    let scores = q
+        .matmul(k.swap_dims(2, 3))
+        .cast(DType::F32)
+        .mul_scalar((head_dim as f64).powf(-0.5));
+    let future = Tensor::<B, 4, Bool>::tril_mask([1, 1, len, len], 0, &device)
+        .expand([batch, heads, len, len]);
+    activation::softmax(scores.mask_fill(future, f32::MIN), 3)
+        .cast(dtype)
+        .matmul(v)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,30 +468,4 @@ mod tests {
             Tolerance::rel_abs(1e-6, 1e-6),
         );
     }
-}
-
-/// Causal scaled dot-product attention, `q`, `k`, `v` `[batch, heads, len, head_dim]`: the
-/// scores `q k^T` in the inputs' dtype (as a matmul of them gives), then scaled and softmaxed in
-/// f32, the probabilities cast back for the product with `v`.
-pub fn causal_attention<B: Backend>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-) -> Tensor<B, 4> {
-    let dtype = q.dtype();
-    let [batch, heads, len, head_dim] = q.dims();
-    let device = q.device();
-    let scores = q
-        .matmul(k.swap_dims(2, 3))
-        .cast(DType::F32)
-        .mul_scalar((head_dim as f64).powf(-0.5));
-    let future: Vec<bool> = (0..len)
-        .flat_map(|i| (0..len).map(move |j| j > i))
-        .collect();
-    let future = Tensor::<B, 2, Bool>::from_data(TensorData::new(future, [len, len]), &device)
-        .reshape([1, 1, len, len])
-        .expand([batch, heads, len, len]);
-    activation::softmax(scores.mask_fill(future, f32::MIN), 3)
-        .cast(dtype)
-        .matmul(v)
 }

@@ -2,7 +2,7 @@
 //! (the Mamba layers before it provide position), scale `head_dim^-0.5`, softmax in f32.
 
 use burn::module::Module;
-use burn::tensor::{activation, backend::Backend, Bool, DType, Tensor, TensorData};
+use burn::tensor::{activation, backend::Backend, Bool, DType, Tensor};
 
 use crate::config::JambaConfig;
 use crate::error::Result;
@@ -131,7 +131,6 @@ impl<B: jamba_kernels::JambaBackend> JambaAttention<B> {
         cache: Option<&mut KvCache<B>>,
     ) -> Tensor<B, 3> {
         let [batch, len, _] = hidden.dims();
-        let hidden_device = hidden.device();
         let (nh, nkv, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let heads = |t: Tensor<B, 3>, n: usize| t.reshape([batch, len, n, hd]).swap_dims(1, 2);
         let q = heads(self.q_proj.forward(hidden.clone()), nh);
@@ -143,12 +142,7 @@ impl<B: jamba_kernels::JambaBackend> JambaAttention<B> {
         }
         let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
         let out = match mask {
-            // Nothing cached before the new positions: the keys are exactly the queries' positions.
-            AttentionMask::Causal if k.dims()[2] == len => B::causal_attention(q, k, v),
-            AttentionMask::Causal => {
-                let past = k.dims()[2] - len;
-                attend(q, k, v, Some(&causal_mask(len, past, &hidden_device)), hd)
-            }
+            AttentionMask::Causal => B::causal_attention(q, k, v),
             AttentionMask::None => attend(q, k, v, None, hd),
             AttentionMask::Explicit(mask) => attend(q, k, v, Some(mask), hd),
         };
@@ -169,7 +163,7 @@ impl<B: jamba_kernels::JambaBackend> JambaAttention<B> {
 pub enum AttentionMask<B: Backend> {
     /// Nothing is masked (one new position, no padding).
     None,
-    /// The future only: no padding. Without cached positions before the new ones,
+    /// The future only, over new positions with nothing cached before them and no padding:
     /// [`JambaBackend::causal_attention`](jamba_kernels::JambaBackend::causal_attention) applies
     /// it inside its kernel, and no mask or score matrix is built.
     Causal,
@@ -193,12 +187,7 @@ pub(crate) fn causal_mask<B: Backend>(
     past: usize,
     device: &B::Device,
 ) -> Tensor<B, 4, Bool> {
-    let total = past + len;
-    let data: Vec<bool> = (0..len)
-        .flat_map(|q| (0..total).map(move |k| k > past + q))
-        .collect();
-    Tensor::<B, 2, Bool>::from_data(TensorData::new(data, [len, total]), device)
-        .reshape([1, 1, len, total])
+    Tensor::tril_mask([1, 1, len, past + len], past as i64, device)
 }
 
 /// Query head `j` uses KV head `j / groups` (`repeat_interleave`, as transformers' `repeat_kv`).

@@ -642,9 +642,9 @@ impl<B: Backend> HybridCache<B> {
     }
 }
 
-/// What the new positions may not see: the future (when there are several), and padded keys
-/// (then as `[batch, 1, len, past + len]`, true where query `q` at position `past + q` may not
-/// see key `k`).
+/// What the new positions may not see: the future (when there are several), and padded keys.
+/// Built once per forward and shared by the attention layers; `Causal` (no tensor) when nothing
+/// is cached before the new positions and nothing is padded.
 fn attention_mask_for<B: Backend>(
     len: usize,
     past: usize,
@@ -654,7 +654,8 @@ fn attention_mask_for<B: Backend>(
 ) -> AttentionMask<B> {
     let total = past + len;
     match key_pad {
-        None if len > 1 => AttentionMask::Causal,
+        None if len > 1 && past == 0 => AttentionMask::Causal,
+        None if len > 1 => AttentionMask::Explicit(causal_mask::<B>(len, past, device)),
         None => AttentionMask::None,
         Some(pad) => {
             let pad = pad

@@ -328,8 +328,19 @@ where
             .map(|s| s.cast(f32))
             .unwrap_or_else(|| dummy(&device)),
     );
-    // Its shared memory (`(2 * segs + 1) * block * d_state` f32) must fit the device's: 33 KiB
-    // at 32 segments and d_state 16, over lavapipe's 32 KiB.
+    let (delta, b, c) = (f(&input.delta), f(&input.b), f(&input.c));
+    let (a, d) = (
+        prim(input.a.clone().cast(f32)),
+        prim(input.d.clone().cast(f32)),
+    );
+    let flags = (
+        input.z.is_some(),
+        input.delta_bias.is_some(),
+        input.initial_state.is_some(),
+        input.delta_softplus,
+    );
+    // The split forward's shared memory (`(2 * segs + 1) * block * d_state` f32) must fit the
+    // device's: 33 KiB at 32 segments and d_state 16, over lavapipe's 32 KiB.
     let max_shared = client.properties().hardware.max_shared_memory_size;
     let mut segs = SEG_SEGMENTS;
     while segs > 1 && (2 * segs + 1) * SEG_BLOCK * d_state * 4 > max_shared {
@@ -342,12 +353,12 @@ where
                 CubeCount::Static(d_inner.div_ceil(SEG_BLOCK) as u32, batch as u32, 1),
                 CubeDim::new_2d(SEG_BLOCK as u32, segs as u32),
                 u.into_tensor_arg(),
-                f(&input.delta).into_tensor_arg(),
+                delta.into_tensor_arg(),
                 z.into_tensor_arg(),
-                f(&input.b).into_tensor_arg(),
-                f(&input.c).into_tensor_arg(),
-                prim(input.a.clone().cast(f32)).into_tensor_arg(),
-                prim(input.d.clone().cast(f32)).into_tensor_arg(),
+                b.into_tensor_arg(),
+                c.into_tensor_arg(),
+                a.into_tensor_arg(),
+                d.into_tensor_arg(),
                 delta_bias.into_tensor_arg(),
                 initial_state.into_tensor_arg(),
                 prim(y.clone()).into_tensor_arg(),
@@ -357,54 +368,46 @@ where
                 tile,
                 SEG_BLOCK,
                 segs,
-                input.z.is_some(),
-                input.delta_bias.is_some(),
-                input.initial_state.is_some(),
-                input.delta_softplus,
+                flags.0,
+                flags.1,
+                flags.2,
+                flags.3,
                 save,
                 dtype.into(),
             );
         }
-        return (
-            SelectiveScanOutput {
-                y,
-                last_state: last,
-            },
-            save.then_some(saved),
-        );
-    }
-    let plane_min = client.properties().hardware.plane_size_min.max(1) as usize;
-    let split = split_log2(d_state, plane_min);
-    let cube_count = CubeCount::Static(d_inner.div_ceil(SCAN_BLOCK) as u32, batch as u32, 1);
-    let cube_dim = CubeDim::new_1d((SCAN_BLOCK << split) as u32);
-    unsafe {
-        kernels::scan_fwd_kernel::launch_unchecked::<R>(
-            &client,
-            cube_count,
-            cube_dim,
-            u.into_tensor_arg(),
-            f(&input.delta).into_tensor_arg(),
-            z.into_tensor_arg(),
-            f(&input.b).into_tensor_arg(),
-            f(&input.c).into_tensor_arg(),
-            prim(input.a.clone().cast(f32)).into_tensor_arg(),
-            prim(input.d.clone().cast(f32)).into_tensor_arg(),
-            delta_bias.into_tensor_arg(),
-            initial_state.into_tensor_arg(),
-            prim(y.clone()).into_tensor_arg(),
-            prim(last.clone()).into_tensor_arg(),
-            prim(saved.clone()).into_tensor_arg(),
-            d_state,
-            split,
-            tile,
-            SCAN_BLOCK,
-            input.z.is_some(),
-            input.delta_bias.is_some(),
-            input.initial_state.is_some(),
-            input.delta_softplus,
-            save,
-            dtype.into(),
-        );
+    } else {
+        let plane_min = client.properties().hardware.plane_size_min.max(1) as usize;
+        let split = split_log2(d_state, plane_min);
+        unsafe {
+            kernels::scan_fwd_kernel::launch_unchecked::<R>(
+                &client,
+                CubeCount::Static(d_inner.div_ceil(SCAN_BLOCK) as u32, batch as u32, 1),
+                CubeDim::new_1d((SCAN_BLOCK << split) as u32),
+                u.into_tensor_arg(),
+                delta.into_tensor_arg(),
+                z.into_tensor_arg(),
+                b.into_tensor_arg(),
+                c.into_tensor_arg(),
+                a.into_tensor_arg(),
+                d.into_tensor_arg(),
+                delta_bias.into_tensor_arg(),
+                initial_state.into_tensor_arg(),
+                prim(y.clone()).into_tensor_arg(),
+                prim(last.clone()).into_tensor_arg(),
+                prim(saved.clone()).into_tensor_arg(),
+                d_state,
+                split,
+                tile,
+                SCAN_BLOCK,
+                flags.0,
+                flags.1,
+                flags.2,
+                flags.3,
+                save,
+                dtype.into(),
+            );
+        }
     }
     (
         SelectiveScanOutput {
