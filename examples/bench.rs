@@ -51,9 +51,21 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     moe: Vec<usize>,
     /// Time causal self-attention alone (`JambaBackend::causal_attention`, `--dtype`, 16 heads of
-    /// 128, batch 1) at these lengths, against the model's attention with a materialised mask.
+    /// 128, batch 1) at these lengths, against the reference (scores in memory). The flash kernel
+    /// runs above `jamba_kernels::FLASH_MIN_SCORES` scores; `JAMBA_FLASH_MIN_SCORES=0` times it
+    /// at every length.
     #[arg(long, value_delimiter = ',')]
     attention: Vec<usize>,
+    /// Time `JambaBackend::linear` (`x [M, K] @ weight [N, K]^T`, `--dtype`) at `MxKxN` shapes
+    /// through Burn's matmul and through each of cubek's routines of
+    /// `jamba_kernels::MATMUL_ROUTINES`, checking each against Burn's result; prints the fastest
+    /// routine over all shapes. Use an unfused backend (fused ones run Burn's fused matmul).
+    #[arg(long, value_delimiter = ',')]
+    matmul: Vec<String>,
+    /// Also time the TMA routines in `--matmul` (a failed TMA launch poisons the device's stream:
+    /// the rest of the process fails with it).
+    #[arg(long)]
+    matmul_tma: bool,
     /// Skip the model (kernel checks and scan timings only).
     #[arg(long)]
     no_model: bool,
@@ -124,6 +136,17 @@ where
     }
     for &len in &args.attention {
         attention_timing::<B>(device, len, dtype);
+    }
+    if !args.matmul.is_empty() {
+        let shapes: Vec<[usize; 3]> = args
+            .matmul
+            .iter()
+            .map(|spec| {
+                let d: Vec<usize> = spec.split('x').map(|v| v.parse().expect("MxKxN")).collect();
+                [d[0], d[1], d[2]]
+            })
+            .collect();
+        matmul_timing::<B>(device, &shapes, dtype, args.matmul_tma);
     }
     if args.no_model {
         return;
@@ -335,6 +358,91 @@ where
     );
 }
 
+/// `linear` at each shape through Burn's matmul, then through each routine (which is checked
+/// against Burn's result: relative L2 error under 2e-2, a few bf16 roundings of the output).
+fn matmul_timing<B: JambaBackend>(
+    device: &B::Device,
+    shapes: &[[usize; 3]],
+    dtype: DType,
+    tma: bool,
+) {
+    use burn::tensor::ElementConversion;
+    let before = jamba_kernels::matmul_routine();
+    let mut totals: Vec<(&str, f64, bool)> = jamba_kernels::MATMUL_ROUTINES
+        .iter()
+        .filter(|r| tma || !r.contains("tma"))
+        .map(|r| (*r, 0.0, true))
+        .collect();
+    let mut burn_total = 0.0;
+    for &[m, k, n] in shapes {
+        let x = Tensor::<B, 2>::random([m, k], Distribution::Normal(0.0, 1.0), device).cast(dtype);
+        let w = Tensor::<B, 2>::random([n, k], Distribution::Normal(0.0, 1.0), device).cast(dtype);
+        let flop = 2.0 * (m * k * n) as f64;
+        jamba_kernels::set_matmul_routine(None).unwrap();
+        let want = <B as JambaBackend>::linear(x.clone(), w.clone(), None).cast(DType::F32);
+        let ms = time_ms::<B>(device, &|| {
+            let _ = <B as JambaBackend>::linear(x.clone(), w.clone(), None);
+        });
+        burn_total += ms;
+        println!(
+            "| matmul {m}x{k}x{n} {dtype:?} | Burn's matmul | {ms:.3} ms | {:.1} TFLOP/s | |",
+            flop / ms / 1e9
+        );
+        for total in totals.iter_mut() {
+            jamba_kernels::set_matmul_routine(Some(total.0)).unwrap();
+            let declined = jamba_kernels::matmul_routine_fallbacks();
+            let got = <B as JambaBackend>::linear(x.clone(), w.clone(), None).cast(DType::F32);
+            if jamba_kernels::matmul_routine_fallbacks() > declined {
+                // Burn's matmul runs instead: that is the routine's time on this shape.
+                println!(
+                    "| matmul {m}x{k}x{n} {dtype:?} | {} | declined: Burn's matmul | | |",
+                    total.0
+                );
+                total.1 += ms;
+                continue;
+            }
+            let err = (got - want.clone())
+                .square()
+                .sum()
+                .sqrt()
+                .into_scalar()
+                .elem::<f64>()
+                / want
+                    .clone()
+                    .square()
+                    .sum()
+                    .sqrt()
+                    .into_scalar()
+                    .elem::<f64>();
+            let ms = time_ms::<B>(device, &|| {
+                let _ = <B as JambaBackend>::linear(x.clone(), w.clone(), None);
+            });
+            let ok = err < 2e-2;
+            println!(
+                "| matmul {m}x{k}x{n} {dtype:?} | {} | {ms:.3} ms | {:.1} TFLOP/s | rel. err. {err:.1e}{} |",
+                total.0,
+                flop / ms / 1e9,
+                if ok { "" } else { " WRONG" }
+            );
+            total.1 += ms;
+            total.2 &= ok;
+        }
+    }
+    jamba_kernels::set_matmul_routine(before).unwrap();
+    println!("matmul, all shapes: Burn's matmul {burn_total:.3} ms");
+    let best = totals
+        .iter()
+        .filter(|t| t.2)
+        .min_by(|a, b| a.1.total_cmp(&b.1));
+    match best {
+        Some((name, ms, _)) => println!(
+            "best matmul routine: {name} ({ms:.3} ms over all shapes, {:.2}x Burn's matmul)",
+            burn_total / ms
+        ),
+        None => println!("best matmul routine: none (every routine declined or failed a shape)"),
+    }
+}
+
 fn attention_timing<B: JambaBackend>(device: &B::Device, len: usize, dtype: DType) {
     let (heads, head_dim) = (16, 128);
     let qkv: Vec<Tensor<B, 4>> = (0..3)
@@ -350,6 +458,24 @@ fn attention_timing<B: JambaBackend>(device: &B::Device, len: usize, dtype: DTyp
     let kernel = time_ms::<B>(device, &|| {
         let _ = B::causal_attention(qkv[0].clone(), qkv[1].clone(), qkv[2].clone());
     });
+    let err = {
+        use burn::tensor::ElementConversion;
+        let got =
+            B::causal_attention(qkv[0].clone(), qkv[1].clone(), qkv[2].clone()).cast(DType::F32);
+        let want = jamba_kernels::reference::causal_attention(
+            qkv[0].clone(),
+            qkv[1].clone(),
+            qkv[2].clone(),
+        )
+        .cast(DType::F32);
+        (got - want.clone())
+            .square()
+            .sum()
+            .sqrt()
+            .into_scalar()
+            .elem::<f64>()
+            / want.square().sum().sqrt().into_scalar().elem::<f64>()
+    };
     let reference = time_ms::<B>(device, &|| {
         let _ = jamba_kernels::reference::causal_attention(
             qkv[0].clone(),
@@ -360,7 +486,7 @@ fn attention_timing<B: JambaBackend>(device: &B::Device, len: usize, dtype: DTyp
     // Causal: half of the two `len x len x head_dim` products per head.
     let flop = 2.0 * 2.0 * heads as f64 * (len * len * head_dim) as f64 / 2.0;
     println!(
-        "| causal attention, {heads} heads x {head_dim}, {len} tokens, {dtype:?} | {kernel:.2} ms ({:.1} TFLOP/s) | reference (scores in memory) {reference:.2} ms |",
+        "| causal attention, {heads} heads x {head_dim}, {len} tokens, {dtype:?} | {kernel:.2} ms ({:.1} TFLOP/s), rel. err. {err:.1e} | reference (scores in memory) {reference:.2} ms |",
         flop / kernel / 1e9
     );
 }

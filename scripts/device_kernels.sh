@@ -3,7 +3,8 @@
 # selective-scan timings at the shapes of benches/ANCHORS.md, the "block" model's prefill and
 # decode rows with the peak GPU memory, training steps of the "block" model at batch 8 x 2048,
 # and (with PROFILE=1) the GPU time per kernel of decode steps and of a prefill under ncu.
-# SCAN=0, TRAIN=0, MOE=0 skip those parts. Usage: scripts/device_kernels.sh BIN_DIR OUT_DIR
+# MATMUL=1 times cubek's matmul routines and runs the prefill again with the fastest.
+# SCAN=0, SCAN_EXTRA=0, ATTENTION=0, TRAIN=0, MOE=0, MATMUL=0, UNFUSED_DECODE=0 skip those parts. Usage: scripts/device_kernels.sh BIN_DIR OUT_DIR
 set -uo pipefail
 bin=$1; out=$2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -15,17 +16,43 @@ if [ -x "$bin/jamba" ]; then
   bash scripts/device_generate_check.sh "$bin/jamba" /tmp/g
 fi
 echo "== kernel checks, CUDA without fusion"
-"$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | tee /tmp/check-cuda-unfused.txt | grep -v " ok$"
+JAMBA_FLASH_MIN_SCORES=0 "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | tee /tmp/check-cuda-unfused.txt | grep -v " ok$"
 echo "== kernel checks, CUDA with fusion"
-"$bin/bench" --backend cuda --check-kernels --no-model 2>&1 | tee /tmp/check-cuda.txt | grep -v " ok$"
+JAMBA_FLASH_MIN_SCORES=0 "$bin/bench" --backend cuda --check-kernels --no-model 2>&1 | tee /tmp/check-cuda.txt | grep -v " ok$"
 if [ "${SCAN:-1}" = 1 ]; then
 echo "== selective scan, bf16, mamba-ssm's layout"
 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096,1x8192x16384,8x8192x2048,4x4096x8192
-echo "== same, the one-pass forward instead of the split one (JAMBA_REFERENCE=scan_seg)"
-JAMBA_REFERENCE=scan_seg "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096,8x8192x2048
 fi
-echo "== causal attention alone, bf16, 16 heads of 128: flash kernel against the reference"
-"$bin/bench" --backend cuda --dtype bf16 --no-model --attention 1024,4096,16384
+if [ "${SCAN_EXTRA:-1}" = 1 ]; then
+echo "== the one-pass forward with 16 units per channel instead of 8 (JAMBA_SCAN_FWD_SPLIT_LOG2=4): checks, then timings"
+JAMBA_SCAN_FWD_SPLIT_LOG2=4 "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | grep -v " ok$"
+JAMBA_SCAN_FWD_SPLIT_LOG2=4 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096,8x8192x2048
+echo "== small grids (fewer one-pass cubes than multiprocessors: the split forward runs), then the one-pass forward there (JAMBA_REFERENCE=scan_seg)"
+"$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x2048x4096,1x1024x16384
+JAMBA_REFERENCE=scan_seg "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x2048x4096,1x1024x16384
+fi
+best=
+if [ "${MATMUL:-1}" = 1 ]; then
+echo "== matmul routines (all but TMA), bf16: the block model's products at 16384 tokens (in_proj, out_proj, dense MLP, experts at 2048 rows, x_proj (Burn's matmul: 160 is not a multiple of 64), dt_proj, q), and an odd row count"
+timeout 240 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --matmul \
+    16384x2048x8192,16384x4096x2048,16384x2048x7168,16384x7168x2048,2048x2048x14336,2048x7168x2048,16384x4096x160,16384x128x4096,16384x2048x2048,4099x2048x2048 \
+    2>&1 | tee /tmp/matmul.txt
+best=$(grep -o 'best matmul routine: [a-z0-9_]*' /tmp/matmul.txt | cut -d' ' -f4)
+[ "$best" = none ] && best=
+# The default routine is measured by the sections below; the fastest only where it differs.
+[ "$best" = double_cyclic_mma ] && best=
+if [ -n "$best" ] && [ -x "$bin/jamba" ]; then
+  echo "== the fixtures in bf16 with it (JAMBA_MATMUL=$best)"
+  mkdir -p /tmp/w2
+  JAMBA_MATMUL=$best bash scripts/device_forward_check.sh "$bin/jamba" /tmp/w2 2>&1 | grep bf16
+fi
+fi
+if [ "${ATTENTION:-1}" = 1 ]; then
+echo "== causal attention alone, bf16, 16 heads of 128: flash kernel (forced: JAMBA_FLASH_MIN_SCORES=0) against the reference"
+JAMBA_FLASH_MIN_SCORES=0 "$bin/bench" --backend cuda --dtype bf16 --no-model --attention 1024,4096,16384
+echo "== same, the portable flash kernel (JAMBA_REFERENCE=attention_mma), which also runs where a cube below is declined"
+JAMBA_REFERENCE=attention_mma JAMBA_FLASH_MIN_SCORES=0 timeout 60 "$bin/bench" --backend cuda --dtype bf16 --no-model --attention 1024,4096 2>&1 | tail -2
+fi
 if [ "${MOE:-1}" = 1 ]; then
 echo "== MoE experts of one block layer alone, bf16: as released (per-expert matmuls from 2048 pairs)"
 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 512,4096,16384,32768
@@ -42,9 +69,23 @@ smi=$!
     --batches 1,8,32 --steps 16 --warmup 4 --prefill 4096,16384,8x2048 --chunk 16384
 kill $smi
 echo "peak GPU memory (nvidia-smi, MiB): $(sort -n /tmp/mem-model.log | tail -1)"
+echo "== block model, bf16, prefill with Burn's matmul instead of the default routine (JAMBA_MATMUL=burn)"
+JAMBA_MATMUL=burn "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 \
+    --batches 0 --prefill 4096,16384,8x2048 --chunk 16384
+echo "== MoE experts of one block layer alone (per-expert matmuls through the default routine)"
+"$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 4096,16384
+if [ -n "$best" ]; then
+echo "== block model, bf16, prefill with the fastest matmul routine (JAMBA_MATMUL=$best)"
+JAMBA_MATMUL=$best "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 \
+    --batches 1 --steps 16 --warmup 4 --prompt 512 --prefill 4096,16384,8x2048 --chunk 16384
+echo "== MoE experts of one block layer alone with it (JAMBA_MATMUL=$best)"
+JAMBA_MATMUL=$best "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 4096,16384
+fi
+if [ "${UNFUSED_DECODE:-1}" = 1 ]; then
 echo "== block model, decode without fusion"
 "$bin/bench" --config benches/configs/block.json --backend cuda-unfused --dtype bf16 --prompt 512 \
     --batches 1,8,32 --steps 16 --warmup 4 2>&1 | grep decode
+fi
 [ "${TRAIN:-1}" = 1 ] && {
 echo "== block model, training steps, batch 8 x 2048, bf16"
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > /tmp/mem-train.log &

@@ -405,11 +405,13 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
     ) -> Tensor<Self, 2> {
         let [rows, _] = x.dims();
         let [out, _] = weight.dims();
-        if !B::KERNELS
-            || rows == 0
-            || rows > crate::decode_max_rows()
-            || x.dtype() != weight.dtype()
-        {
+        // Few rows: the decoding kernel. Many, with a matmul routine chosen: that routine
+        // (which Burn's fused matmul would not run). Otherwise Burn's fused matmul.
+        let small = rows <= crate::decode_max_rows();
+        let routine = !small
+            && crate::matmul_routine().is_some()
+            && matches!(x.dtype(), DType::F16 | DType::BF16);
+        if !B::KERNELS || rows == 0 || x.dtype() != weight.dtype() || !(small || routine) {
             return burn::tensor::module::linear(x, weight.transpose(), bias);
         }
         let dtype = x.dtype();
@@ -417,7 +419,11 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
         let mut tensors = vec![fprim(x), fprim(weight)];
         tensors.extend(bias.map(fprim));
         let outs = register::<B>(
-            "jamba_linear_small",
+            if small {
+                "jamba_linear_small"
+            } else {
+                "jamba_linear_routine"
+            },
             tensors,
             vec![(vec![rows, out], dtype)],
             Arc::new(move |prims| {
@@ -426,6 +432,30 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
                 let w = inner(it.next().unwrap());
                 let b = has_bias.then(|| inner(it.next().unwrap()));
                 vec![raw(<B as JambaBackend>::linear(x, w, b))]
+            }),
+        );
+        fwrap(outs.into_iter().next().unwrap())
+    }
+
+    fn matmul(lhs: Tensor<Self, 2>, rhs: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let dtype = lhs.dtype();
+        if !B::KERNELS
+            || crate::matmul_routine().is_none()
+            || !matches!(dtype, DType::F16 | DType::BF16)
+            || rhs.dtype() != dtype
+        {
+            return lhs.matmul(rhs);
+        }
+        let [m, _] = lhs.dims();
+        let [_, n] = rhs.dims();
+        let outs = register::<B>(
+            "jamba_matmul_routine",
+            vec![fprim(lhs), fprim(rhs)],
+            vec![(vec![m, n], dtype)],
+            Arc::new(move |prims| {
+                let mut it = prims.into_iter();
+                let (l, r) = (inner(it.next().unwrap()), inner(it.next().unwrap()));
+                vec![raw(<B as JambaBackend>::matmul(l, r))]
             }),
         );
         fwrap(outs.into_iter().next().unwrap())
@@ -540,10 +570,13 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
     ) -> Tensor<Self, 4> {
         // The kernels take f16 and bf16 only; f32 stays in fusable tensor ops.
         let dtype = q.dtype();
-        if !B::KERNELS || !matches!(dtype, DType::F16 | DType::BF16) {
+        let [batch, heads, len, _] = q.dims();
+        if !B::KERNELS
+            || !matches!(dtype, DType::F16 | DType::BF16)
+            || !crate::flash_attention_pays(batch, heads, len)
+        {
             return crate::reference::causal_attention(q, k, v);
         }
-        let [batch, heads, len, _] = q.dims();
         let shape = vec![batch, heads, len, v.dims()[3]];
         let outs = register::<B>(
             "jamba_causal_attention",

@@ -230,6 +230,13 @@ pub trait JambaBackend: Backend {
         burn::tensor::module::linear(x, weight.transpose(), bias)
     }
 
+    /// `lhs [m, k] @ rhs [k, n]`: the products of the backward of [`JambaBackend::linear`]
+    /// under autodiff. CubeCL backends run it through the routine of [`matmul_routine`] where
+    /// one is chosen (for f16/bf16).
+    fn matmul(lhs: Tensor<Self, 2>, rhs: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        lhs.matmul(rhs)
+    }
+
     /// The experts of a MoE layer on `x` `[n, hidden]`, summed with `weights` `[n, experts]`
     /// (zero for the experts a token is not routed to): `sum_e weights[:, e] * down_e(silu(gate_e
     /// x) * up_e x)`, with `gate_up` `[experts, 2 * inter, hidden]` and `down` `[experts, hidden,
@@ -315,6 +322,146 @@ pub fn decode_max_rows() -> usize {
             .and_then(|v| v.parse().ok())
             .unwrap_or(DECODE_MAX_ROWS)
     })
+}
+
+/// cubek's matmul routines that the CubeCL backends can run the large f16/bf16 products of
+/// [`JambaBackend::linear`] and of the MoE's per-expert matmuls through (see
+/// [`set_matmul_routine`]). `simple_cmma` is what Burn runs without its `autotune` feature;
+/// the `_unit` ones need no tensor cores.
+pub const MATMUL_ROUTINES: &[&str] = &[
+    "simple_cmma",
+    "simple_mma",
+    "simple_multi_rows_cmma",
+    "simple_multi_rows_mma",
+    "ordered_double_4_cmma",
+    "ordered_double_4_mma",
+    "ordered_double_8_cmma",
+    "ordered_double_8_mma",
+    "double_cyclic_cmma",
+    "double_cyclic_mma",
+    "double_cyclic_specialized_cmma",
+    "double_cyclic_specialized_mma",
+    "specialized_cyclic_cmma",
+    "specialized_cyclic_mma",
+    "simple_tma_cmma",
+    "simple_tma_mma",
+    "simple_tma_multi_rows_cmma",
+    "simple_tma_multi_rows_mma",
+    "double_tma_cmma",
+    "double_tma_mma",
+    "specialized_tma_cmma",
+    "specialized_tma_mma",
+    "simple_unit",
+];
+
+/// A name that is not one of [`MATMUL_ROUTINES`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownMatmulRoutine(pub String);
+
+impl std::fmt::Display for UnknownMatmulRoutine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "unknown matmul routine `{}` (one of: {})",
+            self.0,
+            MATMUL_ROUTINES.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for UnknownMatmulRoutine {}
+
+/// The routine of [`matmul_routine`] unless chosen otherwise. On the H200 (bf16) it ran the
+/// "block" model's prefill products at 1.9-2.3x the rate of Burn's matmul (BENCHMARKS.md). The
+/// TMA routines were faster still on some shapes, but one of them failed at launch on another
+/// (a failure that poisons the device's stream), so none of them is the default. Devices
+/// without tensor cores decline it and run Burn's matmul.
+pub const DEFAULT_MATMUL_ROUTINE: &str = "double_cyclic_mma";
+
+/// A routine name, `burn` (Burn's matmul: `None`), or an error.
+fn parse_matmul_routine(name: &str) -> Result<Option<&'static str>, UnknownMatmulRoutine> {
+    if name == "burn" {
+        return Ok(None);
+    }
+    MATMUL_ROUTINES
+        .iter()
+        .find(|r| **r == name)
+        .map(|r| Some(*r))
+        .ok_or_else(|| UnknownMatmulRoutine(name.to_string()))
+}
+
+fn matmul_routine_cell() -> &'static std::sync::RwLock<Option<&'static str>> {
+    static CELL: std::sync::OnceLock<std::sync::RwLock<Option<&'static str>>> =
+        std::sync::OnceLock::new();
+    CELL.get_or_init(|| {
+        let chosen = match std::env::var("JAMBA_MATMUL") {
+            Ok(name) if !name.is_empty() => parse_matmul_routine(&name).unwrap_or_else(|e| {
+                eprintln!("JAMBA_MATMUL ignored: {e}");
+                Some(DEFAULT_MATMUL_ROUTINE)
+            }),
+            _ => Some(DEFAULT_MATMUL_ROUTINE),
+        };
+        std::sync::RwLock::new(chosen)
+    })
+}
+
+/// The matmul routine for the large f16/bf16 products on CubeCL backends: the one set by
+/// [`set_matmul_routine`], else the `JAMBA_MATMUL` environment variable (a name of
+/// [`MATMUL_ROUTINES`], or `burn` for Burn's matmul and its fused matmul on fused backends:
+/// `None`), else [`DEFAULT_MATMUL_ROUTINE`].
+pub fn matmul_routine() -> Option<&'static str> {
+    *matmul_routine_cell()
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// Chooses the matmul routine of [`matmul_routine`] for the whole process (`None` or
+/// `Some("burn")`: Burn's matmul).
+pub fn set_matmul_routine(name: Option<&str>) -> Result<(), UnknownMatmulRoutine> {
+    let chosen = match name {
+        None => None,
+        Some(name) => parse_matmul_routine(name)?,
+    };
+    *matmul_routine_cell()
+        .write()
+        .unwrap_or_else(|e| e.into_inner()) = chosen;
+    Ok(())
+}
+
+static MATMUL_FALLBACKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many products the chosen routine declined (their shape, layout or the device), which then
+/// ran through Burn's matmul.
+pub fn matmul_routine_fallbacks() -> usize {
+    MATMUL_FALLBACKS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(feature = "cube")]
+pub(crate) fn note_matmul_fallback() {
+    MATMUL_FALLBACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Scores (`batch x heads x len x len`) above which [`JambaBackend::causal_attention`] runs the
+/// flash kernel on backends that have it: 2^32 f32 scores are 16 GiB. Below, the reference
+/// (scores in memory, Burn's matmuls and softmax) is faster: on the H200 (bf16, 16 heads of
+/// 128) cubek's flash kernel took 55 ms at 4096 tokens against the reference's 5.6, and 339
+/// against 90 ms at 16384 (BENCHMARKS.md). `JAMBA_FLASH_MIN_SCORES` overrides it (0: always).
+pub const FLASH_MIN_SCORES: usize = 1 << 32;
+
+/// Whether the flash kernel runs for causal attention of this size (see [`FLASH_MIN_SCORES`]).
+pub fn flash_attention_pays(batch: usize, heads: usize, len: usize) -> bool {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let min = *MIN.get_or_init(|| {
+        std::env::var("JAMBA_FLASH_MIN_SCORES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(FLASH_MIN_SCORES)
+    });
+    batch
+        .saturating_mul(heads)
+        .saturating_mul(len)
+        .saturating_mul(len)
+        > min
 }
 
 /// Positions per chunk of the scan kernels: the backward recomputes the states of one chunk at

@@ -4,6 +4,7 @@
 #![allow(clippy::type_complexity)]
 
 pub mod kernels;
+mod matmul;
 mod moe;
 pub mod moe_kernels;
 
@@ -29,13 +30,45 @@ const SEG_MAX_STATE: usize = 16;
 const SEG_BLOCK: usize = 8;
 /// Segments of a tile (units per channel) of that kernel, where its shared memory fits.
 const SEG_SEGMENTS: usize = 32;
-/// At most this many units share a channel's states.
+/// Compute units assumed where the device does not report them (lavapipe): the split forward
+/// runs when the one-pass kernel would have fewer cubes than compute units.
+const SEG_UNKNOWN_UNITS: usize = 16;
+/// The one-pass forward gives each channel twice the units below this many cubes per compute
+/// unit.
+const FWD_WIDE_CUBES_PER_UNIT: usize = 2;
+/// At most this many units share a channel's states (the backward's; the forward's can double).
 const MAX_SPLIT_LOG2: u32 = 3;
 
 /// log2 of the units per channel: the largest power of two up to 8 that divides `d_state` and
 /// fits in the smallest plane (so that a channel's units always share a plane).
 fn split_log2(d_state: usize, plane_min: usize) -> u32 {
-    let mut k = MAX_SPLIT_LOG2;
+    split_log2_up_to(MAX_SPLIT_LOG2, d_state, plane_min)
+}
+
+/// [`split_log2`] for the one-pass forward: 16 units per channel (one more shuffle per position)
+/// where its grid of `cubes` would hold fewer than 2 cubes per compute unit, 8 otherwise. On the
+/// H200 (bf16, `d_state` 16, 132 units) 16 units took 1.19 ms against 1.71 at (1, 8192, 4096)
+/// and 4.59 against 6.59 at (1, 8192, 16384) (256 cubes each), but 4.46 against 3.91 ms at
+/// (4, 4096, 8192) (512 cubes) and 3.97 against 3.60 at (8, 8192, 2048) (2048 cubes).
+/// `JAMBA_SCAN_FWD_SPLIT_LOG2` (at most 5) overrides the choice.
+fn fwd_split_log2(d_state: usize, plane_min: usize, cubes: usize, units: usize) -> u32 {
+    static MAX: std::sync::OnceLock<Option<u32>> = std::sync::OnceLock::new();
+    let forced = *MAX.get_or_init(|| {
+        std::env::var("JAMBA_SCAN_FWD_SPLIT_LOG2")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .map(|k: u32| k.min(5))
+    });
+    let max = forced.unwrap_or(if cubes < FWD_WIDE_CUBES_PER_UNIT * units {
+        MAX_SPLIT_LOG2 + 1
+    } else {
+        MAX_SPLIT_LOG2
+    });
+    split_log2_up_to(max, d_state, plane_min)
+}
+
+fn split_log2_up_to(max: u32, d_state: usize, plane_min: usize) -> u32 {
+    let mut k = max;
     while k > 0 && (!d_state.is_multiple_of(1 << k) || (1 << k) > plane_min) {
         k -= 1;
     }
@@ -192,6 +225,10 @@ where
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
     ) -> Tensor<Self, 4> {
+        let [batch, heads, len, _] = q.dims();
+        if !crate::flash_attention_pays(batch, heads, len) {
+            return crate::reference::causal_attention(q, k, v);
+        }
         match flash_attention(&q, &k, &v) {
             Some(out) => out,
             None => crate::reference::causal_attention(q, k, v),
@@ -209,9 +246,20 @@ where
             || x.dtype() != weight.dtype()
             || !use_kernel("linear")
         {
-            return burn::tensor::module::linear(x, weight.transpose(), bias);
+            let weight_t = weight.transpose();
+            return match matmul::routine_matmul(&x, &weight_t) {
+                Some(y) => match bias {
+                    Some(b) => y + b.unsqueeze(),
+                    None => y,
+                },
+                None => burn::tensor::module::linear(x, weight_t, bias),
+            };
         }
         gemv(x, weight, bias)
+    }
+
+    fn matmul(lhs: Tensor<Self, 2>, rhs: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        matmul::matmul(lhs, rhs)
     }
 
     fn moe_experts(
@@ -346,7 +394,17 @@ where
     while segs > 1 && (2 * segs + 1) * SEG_BLOCK * d_state * 4 > max_shared {
         segs /= 2;
     }
-    if d_state <= SEG_MAX_STATE && segs >= 4 && use_kernel("scan_seg") {
+    // The split forward costs two exponentials per position and state instead of one. It runs
+    // where the one-pass grid has fewer cubes than the device has compute units. On the H200
+    // (bf16; BENCHMARKS.md) it took 0.61 against 1.62 ms at (1, 2048, 4096) (64 cubes) and
+    // 1.81 against 6.31 at (1, 1024, 16384), and lost where the one-pass grid filled the device:
+    // 2.17 against 1.71 ms at (1, 8192, 4096) (256 cubes), 8.26 against 3.60 at (8, 8192, 2048).
+    let hardware = &client.properties().hardware;
+    let one_pass_cubes = batch * d_inner.div_ceil(SCAN_BLOCK);
+    let units = hardware
+        .num_streaming_multiprocessors
+        .map_or(SEG_UNKNOWN_UNITS, |n| n as usize);
+    if d_state <= SEG_MAX_STATE && segs >= 4 && one_pass_cubes < units && use_kernel("scan_seg") {
         unsafe {
             kernels::scan_fwd_seg_kernel::launch_unchecked::<R>(
                 &client,
@@ -378,7 +436,7 @@ where
         }
     } else {
         let plane_min = client.properties().hardware.plane_size_min.max(1) as usize;
-        let split = split_log2(d_state, plane_min);
+        let split = fwd_split_log2(d_state, plane_min, one_pass_cubes, units);
         unsafe {
             kernels::scan_fwd_kernel::launch_unchecked::<R>(
                 &client,

@@ -453,8 +453,8 @@ where
             let rows = a.clone().narrow(0, offsets[e], offsets[e + 1] - offsets[e]);
             let w = b.clone().narrow(0, e, 1).reshape([n, k]);
             match transpose {
-                true => rows.matmul(w.transpose()),
-                false => rows.matmul(w),
+                true => super::matmul::matmul(rows, w.transpose()),
+                false => super::matmul::matmul(rows, w),
             }
         })
         .collect();
@@ -488,7 +488,7 @@ where
             }
             let pe = p.clone().narrow(0, offsets[e], rows);
             let qe = q.clone().narrow(0, offsets[e], rows);
-            pe.transpose().matmul(qe).cast(dtype)
+            super::matmul::matmul(pe.transpose(), qe).cast(dtype)
         })
         .collect();
     Tensor::stack(parts, 0)
