@@ -59,7 +59,8 @@ struct Args {
     /// Time `JambaBackend::linear` (`x [M, K] @ weight [N, K]^T`, `--dtype`) at `MxKxN` shapes
     /// through Burn's matmul and through each of cubek's routines of
     /// `jamba_kernels::MATMUL_ROUTINES`, checking each against Burn's result; prints the fastest
-    /// routine over all shapes. Use an unfused backend (fused ones run Burn's fused matmul).
+    /// routine over all shapes. Needs a backend with kernels; an unfused one (`cuda-unfused`)
+    /// runs each product when it is called, with nothing fused around it.
     #[arg(long, value_delimiter = ',')]
     matmul: Vec<String>,
     /// Also time the TMA routines in `--matmul` (a failed TMA launch poisons the device's stream:
@@ -367,6 +368,10 @@ fn matmul_timing<B: JambaBackend>(
     tma: bool,
 ) {
     use burn::tensor::ElementConversion;
+    if !B::KERNELS {
+        println!("matmul routines: this backend has no kernels (Burn's matmul runs)");
+        return;
+    }
     let before = jamba_kernels::matmul_routine();
     let mut totals: Vec<(&str, f64, bool)> = jamba_kernels::MATMUL_ROUTINES
         .iter()
@@ -375,6 +380,10 @@ fn matmul_timing<B: JambaBackend>(
         .collect();
     let mut burn_total = 0.0;
     for &[m, k, n] in shapes {
+        if m <= jamba_kernels::decode_max_rows() {
+            println!("| matmul {m}x{k}x{n} | skipped: {m} rows run the decoding kernel |");
+            continue;
+        }
         let x = Tensor::<B, 2>::random([m, k], Distribution::Normal(0.0, 1.0), device).cast(dtype);
         let w = Tensor::<B, 2>::random([n, k], Distribution::Normal(0.0, 1.0), device).cast(dtype);
         let flop = 2.0 * (m * k * n) as f64;
@@ -392,6 +401,8 @@ fn matmul_timing<B: JambaBackend>(
             jamba_kernels::set_matmul_routine(Some(total.0)).unwrap();
             let declined = jamba_kernels::matmul_routine_fallbacks();
             let got = <B as JambaBackend>::linear(x.clone(), w.clone(), None).cast(DType::F32);
+            // A fused backend runs the product (and counts a fallback) when it is flushed.
+            B::sync(device).unwrap();
             if jamba_kernels::matmul_routine_fallbacks() > declined {
                 // Burn's matmul runs instead: that is the routine's time on this shape.
                 println!(

@@ -284,7 +284,8 @@ pub trait JambaBackend: Backend {
     /// Causal self-attention over `q`, `k`, `v` `[batch, heads, len, head_dim]` with one length
     /// for all three (no cached positions, no padding; KV heads already repeated): query `i`
     /// sees keys `0..=i`, scale `head_dim^-0.5`, softmax in f32. Backends with kernels run a
-    /// flash-attention kernel (no `[len, len]` scores in memory) for f16 and bf16.
+    /// flash-attention kernel (no `[len, len]` scores in memory) for f16 and bf16 above
+    /// [`FLASH_MIN_SCORES`] scores, the reference below.
     fn causal_attention(
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,

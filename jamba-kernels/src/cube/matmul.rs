@@ -25,9 +25,10 @@ use super::{prim, wrap};
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
 /// The routines run only where the inner and output sizes are multiples of this (every
-/// projection of Jamba's configurations but `x_proj`): cubek's `DoubleUnit` routine returned
-/// wrong values instead of declining at `33 x 40 x 24` on lavapipe, and the tensor-core
-/// routines are checked on the GPU (`bench --matmul`) at the model's sizes only.
+/// projection of Jamba's configurations but `x_proj`); the row count is free (the GPU check
+/// includes 4099 rows). cubek's `DoubleUnit` routine (not offered here) returned wrong values
+/// instead of declining at `33 x 40 x 24` on lavapipe, and the tensor-core routines are checked
+/// on the GPU (`bench --matmul`) at the model's sizes only.
 const ROUTINE_DIM_MULTIPLE: usize = 64;
 
 /// cubek's strategy for one of [`crate::MATMUL_ROUTINES`].
@@ -84,9 +85,9 @@ fn strategy(name: &str) -> Option<Strategy> {
 /// `lhs [m, k] @ rhs [k, n]` (any strides: the linear layers pass the transposed view of their
 /// `[out, in]` weight) through the routine of [`crate::matmul_routine`]. `None` when no routine
 /// is chosen, when the inputs are not both f16 or both bf16 (f32 runs through TF32 either way),
-/// or when the routine declines the shape or its sizes are not multiples of
-/// [`ROUTINE_DIM_MULTIPLE`] (both counted by [`crate::matmul_routine_fallbacks`]): the caller
-/// then runs Burn's matmul.
+/// or when the routine declines the shape or the inner or output size (`k`, `n`; the row count
+/// may be anything) is not a multiple of [`ROUTINE_DIM_MULTIPLE`] (both counted by
+/// [`crate::matmul_routine_fallbacks`]): the caller then runs Burn's matmul.
 pub(crate) fn routine_matmul<R, F, I, BT>(
     lhs: &Tensor<Cube<R, F, I, BT>, 2>,
     rhs: &Tensor<Cube<R, F, I, BT>, 2>,

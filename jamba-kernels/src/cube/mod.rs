@@ -30,8 +30,10 @@ const SEG_MAX_STATE: usize = 16;
 const SEG_BLOCK: usize = 8;
 /// Segments of a tile (units per channel) of that kernel, where its shared memory fits.
 const SEG_SEGMENTS: usize = 32;
-/// Compute units assumed where the device does not report them (lavapipe): the split forward
-/// runs when the one-pass kernel would have fewer cubes than compute units.
+/// Compute units assumed where the device does not report them (every wgpu device: CubeCL's
+/// wgpu runtime reports none): the split forward runs when the one-pass kernel would have fewer
+/// cubes than compute units. A low guess, so that the split kernel is taken only for grids that
+/// surely leave a GPU idle.
 const SEG_UNKNOWN_UNITS: usize = 16;
 /// The one-pass forward gives each channel twice the units below this many cubes per compute
 /// unit.

@@ -1,0 +1,200 @@
+//! Which kernel runs, where that depends on process-wide choices: cubek's matmul routines of
+//! `linear` (`jamba_kernels::set_matmul_routine`, and the count of the products a routine
+//! declined) and the size above which causal attention runs the flash kernel
+//! (`JAMBA_FLASH_MIN_SCORES`, read once per process). Its own test binary, so that no other
+//! test runs while a routine is switched or the count is read. On wgpu (lavapipe in CI) against
+//! the f32 references on ndarray, for f16 inputs: the kernels accumulate in f32 and round the
+//! output to f16 (2^-11 relative), so within 1e-2 of the scale.
+
+#![cfg(feature = "wgpu")]
+
+mod common;
+
+use burn::backend::{Autodiff, NdArray, Wgpu};
+use burn::tensor::{backend::Backend, DType, Distribution, Tensor, TensorData};
+use common::{assert_close, to_f32_vec};
+use jamba_kernels::{reference, JambaBackend};
+
+type Ref = NdArray<f32>;
+/// The kernels without Burn's fusion.
+type Cube = jamba_kernels::WgpuUnfused;
+
+fn random(n: usize, dist: Distribution) -> Vec<f32> {
+    Tensor::<Ref, 1>::random([n], dist, &Default::default())
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap()
+}
+
+fn data<B: Backend, const D: usize>(t: Tensor<B, D>) -> TensorData {
+    t.cast(DType::F32).into_data().convert::<f32>()
+}
+
+/// `v` rounded to f16 on `B`.
+fn half<B: Backend, const D: usize>(v: &[f32], shape: [usize; D]) -> Tensor<B, D> {
+    Tensor::<B, D>::from_data(TensorData::new(v.to_vec(), shape), &Default::default())
+        .cast(DType::F16)
+}
+
+/// The same f16-rounded values in f32 on ndarray.
+fn rounded<const D: usize>(v: &[f32], shape: [usize; D]) -> Tensor<Ref, D> {
+    let r = to_f32_vec(half::<Cube, D>(v, shape));
+    Tensor::from_data(TensorData::new(r, shape), &Default::default())
+}
+
+/// The fused backend's causal attention (a custom operation of the fusion stream running the
+/// flash kernel) with the size threshold lowered to 0 for this process, against the reference.
+#[test]
+fn fused_flash_attention_matches_reference() {
+    // Read once per process, on the first attention call: before it.
+    std::env::set_var("JAMBA_FLASH_MIN_SCORES", "0");
+    assert!(jamba_kernels::flash_attention_pays(1, 1, 1));
+    for (batch, heads, len, head_dim) in [(1, 1, 1, 8), (2, 3, 33, 16), (1, 2, 130, 64)] {
+        let shape = [batch, heads, len, head_dim];
+        let n = batch * heads * len * head_dim;
+        let inputs: Vec<Vec<f32>> = (0..3)
+            .map(|_| random(n, Distribution::Normal(0.0, 1.0)))
+            .collect();
+        let want = data(reference::causal_attention(
+            rounded(&inputs[0], shape),
+            rounded(&inputs[1], shape),
+            rounded(&inputs[2], shape),
+        ));
+        let fused = Wgpu::causal_attention(
+            half::<Wgpu, 4>(&inputs[0], shape),
+            half::<Wgpu, 4>(&inputs[1], shape),
+            half::<Wgpu, 4>(&inputs[2], shape),
+        );
+        assert_eq!(fused.dtype(), DType::F16);
+        let name = format!("fusion attention {batch}x{heads}x{len}x{head_dim}");
+        assert_close(&name, &to_f32_vec(fused), &want, 1e-2);
+    }
+}
+
+/// The large products of `linear` through each of cubek's matmul routines
+/// (`jamba_kernels::MATMUL_ROUTINES`), unfused and fused, against the f32 reference on the same
+/// f16-rounded inputs. The routines accumulate in f32 and round the output to f16 (2^-11
+/// relative): within 1e-2 of the scale. On lavapipe (no cooperative matrices) the tensor-core
+/// routines decline and Burn's matmul runs, which is checked too; the `_unit` ones run.
+#[test]
+fn matmul_routines_match_reference() {
+    let rows = jamba_kernels::decode_max_rows();
+    let before = jamba_kernels::matmul_routine();
+    let (mut ran, mut gated) = (0, 0);
+    // Inner and output sizes that are multiples of 64 take the routines; (33, 40, 24) checks
+    // that the others fall back to Burn's matmul.
+    for (m, k, n) in [(rows + 1, 64, 64), (33, 40, 24), (130, 128, 192)] {
+        let name = format!("linear {m}x{k}x{n} f16");
+        let (x, w, b) = (
+            random(m * k, Distribution::Normal(0.0, 1.0)),
+            random(n * k, Distribution::Normal(0.0, 1.0)),
+            random(n, Distribution::Normal(0.0, 1.0)),
+        );
+        let want = data(burn::tensor::module::linear(
+            rounded(&x, [m, k]),
+            rounded(&w, [n, k]).transpose(),
+            Some(rounded(&b, [n])),
+        ));
+        for routine in jamba_kernels::MATMUL_ROUTINES {
+            jamba_kernels::set_matmul_routine(Some(routine)).unwrap();
+            let declined = jamba_kernels::matmul_routine_fallbacks();
+            let cube = <Cube as JambaBackend>::linear(
+                half(&x, [m, k]),
+                half(&w, [n, k]),
+                Some(half(&b, [n])),
+            );
+            if jamba_kernels::matmul_routine_fallbacks() == declined {
+                ran += 1;
+            } else if !k.is_multiple_of(64) || !n.is_multiple_of(64) {
+                // Sizes the routines are not offered: Burn's matmul ran, as counted.
+                gated += 1;
+            }
+            assert_eq!(cube.dtype(), DType::F16);
+            assert_close(
+                &format!("cube {name} {routine}"),
+                &to_f32_vec(cube),
+                &want,
+                1e-2,
+            );
+            let fused = <Wgpu as JambaBackend>::linear(
+                half(&x, [m, k]),
+                half(&w, [n, k]),
+                Some(half(&b, [n])),
+            );
+            assert_close(
+                &format!("fusion {name} {routine}"),
+                &to_f32_vec(fused),
+                &want,
+                1e-2,
+            );
+        }
+        // Under autodiff the backward's products run through the routine too. Gradients of
+        // `sum(linear(x) * g)`: f16 like the forward, same tolerance.
+        let g = random(m * n, Distribution::Normal(0.0, 1.0));
+        fn grads<A: burn::tensor::backend::AutodiffBackend + JambaBackend>(
+            x: Tensor<A, 2>,
+            w: Tensor<A, 2>,
+            b: Tensor<A, 1>,
+            g: Tensor<A, 2>,
+        ) -> Vec<Vec<f32>> {
+            let (x, w, b) = (x.require_grad(), w.require_grad(), b.require_grad());
+            let y = <A as JambaBackend>::linear(x.clone(), w.clone(), Some(b.clone()));
+            let grads = (y * g).sum().backward();
+            vec![
+                to_f32_vec(x.grad(&grads).expect("x gradient")),
+                to_f32_vec(w.grad(&grads).expect("weight gradient")),
+                to_f32_vec(b.grad(&grads).expect("bias gradient")),
+            ]
+        }
+        let want = grads::<Autodiff<Ref>>(
+            Tensor::from_inner(rounded(&x, [m, k])),
+            Tensor::from_inner(rounded(&w, [n, k])),
+            Tensor::from_inner(rounded(&b, [n])),
+            Tensor::from_inner(rounded(&g, [m, n])),
+        );
+        for routine in ["simple_unit", "simple_cmma"] {
+            jamba_kernels::set_matmul_routine(Some(routine)).unwrap();
+            for (backend, got) in [
+                (
+                    "cube",
+                    grads::<Autodiff<Cube>>(
+                        half(&x, [m, k]),
+                        half(&w, [n, k]),
+                        half(&b, [n]),
+                        half(&g, [m, n]),
+                    ),
+                ),
+                (
+                    "fusion",
+                    grads::<Autodiff<Wgpu>>(
+                        half(&x, [m, k]),
+                        half(&w, [n, k]),
+                        half(&b, [n]),
+                        half(&g, [m, n]),
+                    ),
+                ),
+            ] {
+                for ((key, got), want) in ["x", "weight", "bias"].iter().zip(got).zip(&want) {
+                    let shape = [want.len()];
+                    assert_close(
+                        &format!("{backend} {name} {routine} grad {key}"),
+                        &got,
+                        &TensorData::new(want.clone(), shape),
+                        1e-2,
+                    );
+                }
+            }
+        }
+    }
+    jamba_kernels::set_matmul_routine(before).unwrap();
+    assert!(
+        ran >= 2,
+        "no matmul routine ran on this device ({ran} products)"
+    );
+    assert_eq!(
+        gated,
+        jamba_kernels::MATMUL_ROUTINES.len(),
+        "the 40 x 24 product did not fall back for every routine"
+    );
+    assert!(jamba_kernels::set_matmul_routine(Some("fastest")).is_err());
+}
