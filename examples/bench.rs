@@ -297,6 +297,14 @@ fn scan_timing<B: JambaBackend>(device: &B::Device, [batch, d, len]: [usize; 3],
 }
 
 /// Median of 10 synchronised runs after 3 warm-up ones, in ms.
+/// `||got - want|| / ||want||` in f32 on the device.
+fn rel_l2<B: JambaBackend, const D: usize>(got: Tensor<B, D>, want: Tensor<B, D>) -> f64 {
+    use burn::tensor::ElementConversion;
+    let norm = |t: Tensor<B, D>| t.square().sum().sqrt().into_scalar().elem::<f64>();
+    let want = want.cast(DType::F32);
+    norm(got.cast(DType::F32) - want.clone()) / norm(want)
+}
+
 fn time_ms<B: JambaBackend>(device: &B::Device, f: &dyn Fn()) -> f64 {
     let mut v = Vec::new();
     for rep in 0..13 {
@@ -367,7 +375,6 @@ fn matmul_timing<B: JambaBackend>(
     dtype: DType,
     tma: bool,
 ) {
-    use burn::tensor::ElementConversion;
     if !B::KERNELS {
         println!("matmul routines: this backend has no kernels (Burn's matmul runs)");
         return;
@@ -412,19 +419,7 @@ fn matmul_timing<B: JambaBackend>(
                 total.1 += ms;
                 continue;
             }
-            let err = (got - want.clone())
-                .square()
-                .sum()
-                .sqrt()
-                .into_scalar()
-                .elem::<f64>()
-                / want
-                    .clone()
-                    .square()
-                    .sum()
-                    .sqrt()
-                    .into_scalar()
-                    .elem::<f64>();
+            let err = rel_l2(got, want.clone());
             let ms = time_ms::<B>(device, &|| {
                 let _ = <B as JambaBackend>::linear(x.clone(), w.clone(), None);
             });
@@ -469,24 +464,10 @@ fn attention_timing<B: JambaBackend>(device: &B::Device, len: usize, dtype: DTyp
     let kernel = time_ms::<B>(device, &|| {
         let _ = B::causal_attention(qkv[0].clone(), qkv[1].clone(), qkv[2].clone());
     });
-    let err = {
-        use burn::tensor::ElementConversion;
-        let got =
-            B::causal_attention(qkv[0].clone(), qkv[1].clone(), qkv[2].clone()).cast(DType::F32);
-        let want = jamba_kernels::reference::causal_attention(
-            qkv[0].clone(),
-            qkv[1].clone(),
-            qkv[2].clone(),
-        )
-        .cast(DType::F32);
-        (got - want.clone())
-            .square()
-            .sum()
-            .sqrt()
-            .into_scalar()
-            .elem::<f64>()
-            / want.square().sum().sqrt().into_scalar().elem::<f64>()
-    };
+    let err = rel_l2(
+        B::causal_attention(qkv[0].clone(), qkv[1].clone(), qkv[2].clone()),
+        jamba_kernels::reference::causal_attention(qkv[0].clone(), qkv[1].clone(), qkv[2].clone()),
+    );
     let reference = time_ms::<B>(device, &|| {
         let _ = jamba_kernels::reference::causal_attention(
             qkv[0].clone(),

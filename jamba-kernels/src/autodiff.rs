@@ -120,31 +120,27 @@ impl<B: JambaBackend> Backward<B, 4> for ConvBackward {
 #[derive(Debug)]
 struct LinearBackward;
 
-impl<B: JambaBackend> Backward<B, 3> for LinearBackward {
+impl<B: JambaBackend> Backward<B, 2> for LinearBackward {
     /// The input and the weight.
     type State = (Tensor<B, 2>, Tensor<B, 2>);
 
     fn backward(
         self,
-        ops: Ops<Self::State, 3>,
+        ops: Ops<Self::State, 2>,
         grads: &mut Gradients,
         _checkpointer: &mut Checkpointer,
     ) {
         let (x, weight) = ops.state;
         let grad: Tensor<B, 2> =
             Tensor::from_primitive(TensorPrimitive::Float(grads.consume::<B>(&ops.node)));
-        let [parent_x, parent_w, parent_b] = ops.parents;
+        let [parent_x, parent_w] = ops.parents;
         if let Some(node) = parent_x {
             let gx = B::matmul(grad.clone(), weight);
             grads.register::<B>(node.id, gx.into_primitive().tensor());
         }
         if let Some(node) = parent_w {
-            let gw = B::matmul(grad.clone().transpose(), x);
+            let gw = B::matmul(grad.transpose(), x);
             grads.register::<B>(node.id, gw.into_primitive().tensor());
-        }
-        if let Some(node) = parent_b {
-            let gb = grad.sum_dim(0).squeeze_dim::<1>(0);
-            grads.register::<B>(node.id, gb.into_primitive().tensor());
         }
     }
 }
@@ -226,9 +222,10 @@ impl<B: JambaBackend, C: CheckpointStrategy> JambaBackend for Autodiff<B, C> {
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 
-    /// For f16/bf16 with a matmul routine chosen ([`crate::matmul_routine`]), one node whose
-    /// forward is `B`'s linear and whose backward runs its two products through
-    /// [`JambaBackend::matmul`]; otherwise Burn's differentiated linear.
+    /// For f16/bf16 with a matmul routine chosen ([`crate::matmul_routine`]), one node for
+    /// `x @ weight^T` whose forward is `B`'s linear and whose backward runs its two products
+    /// through [`JambaBackend::matmul`], then the bias added by Burn's autodiff; otherwise
+    /// Burn's differentiated linear.
     fn linear(
         x: Tensor<Self, 2>,
         weight: Tensor<Self, 2>,
@@ -240,30 +237,28 @@ impl<B: JambaBackend, C: CheckpointStrategy> JambaBackend for Autodiff<B, C> {
         }
         let x = ad(x);
         let weight = ad(weight);
-        let bias = bias.map(ad);
         let (x_in, w_in) = (to_inner::<B, C, 2>(&x), to_inner::<B, C, 2>(&weight));
-        let b_in = bias.as_ref().map(to_inner::<B, C, 1>);
-        let device = x_in.device();
-        let nodes = [
-            x.node.clone(),
-            weight.node.clone(),
-            bias.clone().unwrap_or_else(|| absent::<B, C>(&device)).node,
-        ];
+        let nodes = [x.node.clone(), weight.node.clone()];
         let y = match LinearBackward
             .prepare::<C>(nodes)
             .compute_bound()
             .stateful()
         {
             OpsKind::Tracked(prep) => {
-                let y = <B as JambaBackend>::linear(x_in.clone(), w_in.clone(), b_in);
+                let y = <B as JambaBackend>::linear(x_in.clone(), w_in.clone(), None);
                 prep.finish((x_in, w_in), y.into_primitive().tensor())
             }
             OpsKind::UnTracked(prep) => {
-                let y = <B as JambaBackend>::linear(x_in, w_in, b_in);
+                let y = <B as JambaBackend>::linear(x_in, w_in, None);
                 prep.finish(y.into_primitive().tensor())
             }
         };
-        Tensor::from_primitive(TensorPrimitive::Float(y))
+        let y = Tensor::<Self, 2>::from_primitive(TensorPrimitive::Float(y));
+        // The bias stays a broadcast add of Burn's autodiff (its gradient the sum over rows).
+        match bias {
+            Some(b) => y + b.unsqueeze(),
+            None => y,
+        }
     }
 
     fn selective_scan(input: SelectiveScanInput<Self>) -> SelectiveScanOutput<Self> {
