@@ -373,10 +373,11 @@ impl std::fmt::Display for UnknownMatmulRoutine {
 impl std::error::Error for UnknownMatmulRoutine {}
 
 /// The routine of [`matmul_routine`] unless chosen otherwise. On the H200 (bf16) it ran the
-/// "block" model's prefill products at 1.9-2.3x the rate of Burn's matmul (BENCHMARKS.md). The
-/// TMA routines were faster still on some shapes, but one of them failed at launch on another
-/// (a failure that poisons the device's stream), so none of them is the default. Devices
-/// without tensor cores decline it and run Burn's matmul.
+/// "block" model's prefill products in half the time of Burn's matmul (1.97x over all of them,
+/// 1.2-2.4x per shape; BENCHMARKS.md), the fastest routine over all of them. A TMA routine was
+/// faster still on one shape, but another failed at launch on the next one (a failure that
+/// poisons the device's stream), so none of them is the default. Devices without tensor cores
+/// decline it and run Burn's matmul.
 pub const DEFAULT_MATMUL_ROUTINE: &str = "double_cyclic_mma";
 
 /// A routine name, `burn` (Burn's matmul: `None`), or an error.
