@@ -281,9 +281,21 @@ fn scan_timing<B: JambaBackend>(device: &B::Device, [batch, d, len]: [usize; 3],
         }
         median(v)
     };
+    use jamba_kernels::ScanForward;
+    let kinds = [
+        ScanForward::Chunked,
+        ScanForward::OnePass,
+        ScanForward::Split,
+    ];
+    let before = kinds.map(jamba_kernels::scan_forward_runs);
     let fwd = time(&|| {
         let _ = B::selective_scan(input.clone());
     });
+    let kernel = kinds
+        .iter()
+        .zip(before)
+        .find(|(k, n)| jamba_kernels::scan_forward_runs(**k) > *n)
+        .map_or("reference".to_string(), |(k, _)| format!("{k:?}"));
     let bwd = if B::KERNELS {
         let (_, saved) = B::selective_scan_saving(&input);
         let ms = time(&|| {
@@ -293,7 +305,9 @@ fn scan_timing<B: JambaBackend>(device: &B::Device, [batch, d, len]: [usize; 3],
     } else {
         "(no kernel)".into()
     };
-    println!("| scan {batch} x {d} x {len}, {dtype:?} | forward {fwd:.3} ms | backward {bwd} |");
+    println!(
+        "| scan {batch} x {d} x {len}, {dtype:?} | forward {fwd:.3} ms ({kernel}) | backward {bwd} |"
+    );
 }
 
 /// Median of 10 synchronised runs after 3 warm-up ones, in ms.

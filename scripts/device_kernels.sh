@@ -4,6 +4,7 @@
 # decode rows with the peak GPU memory, training steps of the "block" model at batch 8 x 2048,
 # and (with PROFILE=1) the GPU time per kernel of decode steps and of a prefill under ncu.
 # MATMUL=1 times cubek's matmul routines and runs the prefill again with the fastest.
+# SCAN_EXTRA times each forward scan kernel (JAMBA_SCAN_FWD) at more shapes.
 # SCAN=0, SCAN_EXTRA=0, ATTENTION=0, TRAIN=0, MOE=0, MATMUL=0, UNFUSED_DECODE=0 skip those parts. Usage: scripts/device_kernels.sh BIN_DIR OUT_DIR
 set -uo pipefail
 bin=$1; out=$2
@@ -24,12 +25,17 @@ echo "== selective scan, bf16, mamba-ssm's layout"
 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096,1x8192x16384,8x8192x2048,4x4096x8192
 fi
 if [ "${SCAN_EXTRA:-1}" = 1 ]; then
-echo "== the one-pass forward with 16 units per channel instead of 8 (JAMBA_SCAN_FWD_SPLIT_LOG2=4): checks, then timings"
-JAMBA_SCAN_FWD_SPLIT_LOG2=4 "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | grep -v " ok$"
-JAMBA_SCAN_FWD_SPLIT_LOG2=4 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096,8x8192x2048
-echo "== small grids (fewer one-pass cubes than multiprocessors: the split forward runs), then the one-pass forward there (JAMBA_REFERENCE=scan_seg)"
-"$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x2048x4096,1x1024x16384
-JAMBA_REFERENCE=scan_seg "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x2048x4096,1x1024x16384
+shapes=1x8192x4096,1x8192x16384,8x8192x2048,4x4096x8192,1x2048x4096,1x1024x16384
+echo "== the forward kernels of the selective scan (JAMBA_SCAN_FWD), bf16, same layout: checks, then timings"
+for k in one_pass split; do
+  echo "-- JAMBA_SCAN_FWD=$k"
+  JAMBA_SCAN_FWD=$k "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | grep -v " ok$" | grep -iv "attention"
+  JAMBA_SCAN_FWD=$k "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan $shapes
+done
+for blk in 4 8 16; do
+  echo "-- JAMBA_SCAN_FWD=chunked JAMBA_SCAN_CHUNK_BLOCK=$blk"
+  JAMBA_SCAN_FWD=chunked JAMBA_SCAN_CHUNK_BLOCK=$blk "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan $shapes
+done
 fi
 best=
 if [ "${MATMUL:-1}" = 1 ]; then

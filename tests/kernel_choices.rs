@@ -1,7 +1,8 @@
 //! Which kernel runs, where that depends on process-wide choices: cubek's matmul routines of
 //! `linear` (`jamba_kernels::set_matmul_routine`, and the count of the products a routine
 //! declined) and the size above which causal attention runs the flash kernel
-//! (`JAMBA_FLASH_MIN_SCORES`, read once per process). Its own test binary, so that no other
+//! (`JAMBA_FLASH_MIN_SCORES`, read once per process), and the forward kernel of the selective
+//! scan (`jamba_kernels::set_scan_forward`). Its own test binary, so that no other
 //! test runs while a routine is switched or the count is read. On wgpu (lavapipe in CI) against
 //! the f32 references on ndarray, for f16 inputs: the kernels accumulate in f32 and round the
 //! output to f16 (2^-11 relative), so within 1e-2 of the scale.
@@ -9,11 +10,14 @@
 #![cfg(feature = "wgpu")]
 
 mod common;
+#[path = "common/scan.rs"]
+mod scan;
 
 use burn::backend::{Autodiff, NdArray, Wgpu};
 use burn::tensor::{backend::Backend, DType, Distribution, Tensor, TensorData};
 use common::{assert_close, to_f32_vec};
 use jamba_kernels::{reference, JambaBackend};
+use scan::{check_scan_forward, check_scan_grads, scan_cases, ScanCase};
 
 type Ref = NdArray<f32>;
 /// The kernels without Burn's fusion.
@@ -197,4 +201,52 @@ fn matmul_routines_match_reference() {
         "the 40 x 24 product did not fall back for every routine"
     );
     assert!(jamba_kernels::set_matmul_routine(Some("fastest")).is_err());
+}
+
+/// Each forward kernel of the selective scan, forced in turn ([`jamba_kernels::set_scan_forward`]),
+/// on every scan case of `kernels.rs` (f32 within 1e-4 of the scale), and the gradients through
+/// the backward from the chunk states each of them saved. The chunked kernel must run on
+/// lavapipe (its plane size is fixed at 8), the split one where `d_state <= 16`.
+#[test]
+fn scan_forward_kernels_match_reference() {
+    use jamba_kernels::ScanForward;
+    for kernel in [
+        ScanForward::Chunked,
+        ScanForward::OnePass,
+        ScanForward::Split,
+    ] {
+        jamba_kernels::set_scan_forward(kernel);
+        let before = jamba_kernels::scan_forward_runs(kernel);
+        for (name, case) in scan_cases() {
+            check_scan_forward::<Cube>(&format!("cube {kernel:?} {name}"), &case, DType::F32, 1e-4);
+        }
+        check_scan_forward::<Wgpu>(
+            &format!("fusion {kernel:?}"),
+            &ScanCase::new(2, 19, 77, 16).with_state(),
+            DType::F32,
+            1e-4,
+        );
+        check_scan_forward::<Cube>(
+            &format!("cube f16 {kernel:?}"),
+            &ScanCase::new(3, 37, 513, 16).channel_last(),
+            DType::F16,
+            1e-2,
+        );
+        // Two tiles of every kernel and a partial third: the chunk states saved at each.
+        for case in [
+            ScanCase::new(2, 13, 150, 16).with_state(),
+            ScanCase::new(1, 6, 1100, 16).with_state().channel_last(),
+            ScanCase::new(2, 5, 40, 64).with_state().bare(),
+        ] {
+            let name = format!(
+                "cube {kernel:?} b{} d{} l{} n{}",
+                case.batch, case.d_inner, case.len, case.d_state
+            );
+            check_scan_grads::<Autodiff<Cube>>(&name, &case);
+        }
+        let ran = jamba_kernels::scan_forward_runs(kernel) - before;
+        // The split kernel declines d_state above 16 (two of the cases), the others none.
+        assert!(ran >= 10, "{kernel:?} ran {ran} forward scans");
+    }
+    jamba_kernels::set_scan_forward(ScanForward::Auto);
 }

@@ -466,6 +466,100 @@ pub fn flash_attention_pays(batch: usize, heads: usize, len: usize) -> bool {
         > min
 }
 
+/// The forward kernels of the selective scan on CubeCL backends (see [`set_scan_forward`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanForward {
+    /// Chosen by the shape and the device (the default).
+    Auto,
+    /// Each channel's tile split between the lanes of one plane and composed by a plane scan
+    /// (`scan_fwd_chunk_kernel`): needs a fixed plane size and the tile's B and C in shared
+    /// memory.
+    Chunked,
+    /// Each channel's sequence walked by 8 or 16 units holding a share of its states
+    /// (`scan_fwd_kernel`): any `d_state` up to 256.
+    OnePass,
+    /// The sequence split into segments walked twice, from zero and from the composed starting
+    /// state (`scan_fwd_seg_kernel`): `d_state` up to 16.
+    Split,
+}
+
+impl std::str::FromStr for ScanForward {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "chunked" => Ok(Self::Chunked),
+            "one_pass" => Ok(Self::OnePass),
+            "split" => Ok(Self::Split),
+            other => Err(format!(
+                "unknown scan forward kernel `{other}` (one of: auto, chunked, one_pass, split)"
+            )),
+        }
+    }
+}
+
+fn scan_forward_cell() -> &'static std::sync::RwLock<ScanForward> {
+    static CELL: std::sync::OnceLock<std::sync::RwLock<ScanForward>> = std::sync::OnceLock::new();
+    CELL.get_or_init(|| {
+        let chosen = match std::env::var("JAMBA_SCAN_FWD") {
+            Ok(name) if !name.is_empty() => name.parse().unwrap_or_else(|e| {
+                eprintln!("JAMBA_SCAN_FWD ignored: {e}");
+                ScanForward::Auto
+            }),
+            _ => ScanForward::Auto,
+        };
+        std::sync::RwLock::new(chosen)
+    })
+}
+
+/// The forward scan kernel chosen for the process: [`set_scan_forward`]'s, else the
+/// `JAMBA_SCAN_FWD` environment variable (`auto`, `chunked`, `one_pass`, `split`), else
+/// [`ScanForward::Auto`]. A kernel that cannot run a given problem (its `d_state`, the device's
+/// plane size or shared memory) leaves it to the automatic choice.
+pub fn scan_forward() -> ScanForward {
+    *scan_forward_cell()
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// Chooses the forward scan kernel of [`scan_forward`] for the whole process.
+pub fn set_scan_forward(choice: ScanForward) {
+    *scan_forward_cell()
+        .write()
+        .unwrap_or_else(|e| e.into_inner()) = choice;
+}
+
+static SCAN_FORWARD_RUNS: [std::sync::atomic::AtomicUsize; 3] = [
+    std::sync::atomic::AtomicUsize::new(0),
+    std::sync::atomic::AtomicUsize::new(0),
+    std::sync::atomic::AtomicUsize::new(0),
+];
+
+fn scan_forward_slot(kernel: ScanForward) -> Option<usize> {
+    match kernel {
+        ScanForward::Auto => None,
+        ScanForward::Chunked => Some(0),
+        ScanForward::OnePass => Some(1),
+        ScanForward::Split => Some(2),
+    }
+}
+
+/// How many forward scans the process ran through `kernel` on CubeCL backends (0 for
+/// [`ScanForward::Auto`]).
+pub fn scan_forward_runs(kernel: ScanForward) -> usize {
+    scan_forward_slot(kernel).map_or(0, |i| {
+        SCAN_FORWARD_RUNS[i].load(std::sync::atomic::Ordering::Relaxed)
+    })
+}
+
+#[cfg(feature = "cube")]
+pub(crate) fn note_scan_forward(kernel: ScanForward) {
+    if let Some(i) = scan_forward_slot(kernel) {
+        SCAN_FORWARD_RUNS[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Positions per chunk of the scan kernels: the backward recomputes the states of one chunk at
 /// a time from the state saved at its start. Smaller for large `d_state` so that a chunk's
 /// inputs fit in shared memory and its states in a unit's local memory.

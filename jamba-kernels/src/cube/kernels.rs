@@ -443,6 +443,274 @@ pub fn scan_fwd_kernel<F: Float>(
     }
 }
 
+/// Writes fetched B or C values into a shared tile laid out `[d_state][segs][seg_len + 1]`:
+/// the lanes of [`scan_fwd_chunk_kernel`] each read `seg_len` consecutive positions of one
+/// state, so consecutive lanes read `seg_len + 1` words apart, on distinct banks.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn put_state_input_by_lane<F: Float>(
+    src: &Tensor<F>,
+    regs: &Array<f32>,
+    dst: &mut SharedMemory<f32>,
+    #[comptime] n_state: usize,
+    #[comptime] seg_len: usize,
+    #[comptime] segs: usize,
+    #[comptime] units: usize,
+) {
+    let tile = comptime!(segs * seg_len);
+    let tid = UNIT_POS_X as usize;
+    let state_major = src.stride(1) == 1;
+    #[unroll]
+    for i in 0..comptime!((tile * n_state).div_ceil(units)) {
+        let e = tid + i * units;
+        if e < tile * n_state {
+            let mut tl = e / n_state;
+            let mut n = e % n_state;
+            if !state_major {
+                tl = e % tile;
+                n = e / tile;
+            }
+            dst[n * comptime!(segs * (seg_len + 1))
+                + (tl / seg_len) * comptime!(seg_len + 1)
+                + tl % seg_len] = regs[i];
+        }
+    }
+}
+
+/// Selective scan forward with each channel's tile of the sequence split between the lanes of
+/// one plane (mamba-ssm's decomposition, with its block-wide scan replaced by a plane-wide one).
+///
+/// Cube `x, y` = (block of `block` channels, batch row). The `2^segs_log2` units of a channel
+/// are the lanes of one plane (the host launches it only where the plane size is fixed and
+/// equals that count); lane `s` owns positions `s * seg_len ..` of each tile of
+/// `segs * seg_len`. Per state, a lane composes its positions into one affine map
+/// `h -> p h + q`; an inclusive scan of those maps over the plane (shuffles, `segs_log2`
+/// steps) and the state at the tile's start give each lane the state before its first
+/// position, from which it walks its positions again, adding `C h` to their outputs. The
+/// decays and inputs of a lane's positions stay in registers between the two walks: one
+/// exponential per position and state. The tile's B and C, shared by the cube's channels, are
+/// staged in shared memory; the state at the tile's start of every (channel, state) too,
+/// double-buffered by tile parity. The states at multiples of `chunk_len` (a multiple of
+/// `seg_len`) are saved for the backward on request.
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+#[allow(clippy::too_many_arguments)]
+pub fn scan_fwd_chunk_kernel<F: Float>(
+    u: &Tensor<F>,
+    delta: &Tensor<F>,
+    z: &Tensor<F>,
+    b: &Tensor<F>,
+    c: &Tensor<F>,
+    a: &Tensor<f32>,
+    d_skip: &Tensor<f32>,
+    delta_bias: &Tensor<f32>,
+    init: &Tensor<f32>,
+    y: &mut Tensor<F>,
+    last: &mut Tensor<f32>,
+    chunks: &mut Tensor<f32>,
+    #[comptime] n_state: usize,
+    #[comptime] segs_log2: u32,
+    #[comptime] seg_len: usize,
+    #[comptime] block: usize,
+    #[comptime] chunk_len: usize,
+    #[comptime] has_z: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] has_init: bool,
+    #[comptime] softplus: bool,
+    #[comptime] save: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let segs = comptime!(1usize << segs_log2);
+    let tile = comptime!(segs * seg_len);
+    let units = comptime!(segs * block);
+    let by_state = comptime!(segs * (seg_len + 1));
+    let dim = u.shape(1);
+    let len = u.shape(2);
+    let bi = CUBE_POS_Y as usize;
+    let tid = UNIT_POS_X as usize;
+    let dl = tid / segs;
+    let seg = tid % segs;
+    let lane = UNIT_POS_PLANE;
+    let d0 = CUBE_POS_X as usize * block;
+    let di = d0 + dl;
+    let valid = di < dim;
+
+    let mut s_u = SharedMemory::<f32>::new(tile * (block + 1));
+    let mut s_dt = SharedMemory::<f32>::new(tile * (block + 1));
+    let mut s_gate = SharedMemory::<f32>::new(tile * (block + 1));
+    let mut s_b = SharedMemory::<f32>::new(n_state * by_state);
+    let mut s_c = SharedMemory::<f32>::new(n_state * by_state);
+    let mut s_a = SharedMemory::<f32>::new(block * n_state);
+    let mut s_h = SharedMemory::<f32>::new(2 * block * n_state);
+
+    // A's row and the initial state of the channel, spread over its lanes.
+    let mut d_val = 0.0f32;
+    if valid {
+        d_val = d_skip[di * d_skip.stride(0)];
+    }
+    for k in 0..comptime!(n_state.div_ceil(segs)) {
+        let n = seg + k * segs;
+        if n < n_state {
+            let mut av = 0.0f32;
+            let mut hv = 0.0f32;
+            if valid {
+                av = a[di * a.stride(0) + n * a.stride(1)];
+                if has_init {
+                    hv = init[bi * init.stride(0) + di * init.stride(1) + n * init.stride(2)];
+                }
+            }
+            s_a[dl * n_state + n] = av;
+            s_h[dl * n_state + n] = hv;
+        }
+    }
+
+    let per = comptime!((tile * block).div_ceil(units));
+    let per_bc = comptime!((tile * n_state).div_ceil(units));
+    let mut r_u = Array::<f32>::new(per);
+    let mut r_dt = Array::<f32>::new(per);
+    let mut r_z = Array::<f32>::new(per);
+    let mut r_b = Array::<f32>::new(per_bc);
+    let mut r_c = Array::<f32>::new(per_bc);
+    let mut dt_l = Array::<f32>::new(seg_len);
+    let mut du_l = Array::<f32>::new(seg_len);
+    let mut y_l = Array::<f32>::new(seg_len);
+    let mut decay = Array::<f32>::new(seg_len);
+    let mut input = Array::<f32>::new(seg_len);
+
+    let n_tiles = (len + tile - 1) / tile;
+    for k in 0..n_tiles {
+        let t0 = k * tile;
+        fetch::<F>(u, &mut r_u, bi, d0, t0, dim, len, tile, block, units);
+        fetch::<F>(delta, &mut r_dt, bi, d0, t0, dim, len, tile, block, units);
+        if has_z {
+            fetch::<F>(z, &mut r_z, bi, d0, t0, dim, len, tile, block, units);
+        }
+        fetch_state_input::<F>(b, &mut r_b, bi, t0, len, n_state, tile, units);
+        fetch_state_input::<F>(c, &mut r_c, bi, t0, len, n_state, tile, units);
+        // Positions past the end get delta 0: a decay of 1 and no input, so the state passes
+        // through them unchanged.
+        put::<F>(
+            u, &r_u, &mut s_u, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block,
+            units,
+        );
+        put::<F>(
+            delta, &r_dt, &mut s_dt, delta_bias, d0, t0, dim, len, 1u32, has_bias, softplus, tile,
+            block, units,
+        );
+        if has_z {
+            put::<F>(
+                z,
+                &r_z,
+                &mut s_gate,
+                delta_bias,
+                d0,
+                t0,
+                dim,
+                len,
+                2u32,
+                has_bias,
+                softplus,
+                tile,
+                block,
+                units,
+            );
+        }
+        put_state_input_by_lane::<F>(b, &r_b, &mut s_b, n_state, seg_len, segs, units);
+        put_state_input_by_lane::<F>(c, &r_c, &mut s_c, n_state, seg_len, segs, units);
+        sync_cube();
+
+        let cur = (k % 2) * block * n_state + dl * n_state;
+        let next = ((k + 1) % 2) * block * n_state + dl * n_state;
+        #[unroll]
+        for i in 0..seg_len {
+            let slot = (seg * seg_len + i) * (block + 1) + dl;
+            let dtv = s_dt[slot];
+            let uv = s_u[slot];
+            dt_l[i] = dtv;
+            du_l[i] = dtv * uv;
+            y_l[i] = d_val * uv;
+        }
+        let start = t0 + seg * seg_len;
+        for n in 0..n_state {
+            let an = s_a[dl * n_state + n];
+            let at = n * by_state + seg * comptime!(seg_len + 1);
+            // The lane's positions as one map h -> p h + q.
+            let mut p = 1.0f32;
+            let mut q = 0.0f32;
+            #[unroll]
+            for i in 0..seg_len {
+                let e = (dt_l[i] * an).exp();
+                let v = du_l[i] * s_b[at + i];
+                decay[i] = e;
+                input[i] = v;
+                q = e * q + v;
+                p *= e;
+            }
+            // Inclusive scan over the plane: lane j ends with the maps of lanes 0..=j composed.
+            #[unroll]
+            for s in 0..segs_log2 {
+                let off = comptime!(1u32 << s);
+                let mut src = lane;
+                if lane >= off {
+                    src = lane - off;
+                }
+                let p_prev = plane_shuffle(p, src);
+                let q_prev = plane_shuffle(q, src);
+                if lane >= off {
+                    q += p * q_prev;
+                    p *= p_prev;
+                }
+            }
+            // The maps of the lanes before this one, applied to the tile's starting state.
+            let mut src = lane;
+            if lane >= 1 {
+                src = lane - 1;
+            }
+            let p_before = plane_shuffle(p, src);
+            let q_before = plane_shuffle(q, src);
+            let mut h = s_h[cur + n];
+            if seg > 0 {
+                h = p_before * h + q_before;
+            }
+            if save {
+                if valid && start < len && start % chunk_len == 0 {
+                    chunks[bi * chunks.stride(0)
+                        + di * chunks.stride(1)
+                        + (start / chunk_len) * chunks.stride(2)
+                        + n * chunks.stride(3)] = h;
+                }
+            }
+            #[unroll]
+            for i in 0..seg_len {
+                h = decay[i] * h + input[i];
+                y_l[i] += h * s_c[at + i];
+            }
+            if seg == segs - 1 {
+                s_h[next + n] = h;
+            }
+        }
+        #[unroll]
+        for i in 0..seg_len {
+            let slot = (seg * seg_len + i) * (block + 1) + dl;
+            let mut out = y_l[i];
+            if has_z {
+                out *= s_gate[slot];
+            }
+            s_u[slot] = out;
+        }
+        sync_cube();
+        unstage::<F>(&s_u, y, bi, d0, t0, dim, len, tile, block, units);
+        sync_cube();
+    }
+
+    let fin = (n_tiles % 2) * block * n_state + dl * n_state;
+    for k in 0..comptime!(n_state.div_ceil(segs)) {
+        let n = seg + k * segs;
+        if n < n_state && valid {
+            last[bi * last.stride(0) + di * last.stride(1) + n * last.stride(2)] = s_h[fin + n];
+        }
+    }
+}
+
 /// `delta` at one position after `delta_bias` and the softplus, in f32.
 #[cube]
 fn delta_at(raw: f32, bias: f32, #[comptime] softplus: bool) -> f32 {

@@ -17,7 +17,7 @@ use burn_cubecl::{
 
 use crate::{
     scan_chunk_len, CausalConv1dGrads, CausalConv1dInput, CausalConv1dUpdate, JambaBackend,
-    MoeGrads, MoeInput, SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput,
+    MoeGrads, MoeInput, ScanForward, SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput,
     SelectiveStateUpdate,
 };
 
@@ -38,6 +38,61 @@ const SEG_UNKNOWN_UNITS: usize = 16;
 /// The one-pass forward gives each channel twice the units below this many cubes per compute
 /// unit.
 const FWD_WIDE_CUBES_PER_UNIT: usize = 2;
+/// Positions per lane of the chunked forward ([`kernels::scan_fwd_chunk_kernel`]), at most:
+/// the decays and inputs of that many positions stay in a lane's registers.
+const CHUNK_SEG_LEN: usize = 8;
+/// Channels per cube of the chunked forward (`JAMBA_SCAN_CHUNK_BLOCK` overrides it).
+const CHUNK_BLOCK: usize = 8;
+
+/// The launch of the chunked forward: lanes per channel (the plane size), positions per lane,
+/// channels per cube.
+#[derive(Clone, Copy, Debug)]
+struct ChunkPlan {
+    segs_log2: u32,
+    seg_len: usize,
+    block: usize,
+}
+
+/// How the chunked forward runs on this device for `d_state`, or `None` where it cannot: the
+/// plane size must be fixed (a channel's lanes are one plane), the saved states' chunk length a
+/// multiple of a lane's positions, and the tile's inputs must fit in shared memory.
+fn chunk_plan(
+    hardware: &burn_cubecl::cubecl::ir::HardwareProperties,
+    d_state: usize,
+) -> Option<ChunkPlan> {
+    let plane = hardware.plane_size_min as usize;
+    if plane != hardware.plane_size_max as usize || !plane.is_power_of_two() || plane < 4 {
+        return None;
+    }
+    // The largest power of two up to CHUNK_SEG_LEN that divides the chunk length.
+    let chunk = scan_chunk_len(d_state);
+    let seg_len = (1usize << chunk.trailing_zeros()).min(CHUNK_SEG_LEN);
+    if seg_len < 4 {
+        return None;
+    }
+    static BLOCK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let block = *BLOCK.get_or_init(|| {
+        std::env::var("JAMBA_SCAN_CHUNK_BLOCK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|b: &usize| (1..=64).contains(b))
+            .unwrap_or(CHUNK_BLOCK)
+    });
+    let tile = plane * seg_len;
+    let shared =
+        4 * (3 * tile * (block + 1) + 2 * d_state * plane * (seg_len + 1) + 3 * block * d_state);
+    if plane * block > hardware.max_units_per_cube as usize
+        || shared > hardware.max_shared_memory_size
+    {
+        return None;
+    }
+    Some(ChunkPlan {
+        segs_log2: plane.trailing_zeros(),
+        seg_len,
+        block,
+    })
+}
+
 /// At most this many units share a channel's states (the backward's; the forward's can double).
 const MAX_SPLIT_LOG2: u32 = 3;
 
@@ -144,8 +199,9 @@ fn elemwise_launch(n: usize) -> (CubeCount, CubeDim) {
 /// Operations named in the `JAMBA_REFERENCE` environment variable (comma-separated: `scan`,
 /// `conv`, `step`, `rms_norm`, `linear`, `moe` (the decoding MoE kernels: the grouped ones run
 /// instead), `moe_grouped`, `moe_mma` (the portable grouped matmuls instead of the tensor-core
-/// ones), `route`, `scan_seg` (the forward scan that splits the sequence between units: the
-/// one that walks each channel's sequence in one unit runs instead), `attention`, `attention_mma` (the portable flash attention instead of the
+/// ones), `route`, `scan_chunk` (the forward scan that splits a channel's tiles between the lanes of
+/// a plane), `scan_seg` (the forward scan that splits the sequence into segments walked twice;
+/// without either, the one that walks each channel's sequence in one pass runs), `attention`, `attention_mma` (the portable flash attention instead of the
 /// tensor-core one), or `all`) run the tensor-op reference instead of the kernel: a switch to
 /// isolate a kernel when results differ.
 fn use_kernel(op: &str) -> bool {
@@ -406,7 +462,50 @@ where
     let units = hardware
         .num_streaming_multiprocessors
         .map_or(SEG_UNKNOWN_UNITS, |n| n as usize);
-    if d_state <= SEG_MAX_STATE && segs >= 4 && one_pass_cubes < units && use_kernel("scan_seg") {
+    let chunked = chunk_plan(hardware, d_state).filter(|_| use_kernel("scan_chunk"));
+    let split_runs = d_state <= SEG_MAX_STATE && segs >= 4 && use_kernel("scan_seg");
+    let kernel = match (crate::scan_forward(), chunked) {
+        (ScanForward::Chunked, Some(_)) => ScanForward::Chunked,
+        (ScanForward::Split, _) if split_runs => ScanForward::Split,
+        (ScanForward::OnePass, _) => ScanForward::OnePass,
+        (_, Some(_)) => ScanForward::Chunked,
+        _ if split_runs && one_pass_cubes < units => ScanForward::Split,
+        _ => ScanForward::OnePass,
+    };
+    crate::note_scan_forward(kernel);
+    if let (ScanForward::Chunked, Some(plan)) = (kernel, chunked) {
+        unsafe {
+            kernels::scan_fwd_chunk_kernel::launch_unchecked::<R>(
+                &client,
+                CubeCount::Static(d_inner.div_ceil(plan.block) as u32, batch as u32, 1),
+                CubeDim::new_1d(((1usize << plan.segs_log2) * plan.block) as u32),
+                u.into_tensor_arg(),
+                delta.into_tensor_arg(),
+                z.into_tensor_arg(),
+                b.into_tensor_arg(),
+                c.into_tensor_arg(),
+                a.into_tensor_arg(),
+                d.into_tensor_arg(),
+                delta_bias.into_tensor_arg(),
+                initial_state.into_tensor_arg(),
+                prim(y.clone()).into_tensor_arg(),
+                prim(last.clone()).into_tensor_arg(),
+                prim(saved.clone()).into_tensor_arg(),
+                d_state,
+                plan.segs_log2,
+                plan.seg_len,
+                plan.block,
+                // The chunk length of the saved states.
+                tile,
+                flags.0,
+                flags.1,
+                flags.2,
+                flags.3,
+                save,
+                dtype.into(),
+            );
+        }
+    } else if kernel == ScanForward::Split {
         unsafe {
             kernels::scan_fwd_seg_kernel::launch_unchecked::<R>(
                 &client,
