@@ -298,10 +298,17 @@ fn scan_timing<B: JambaBackend>(device: &B::Device, [batch, d, len]: [usize; 3],
         .map_or("reference".to_string(), |(k, _)| format!("{k:?}"));
     let bwd = if B::KERNELS {
         let (_, saved) = B::selective_scan_saving(&input);
+        let chunked = jamba_kernels::scan_backward_runs(jamba_kernels::ScanBackward::Chunked);
         let ms = time(&|| {
             let _ = B::selective_scan_backward(&input, saved.clone(), grad.clone());
         });
-        format!("{ms:.3} ms")
+        let which =
+            if jamba_kernels::scan_backward_runs(jamba_kernels::ScanBackward::Chunked) > chunked {
+                "Chunked"
+            } else {
+                "OnePass"
+            };
+        format!("{ms:.3} ms ({which})")
     } else {
         "(no kernel)".into()
     };

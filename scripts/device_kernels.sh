@@ -22,19 +22,23 @@ echo "== kernel checks, CUDA with fusion"
 JAMBA_FLASH_MIN_SCORES=0 "$bin/bench" --backend cuda --check-kernels --no-model 2>&1 | tee /tmp/check-cuda.txt | grep -v " ok$"
 if [ "${SCAN:-1}" = 1 ]; then
 echo "== selective scan, bf16, mamba-ssm's layout"
-"$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096,1x8192x16384,8x8192x2048,4x4096x8192
+"$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096,1x8192x16384,8x8192x2048,4x4096x8192,1x2048x4096,1x1024x16384
 fi
 if [ "${SCAN_EXTRA:-1}" = 1 ]; then
 shapes=1x8192x4096,1x8192x16384,8x8192x2048,4x4096x8192,1x2048x4096,1x1024x16384
-echo "== the forward kernels of the selective scan (JAMBA_SCAN_FWD), bf16, same layout: checks, then timings"
+echo "== the other forward kernels of the selective scan (JAMBA_SCAN_FWD), the other backward (JAMBA_SCAN_BWD), other cube sizes; bf16, same layout: checks, then timings"
 for k in one_pass split; do
   echo "-- JAMBA_SCAN_FWD=$k"
   JAMBA_SCAN_FWD=$k "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | grep -v " ok$" | grep -iv "attention"
   JAMBA_SCAN_FWD=$k "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan $shapes
 done
-for blk in 4 8 16; do
-  echo "-- JAMBA_SCAN_FWD=chunked JAMBA_SCAN_CHUNK_BLOCK=$blk"
-  JAMBA_SCAN_FWD=chunked JAMBA_SCAN_CHUNK_BLOCK=$blk "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan $shapes
+echo "-- JAMBA_SCAN_BWD=one_pass (the backward before the chunked one)"
+JAMBA_SCAN_BWD=one_pass "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | grep -v " ok$" | grep -iv "attention"
+JAMBA_SCAN_BWD=one_pass "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan $shapes
+for blk in 4 16; do
+  echo "-- JAMBA_SCAN_CHUNK_BLOCK=$blk JAMBA_SCAN_BWD_BLOCK=$blk (channels per cube of the chunked kernels; 8 by default)"
+  JAMBA_SCAN_CHUNK_BLOCK=$blk JAMBA_SCAN_BWD_BLOCK=$blk "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | grep "scan" | grep -v " ok$"
+  JAMBA_SCAN_CHUNK_BLOCK=$blk JAMBA_SCAN_BWD_BLOCK=$blk "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan $shapes
 done
 fi
 best=

@@ -205,11 +205,12 @@ fn matmul_routines_match_reference() {
 
 /// Each forward kernel of the selective scan, forced in turn ([`jamba_kernels::set_scan_forward`]),
 /// on every scan case of `kernels.rs` (f32 within 1e-4 of the scale), and the gradients through
-/// the backward from the chunk states each of them saved. The chunked kernel must run on
+/// the backward from the chunk states each of them saved; then each backward kernel
+/// ([`jamba_kernels::set_scan_backward`]). The chunked kernel must run on
 /// lavapipe (its plane size is fixed at 8), the split one where `d_state <= 16`.
 #[test]
 fn scan_forward_kernels_match_reference() {
-    use jamba_kernels::ScanForward;
+    use jamba_kernels::{ScanBackward, ScanForward};
     for kernel in [
         ScanForward::Chunked,
         ScanForward::OnePass,
@@ -245,8 +246,36 @@ fn scan_forward_kernels_match_reference() {
             check_scan_grads::<Autodiff<Cube>>(&name, &case);
         }
         let ran = jamba_kernels::scan_forward_runs(kernel) - before;
-        // The split kernel declines d_state above 16 (two of the cases), the others none.
+        // The split kernel declines d_state above 16, the chunked one where B and C of a tile
+        // pass lavapipe's 32 KiB of shared memory (d_state 64 and 256): two of the cases each.
         assert!(ran >= 10, "{kernel:?} ran {ran} forward scans");
     }
     jamba_kernels::set_scan_forward(ScanForward::Auto);
+
+    // Each backward kernel, from the chunk states of the automatic forward.
+    for kernel in [ScanBackward::Chunked, ScanBackward::OnePass] {
+        jamba_kernels::set_scan_backward(kernel);
+        let before = jamba_kernels::scan_backward_runs(kernel);
+        for case in [
+            ScanCase::new(3, 37, 100, 16),
+            ScanCase::new(2, 5, 1, 1).bare(),
+            ScanCase::new(1, 65, 40, 16).with_state().bare(),
+            ScanCase::new(2, 33, 129, 16).channel_last(),
+            ScanCase::new(1, 9, 33, 8).with_state(),
+            ScanCase::new(1, 6, 1500, 16).with_state(),
+        ] {
+            let name = format!(
+                "cube backward {kernel:?} b{} d{} l{} n{}",
+                case.batch, case.d_inner, case.len, case.d_state
+            );
+            check_scan_grads::<Autodiff<Cube>>(&name, &case);
+        }
+        check_scan_grads::<Autodiff<Wgpu>>(
+            &format!("fusion backward {kernel:?}"),
+            &ScanCase::new(2, 19, 77, 16).with_state(),
+        );
+        let ran = jamba_kernels::scan_backward_runs(kernel) - before;
+        assert!(ran >= 7, "{kernel:?} ran {ran} backward scans");
+    }
+    jamba_kernels::set_scan_backward(ScanBackward::Auto);
 }

@@ -560,6 +560,89 @@ pub(crate) fn note_scan_forward(kernel: ScanForward) {
     }
 }
 
+/// The backward kernels of the selective scan on CubeCL backends (see [`set_scan_backward`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ScanBackward {
+    /// The chunked kernel where it can run, else the one-pass one (the default).
+    Auto,
+    /// Each channel's tile split between the lanes of one plane (`scan_bwd_chunk_kernel`),
+    /// where the device allows it as for [`ScanForward::Chunked`].
+    Chunked,
+    /// Each channel's sequence walked backwards by units holding a share of its states
+    /// (`scan_bwd_kernel`): any `d_state` up to 256.
+    OnePass,
+}
+
+impl std::str::FromStr for ScanBackward {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "chunked" => Ok(Self::Chunked),
+            "one_pass" => Ok(Self::OnePass),
+            other => Err(format!(
+                "unknown scan backward kernel `{other}` (one of: auto, chunked, one_pass)"
+            )),
+        }
+    }
+}
+
+fn scan_backward_cell() -> &'static std::sync::RwLock<ScanBackward> {
+    static CELL: std::sync::OnceLock<std::sync::RwLock<ScanBackward>> = std::sync::OnceLock::new();
+    CELL.get_or_init(|| {
+        let chosen = match std::env::var("JAMBA_SCAN_BWD") {
+            Ok(name) if !name.is_empty() => name.parse().unwrap_or_else(|e| {
+                eprintln!("JAMBA_SCAN_BWD ignored: {e}");
+                ScanBackward::Auto
+            }),
+            _ => ScanBackward::Auto,
+        };
+        std::sync::RwLock::new(chosen)
+    })
+}
+
+/// The backward scan kernel chosen for the process: [`set_scan_backward`]'s, else the
+/// `JAMBA_SCAN_BWD` environment variable (`auto`, `chunked`, `one_pass`), else
+/// [`ScanBackward::Auto`].
+pub fn scan_backward() -> ScanBackward {
+    *scan_backward_cell()
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// Chooses the backward scan kernel of [`scan_backward`] for the whole process.
+pub fn set_scan_backward(choice: ScanBackward) {
+    *scan_backward_cell()
+        .write()
+        .unwrap_or_else(|e| e.into_inner()) = choice;
+}
+
+static SCAN_BACKWARD_RUNS: [std::sync::atomic::AtomicUsize; 2] = [
+    std::sync::atomic::AtomicUsize::new(0),
+    std::sync::atomic::AtomicUsize::new(0),
+];
+
+/// How many backward scans the process ran through `kernel` on CubeCL backends (0 for
+/// [`ScanBackward::Auto`]).
+pub fn scan_backward_runs(kernel: ScanBackward) -> usize {
+    match kernel {
+        ScanBackward::Auto => 0,
+        ScanBackward::Chunked => SCAN_BACKWARD_RUNS[0].load(std::sync::atomic::Ordering::Relaxed),
+        ScanBackward::OnePass => SCAN_BACKWARD_RUNS[1].load(std::sync::atomic::Ordering::Relaxed),
+    }
+}
+
+#[cfg(feature = "cube")]
+pub(crate) fn note_scan_backward(kernel: ScanBackward) {
+    let i = match kernel {
+        ScanBackward::Auto => return,
+        ScanBackward::Chunked => 0,
+        ScanBackward::OnePass => 1,
+    };
+    SCAN_BACKWARD_RUNS[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Positions per chunk of the scan kernels: the backward recomputes the states of one chunk at
 /// a time from the state saved at its start. Smaller for large `d_state` so that a chunk's
 /// inputs fit in shared memory and its states in a unit's local memory.

@@ -711,6 +711,356 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
     }
 }
 
+/// Selective scan backward with each channel's tile split between the lanes of one plane, the
+/// counterpart of [`scan_fwd_chunk_kernel`] (same cube layout; tiles walked from the last).
+///
+/// Per tile and state, a lane recomputes its positions' states from the tile's saved starting
+/// state (`chunk_len` divides the tile) with the forward's plane scan, then composes the
+/// adjoint `g_t = C_t dy_t + exp(delta_{t+1} A) g_{t+1}` over its positions in reverse and
+/// scans those maps over the plane in the other direction (the adjoint entering the tile's
+/// end is carried from the tile after it, in shared memory). Walking its positions backwards
+/// it then has every term of the gradients. `du`, `ddelta` and `dz` sum over states in
+/// registers; `dA`, `D` and the delta bias sum over positions (plane sums per tile); `dB` and
+/// `dC` sum over channels: the cube's channels through shared memory, written per cube
+/// (`[batch, cubes, d_state, len]`, summed by the caller).
+#[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
+#[allow(clippy::too_many_arguments)]
+pub fn scan_bwd_chunk_kernel<F: Float>(
+    u: &Tensor<F>,
+    delta: &Tensor<F>,
+    z: &Tensor<F>,
+    b: &Tensor<F>,
+    c: &Tensor<F>,
+    a: &Tensor<f32>,
+    d_skip: &Tensor<f32>,
+    delta_bias: &Tensor<f32>,
+    chunks: &Tensor<f32>,
+    dout: &Tensor<F>,
+    du_out: &mut Tensor<F>,
+    ddelta_out: &mut Tensor<F>,
+    dz_out: &mut Tensor<F>,
+    db_part: &mut Tensor<f32>,
+    dc_part: &mut Tensor<f32>,
+    da_part: &mut Tensor<f32>,
+    dd_part: &mut Tensor<f32>,
+    dbias_part: &mut Tensor<f32>,
+    dinit: &mut Tensor<f32>,
+    #[comptime] n_state: usize,
+    #[comptime] segs_log2: u32,
+    #[comptime] seg_len: usize,
+    #[comptime] block: usize,
+    #[comptime] chunk_len: usize,
+    #[comptime] has_z: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] softplus: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let segs = comptime!(1usize << segs_log2);
+    let tile = comptime!(segs * seg_len);
+    let units = comptime!(segs * block);
+    let by_state = comptime!(segs * (seg_len + 1));
+    let dim = u.shape(1);
+    let len = u.shape(2);
+    let bi = CUBE_POS_Y as usize;
+    let cube = CUBE_POS_X as usize;
+    let tid = UNIT_POS_X as usize;
+    let dl = tid / segs;
+    let seg = tid % segs;
+    let lane = UNIT_POS_PLANE;
+    let d0 = cube * block;
+    let di = d0 + dl;
+    let valid = di < dim;
+
+    let mut s_u = SharedMemory::<f32>::new(tile * (block + 1));
+    let mut s_dt = SharedMemory::<f32>::new(tile * (block + 1));
+    let mut s_z = SharedMemory::<f32>::new(tile * (block + 1));
+    let mut s_g = SharedMemory::<f32>::new(tile * (block + 1));
+    let mut s_b = SharedMemory::<f32>::new(n_state * by_state);
+    let mut s_c = SharedMemory::<f32>::new(n_state * by_state);
+    // One state's dB and dC terms of every channel and position, double-buffered by state.
+    let mut s_red = SharedMemory::<f32>::new(4 * block * tile);
+    // The adjoint entering each tile's end, double-buffered by tile parity.
+    let mut s_carry = SharedMemory::<f32>::new(2 * block * n_state);
+    let mut s_da = SharedMemory::<f32>::new(block * n_state);
+
+    let mut d_val = 0.0f32;
+    if valid {
+        d_val = d_skip[di * d_skip.stride(0)];
+    }
+    for k in 0..comptime!(n_state.div_ceil(segs)) {
+        let n = seg + k * segs;
+        if n < n_state {
+            s_carry[dl * n_state + n] = 0.0;
+            s_da[dl * n_state + n] = 0.0;
+        }
+    }
+    let mut dd_acc = 0.0f32;
+    let mut dbias_acc = 0.0f32;
+
+    let per = comptime!((tile * block).div_ceil(units));
+    let per_bc = comptime!((tile * n_state).div_ceil(units));
+    let mut r_u = Array::<f32>::new(per);
+    let mut r_dt = Array::<f32>::new(per);
+    let mut r_z = Array::<f32>::new(per);
+    let mut r_g = Array::<f32>::new(per);
+    let mut r_b = Array::<f32>::new(per_bc);
+    let mut r_c = Array::<f32>::new(per_bc);
+    let mut dt_l = Array::<f32>::new(seg_len);
+    let mut u_l = Array::<f32>::new(seg_len);
+    let mut dy_l = Array::<f32>::new(seg_len);
+    let mut y_l = Array::<f32>::new(seg_len);
+    let mut ddt_l = Array::<f32>::new(seg_len);
+    let mut du_l = Array::<f32>::new(seg_len);
+    let mut decay = Array::<f32>::new(seg_len);
+    let mut input = Array::<f32>::new(seg_len);
+    let mut h_prev = Array::<f32>::new(seg_len);
+
+    let n_tiles = (len + tile - 1) / tile;
+    let mut step = 0usize;
+    for kk in 0..n_tiles {
+        let k = n_tiles - 1 - kk;
+        let t0 = k * tile;
+        fetch::<F>(u, &mut r_u, bi, d0, t0, dim, len, tile, block, units);
+        fetch::<F>(delta, &mut r_dt, bi, d0, t0, dim, len, tile, block, units);
+        if has_z {
+            fetch::<F>(z, &mut r_z, bi, d0, t0, dim, len, tile, block, units);
+        }
+        fetch::<F>(dout, &mut r_g, bi, d0, t0, dim, len, tile, block, units);
+        fetch_state_input::<F>(b, &mut r_b, bi, t0, len, n_state, tile, units);
+        fetch_state_input::<F>(c, &mut r_c, bi, t0, len, n_state, tile, units);
+        // Positions past the end get delta 0 and no gradient: they change nothing.
+        put::<F>(
+            u, &r_u, &mut s_u, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block,
+            units,
+        );
+        put::<F>(
+            delta, &r_dt, &mut s_dt, delta_bias, d0, t0, dim, len, 1u32, has_bias, softplus, tile,
+            block, units,
+        );
+        if has_z {
+            put::<F>(
+                z, &r_z, &mut s_z, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile,
+                block, units,
+            );
+        }
+        put::<F>(
+            dout, &r_g, &mut s_g, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile,
+            block, units,
+        );
+        put_state_input_by_lane::<F>(b, &r_b, &mut s_b, n_state, seg_len, segs, units);
+        put_state_input_by_lane::<F>(c, &r_c, &mut s_c, n_state, seg_len, segs, units);
+        sync_cube();
+
+        #[unroll]
+        for i in 0..seg_len {
+            let slot = (seg * seg_len + i) * (block + 1) + dl;
+            let dtv = s_dt[slot];
+            let uv = s_u[slot];
+            let go = s_g[slot];
+            let mut dy = go;
+            if has_z {
+                let zv = s_z[slot];
+                dy = go * zv * sigmoid_f32(zv);
+            }
+            dt_l[i] = dtv;
+            u_l[i] = uv;
+            dy_l[i] = dy;
+            y_l[i] = d_val * uv;
+            ddt_l[i] = 0.0;
+            du_l[i] = 0.0;
+        }
+        let cur = (kk % 2) * block * n_state + dl * n_state;
+        let next = ((kk + 1) % 2) * block * n_state + dl * n_state;
+        let start = seg * seg_len;
+        for n in 0..n_state {
+            let mut an = 0.0f32;
+            let mut h_tile = 0.0f32;
+            if valid {
+                an = a[di * a.stride(0) + n * a.stride(1)];
+                h_tile = chunks[bi * chunks.stride(0)
+                    + di * chunks.stride(1)
+                    + (t0 / chunk_len) * chunks.stride(2)
+                    + n * chunks.stride(3)];
+            }
+            let at = n * by_state + seg * comptime!(seg_len + 1);
+
+            // The states: the forward's composition and plane scan.
+            let mut p = 1.0f32;
+            let mut q = 0.0f32;
+            #[unroll]
+            for i in 0..seg_len {
+                let e = (dt_l[i] * an).exp();
+                let v = dt_l[i] * u_l[i] * s_b[at + i];
+                decay[i] = e;
+                input[i] = v;
+                q = e * q + v;
+                p *= e;
+            }
+            let p_own = p;
+            #[unroll]
+            for s in 0..segs_log2 {
+                let off = comptime!(1u32 << s);
+                let mut src = lane;
+                if lane >= off {
+                    src = lane - off;
+                }
+                let p_prev = plane_shuffle(p, src);
+                let q_prev = plane_shuffle(q, src);
+                if lane >= off {
+                    q += p * q_prev;
+                    p *= p_prev;
+                }
+            }
+            let mut src = lane;
+            if lane >= 1 {
+                src = lane - 1;
+            }
+            let p_before = plane_shuffle(p, src);
+            let q_before = plane_shuffle(q, src);
+            let mut h = h_tile;
+            if seg > 0 {
+                h = p_before * h_tile + q_before;
+            }
+            // The adjoint of this lane's positions as a map of the one entering after them.
+            let mut qr = 0.0f32;
+            #[unroll]
+            for i in 0..seg_len {
+                h_prev[i] = h;
+                h = decay[i] * h + input[i];
+                y_l[i] += s_c[at + i] * h;
+            }
+            #[unroll]
+            for ii in 0..seg_len {
+                let i = seg_len - 1 - ii;
+                qr = decay[i] * (s_c[at + i] * dy_l[i] + qr);
+            }
+            // Suffix scan over the plane: lane j ends with the maps of lanes j.. composed.
+            let mut pr = p_own;
+            #[unroll]
+            for s in 0..segs_log2 {
+                let off = comptime!(1u32 << s);
+                let mut src = lane;
+                if lane + off < comptime!(segs as u32) {
+                    src = lane + off;
+                }
+                let p_next = plane_shuffle(pr, src);
+                let q_next = plane_shuffle(qr, src);
+                if lane + off < comptime!(segs as u32) {
+                    qr += pr * q_next;
+                    pr *= p_next;
+                }
+            }
+            let mut src = lane;
+            if lane + 1 < comptime!(segs as u32) {
+                src = lane + 1;
+            }
+            let p_after = plane_shuffle(pr, src);
+            let q_after = plane_shuffle(qr, src);
+            let carry = s_carry[cur + n];
+            let mut g_in = carry;
+            if seg + 1 < segs {
+                g_in = p_after * carry + q_after;
+            }
+
+            // Backwards over the positions: g = dL/dh_t.
+            let red = (step % 2) * 2 * block * tile + dl * tile + start;
+            let mut da = 0.0f32;
+            #[unroll]
+            for ii in 0..seg_len {
+                let i = seg_len - 1 - ii;
+                let cv = s_c[at + i];
+                let bv = s_b[at + i];
+                let g = cv * dy_l[i] + g_in;
+                let ht = decay[i] * h_prev[i] + input[i];
+                s_red[red + i] = g * dt_l[i] * u_l[i];
+                s_red[red + block * tile + i] = dy_l[i] * ht;
+                let gdh = g * decay[i] * h_prev[i];
+                ddt_l[i] += gdh * an + g * bv * u_l[i];
+                du_l[i] += g * dt_l[i] * bv;
+                da += gdh * dt_l[i];
+                g_in = decay[i] * g;
+            }
+            if seg == 0 {
+                s_carry[next + n] = g_in;
+            }
+            da = plane_sum(da);
+            if seg == 0 {
+                s_da[dl * n_state + n] += da;
+            }
+            sync_cube();
+            // dB, dC of this state summed over the cube's channels.
+            let base = (step % 2) * 2 * block * tile;
+            #[unroll]
+            for r in 0..comptime!(tile.div_ceil(units)) {
+                let pos = tid + r * units;
+                let t = t0 + pos;
+                if pos < tile && t < len {
+                    let mut sb = 0.0f32;
+                    let mut sc = 0.0f32;
+                    #[unroll]
+                    for j in 0..block {
+                        sb += s_red[base + j * tile + pos];
+                        sc += s_red[base + (block + j) * tile + pos];
+                    }
+                    let at_part = bi * db_part.stride(0)
+                        + cube * db_part.stride(1)
+                        + n * db_part.stride(2)
+                        + t * db_part.stride(3);
+                    db_part[at_part] = sb;
+                    dc_part[at_part] = sc;
+                }
+            }
+            step += 1;
+        }
+
+        let mut dd = 0.0f32;
+        let mut dbias = 0.0f32;
+        #[unroll]
+        for i in 0..seg_len {
+            let slot = (seg * seg_len + i) * (block + 1) + dl;
+            let dtv = dt_l[i];
+            let mut ddt = ddt_l[i];
+            if softplus {
+                // softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)); 1 above the threshold.
+                ddt *= 1.0 - (-dtv).exp();
+            }
+            if has_z {
+                let zv = s_z[slot];
+                let sg = sigmoid_f32(zv);
+                s_z[slot] = s_g[slot] * y_l[i] * sg * (1.0 + zv * (1.0 - sg));
+            }
+            dd += dy_l[i] * u_l[i];
+            dbias += ddt;
+            s_u[slot] = du_l[i] + d_val * dy_l[i];
+            s_dt[slot] = ddt;
+        }
+        dd_acc += plane_sum(dd);
+        dbias_acc += plane_sum(dbias);
+        sync_cube();
+        unstage::<F>(&s_u, du_out, bi, d0, t0, dim, len, tile, block, units);
+        unstage::<F>(&s_dt, ddelta_out, bi, d0, t0, dim, len, tile, block, units);
+        if has_z {
+            unstage::<F>(&s_z, dz_out, bi, d0, t0, dim, len, tile, block, units);
+        }
+        sync_cube();
+    }
+
+    let fin = (n_tiles % 2) * block * n_state + dl * n_state;
+    for k in 0..comptime!(n_state.div_ceil(segs)) {
+        let n = seg + k * segs;
+        if n < n_state && valid {
+            dinit[bi * dinit.stride(0) + di * dinit.stride(1) + n * dinit.stride(2)] =
+                s_carry[fin + n];
+            da_part[bi * da_part.stride(0) + di * da_part.stride(1) + n * da_part.stride(2)] =
+                s_da[dl * n_state + n];
+        }
+    }
+    if seg == 0 && valid {
+        dd_part[bi * dd_part.stride(0) + di * dd_part.stride(1)] = dd_acc;
+        dbias_part[bi * dbias_part.stride(0) + di * dbias_part.stride(1)] = dbias_acc;
+    }
+}
+
 /// `delta` at one position after `delta_bias` and the softplus, in f32.
 #[cube]
 fn delta_at(raw: f32, bias: f32, #[comptime] softplus: bool) -> f32 {

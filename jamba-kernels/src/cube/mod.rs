@@ -17,8 +17,8 @@ use burn_cubecl::{
 
 use crate::{
     scan_chunk_len, CausalConv1dGrads, CausalConv1dInput, CausalConv1dUpdate, JambaBackend,
-    MoeGrads, MoeInput, ScanForward, SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput,
-    SelectiveStateUpdate,
+    MoeGrads, MoeInput, ScanBackward, ScanForward, SelectiveScanGrads, SelectiveScanInput,
+    SelectiveScanOutput, SelectiveStateUpdate,
 };
 
 /// Channels per cube of the scan kernels.
@@ -53,12 +53,15 @@ struct ChunkPlan {
     block: usize,
 }
 
-/// How the chunked forward runs on this device for `d_state`, or `None` where it cannot: the
-/// plane size must be fixed (a channel's lanes are one plane), the saved states' chunk length a
-/// multiple of a lane's positions, and the tile's inputs must fit in shared memory.
+/// How the chunked scan kernels run on this device for `d_state` (the forward, or the backward
+/// with `backward`), or `None` where they cannot: the plane size must be fixed (a channel's
+/// lanes are one plane), the saved states' chunk length a multiple of a lane's positions (and
+/// for the backward a divisor of the tile), and the tile's inputs must fit in shared memory.
+/// `JAMBA_SCAN_CHUNK_BLOCK` and `JAMBA_SCAN_BWD_BLOCK` override the channels per cube.
 fn chunk_plan(
     hardware: &burn_cubecl::cubecl::ir::HardwareProperties,
     d_state: usize,
+    backward: bool,
 ) -> Option<ChunkPlan> {
     let plane = hardware.plane_size_min as usize;
     if plane != hardware.plane_size_max as usize || !plane.is_power_of_two() || plane < 4 {
@@ -67,22 +70,38 @@ fn chunk_plan(
     // The largest power of two up to CHUNK_SEG_LEN that divides the chunk length.
     let chunk = scan_chunk_len(d_state);
     let seg_len = (1usize << chunk.trailing_zeros()).min(CHUNK_SEG_LEN);
-    if seg_len < 4 {
+    let tile = plane * seg_len;
+    if seg_len < 4 || (backward && !tile.is_multiple_of(chunk)) {
         return None;
     }
-    static BLOCK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let block = *BLOCK.get_or_init(|| {
-        std::env::var("JAMBA_SCAN_CHUNK_BLOCK")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .filter(|b: &usize| (1..=64).contains(b))
-            .unwrap_or(CHUNK_BLOCK)
-    });
-    let tile = plane * seg_len;
-    let shared =
-        4 * (3 * tile * (block + 1) + 2 * d_state * plane * (seg_len + 1) + 3 * block * d_state);
+    fn block_from(var: &str, cell: &'static std::sync::OnceLock<usize>) -> usize {
+        *cell.get_or_init(|| {
+            std::env::var(var)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|b: &usize| (1..=64).contains(b))
+                .unwrap_or(CHUNK_BLOCK)
+        })
+    }
+    static FWD_BLOCK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    static BWD_BLOCK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let block = if backward {
+        block_from("JAMBA_SCAN_BWD_BLOCK", &BWD_BLOCK)
+    } else {
+        block_from("JAMBA_SCAN_CHUNK_BLOCK", &FWD_BLOCK)
+    };
+    // f32 words of shared memory: the staged activations, B and C by lane, and the per-channel
+    // state (the backward's also its dB, dC terms of one state, double-buffered).
+    let words = if backward {
+        4 * tile * (block + 1)
+            + 2 * d_state * plane * (seg_len + 1)
+            + 4 * block * tile
+            + 3 * block * d_state
+    } else {
+        3 * tile * (block + 1) + 2 * d_state * plane * (seg_len + 1) + 3 * block * d_state
+    };
     if plane * block > hardware.max_units_per_cube as usize
-        || shared > hardware.max_shared_memory_size
+        || 4 * words > hardware.max_shared_memory_size
     {
         return None;
     }
@@ -462,7 +481,7 @@ where
     let units = hardware
         .num_streaming_multiprocessors
         .map_or(SEG_UNKNOWN_UNITS, |n| n as usize);
-    let chunked = chunk_plan(hardware, d_state).filter(|_| use_kernel("scan_chunk"));
+    let chunked = chunk_plan(hardware, d_state, false).filter(|_| use_kernel("scan_chunk"));
     let split_runs = d_state <= SEG_MAX_STATE && segs >= 4 && use_kernel("scan_seg");
     let kernel = match (crate::scan_forward(), chunked) {
         (ScanForward::Chunked, Some(_)) => ScanForward::Chunked,
@@ -598,6 +617,14 @@ where
 
     let u = prim(input.u.clone());
     let client = u.client.clone();
+    let chunked = chunk_plan(&client.properties().hardware, d_state, true).filter(|_| {
+        use_kernel("scan_bwd_chunk") && crate::scan_backward() != ScanBackward::OnePass
+    });
+    if let Some(plan) = chunked {
+        crate::note_scan_backward(ScanBackward::Chunked);
+        return scan_backward_chunked(input, chunk_states, grad_y, plan);
+    }
+    crate::note_scan_backward(ScanBackward::OnePass);
     let channel_last = is_channel_last(&u);
     let plane_min = client.properties().hardware.plane_size_min.max(1) as usize;
     let split = split_log2(d_state, plane_min);
@@ -669,6 +696,110 @@ where
         );
     }
     let sum_parts = |p: T<R, F, I, BT, 4>| p.sum_dim(1).squeeze_dim::<3>(1).swap_dims(1, 2);
+    SelectiveScanGrads {
+        u: du,
+        delta: ddelta.cast(input.delta.dtype()),
+        a: da_part.sum_dim(0).squeeze_dim::<2>(0).cast(input.a.dtype()),
+        b: sum_parts(db_part).cast(input.b.dtype()),
+        c: sum_parts(dc_part).cast(input.c.dtype()),
+        d: dd_part.sum_dim(0).squeeze_dim::<1>(0).cast(input.d.dtype()),
+        z: input.z.as_ref().map(|z| dz.cast(z.dtype())),
+        delta_bias: input
+            .delta_bias
+            .as_ref()
+            .map(|b| dbias_part.sum_dim(0).squeeze_dim::<1>(0).cast(b.dtype())),
+        initial_state: input.initial_state.as_ref().map(|s| dinit.cast(s.dtype())),
+    }
+}
+
+/// [`scan_backward`] through [`kernels::scan_bwd_chunk_kernel`].
+fn scan_backward_chunked<R, F, I, BT>(
+    input: &SelectiveScanInput<Cube<R, F, I, BT>>,
+    chunk_states: Tensor<Cube<R, F, I, BT>, 4>,
+    grad_y: Tensor<Cube<R, F, I, BT>, 3>,
+    plan: ChunkPlan,
+) -> SelectiveScanGrads<Cube<R, F, I, BT>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    type T<R, F, I, BT, const D: usize> = Tensor<Cube<R, F, I, BT>, D>;
+    let dtype = input.u.dtype();
+    let f32 = DType::F32;
+    let [batch, d_inner, len] = input.u.dims();
+    let d_state = input.a.dims()[1];
+    let device = input.u.device();
+    let u = prim(input.u.clone());
+    let client = u.client.clone();
+    let channel_last = is_channel_last(&u);
+    let cubes = d_inner.div_ceil(plan.block);
+
+    let du = empty_like_layout(&input.u, dtype, channel_last);
+    let ddelta = empty_like_layout(&input.u, dtype, channel_last);
+    let dz = if input.z.is_some() {
+        empty_like_layout(&input.u, dtype, channel_last)
+    } else {
+        dummy_of::<Cube<R, F, I, BT>, 3>(&device, dtype)
+    };
+    // [batch, cubes, d_state, len]: every element below `len` is written by its cube.
+    let db_part = T::<R, F, I, BT, 4>::empty([batch, cubes, d_state, len], (&device, f32));
+    let dc_part = T::<R, F, I, BT, 4>::empty([batch, cubes, d_state, len], (&device, f32));
+    let da_part = T::<R, F, I, BT, 3>::empty([batch, d_inner, d_state], (&device, f32));
+    let dd_part = T::<R, F, I, BT, 2>::empty([batch, d_inner], (&device, f32));
+    let dbias_part = T::<R, F, I, BT, 2>::empty([batch, d_inner], (&device, f32));
+    let dinit = T::<R, F, I, BT, 3>::empty([batch, d_inner, d_state], (&device, f32));
+
+    let f = |t: &T<R, F, I, BT, 3>| prim(t.clone().cast(dtype));
+    unsafe {
+        kernels::scan_bwd_chunk_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(cubes as u32, batch as u32, 1),
+            CubeDim::new_1d(((1usize << plan.segs_log2) * plan.block) as u32),
+            u.into_tensor_arg(),
+            f(&input.delta).into_tensor_arg(),
+            input
+                .z
+                .as_ref()
+                .map(f)
+                .unwrap_or_else(|| prim(dummy_of::<Cube<R, F, I, BT>, 3>(&device, dtype)))
+                .into_tensor_arg(),
+            f(&input.b).into_tensor_arg(),
+            f(&input.c).into_tensor_arg(),
+            prim(input.a.clone().cast(f32)).into_tensor_arg(),
+            prim(input.d.clone().cast(f32)).into_tensor_arg(),
+            prim(
+                input
+                    .delta_bias
+                    .clone()
+                    .map(|b| b.cast(f32))
+                    .unwrap_or_else(|| dummy(&device)),
+            )
+            .into_tensor_arg(),
+            prim(chunk_states).into_tensor_arg(),
+            f(&grad_y).into_tensor_arg(),
+            prim(du.clone()).into_tensor_arg(),
+            prim(ddelta.clone()).into_tensor_arg(),
+            prim(dz.clone()).into_tensor_arg(),
+            prim(db_part.clone()).into_tensor_arg(),
+            prim(dc_part.clone()).into_tensor_arg(),
+            prim(da_part.clone()).into_tensor_arg(),
+            prim(dd_part.clone()).into_tensor_arg(),
+            prim(dbias_part.clone()).into_tensor_arg(),
+            prim(dinit.clone()).into_tensor_arg(),
+            d_state,
+            plan.segs_log2,
+            plan.seg_len,
+            plan.block,
+            scan_chunk_len(d_state),
+            input.z.is_some(),
+            input.delta_bias.is_some(),
+            input.delta_softplus,
+            dtype.into(),
+        );
+    }
+    let sum_parts = |p: T<R, F, I, BT, 4>| p.sum_dim(1).squeeze_dim::<3>(1);
     SelectiveScanGrads {
         u: du,
         delta: ddelta.cast(input.delta.dtype()),
