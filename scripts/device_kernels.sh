@@ -79,11 +79,15 @@ smi=$!
     --batches 1,8,32 --steps 16 --warmup 4 --prefill 4096,16384,8x2048 --chunk 16384
 kill $smi
 echo "peak GPU memory (nvidia-smi, MiB): $(sort -n /tmp/mem-model.log | tail -1)"
+if [ "${MATMUL:-1}" = 1 ]; then
 echo "== block model, bf16, prefill with Burn's matmul instead of the default routine (JAMBA_MATMUL=burn)"
 JAMBA_MATMUL=burn "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 \
     --batches 0 --prefill 4096,16384,8x2048 --chunk 16384
+fi
+if [ "${MOE:-1}" = 1 ]; then
 echo "== MoE experts of one block layer alone (per-expert matmuls through the default routine)"
 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 4096,16384
+fi
 if [ -n "$best" ]; then
 echo "== block model, bf16, prefill with the fastest matmul routine (JAMBA_MATMUL=$best)"
 JAMBA_MATMUL=$best "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 \

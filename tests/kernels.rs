@@ -19,10 +19,9 @@ use burn::tensor::Int;
 use burn::tensor::{backend::Backend, DType, Distribution, Tensor, TensorData};
 use common::{assert_close, to_f32_vec};
 use jamba_kernels::{
-    reference, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MoeInput, SelectiveScanInput,
-    SelectiveStateUpdate,
+    reference, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MoeInput, SelectiveStateUpdate,
 };
-use scan::{check_scan_forward, check_scan_grads, scan_cases, ScanCase};
+use scan::{check_scan_forward, check_scan_grads, scan_cases, transpose, ScanCase};
 
 type Ref = NdArray<f32>;
 

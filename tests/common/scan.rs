@@ -45,7 +45,7 @@ pub struct ScanCase {
 }
 
 /// `[batch, rows, cols]` -> `[batch, cols, rows]`.
-fn transpose(v: &[f32], batch: usize, rows: usize, cols: usize) -> Vec<f32> {
+pub fn transpose(v: &[f32], batch: usize, rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0; v.len()];
     for b in 0..batch {
         for r in 0..rows {
