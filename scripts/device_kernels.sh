@@ -4,8 +4,9 @@
 # decode rows with the peak GPU memory, training steps of the "block" model at batch 8 x 2048,
 # and (with PROFILE=1) the GPU time per kernel of decode steps and of a prefill under ncu.
 # MATMUL=1 times cubek's matmul routines and runs the prefill again with the fastest.
-# SCAN_EXTRA times each forward scan kernel (JAMBA_SCAN_FWD) at more shapes.
-# SCAN=0, SCAN_EXTRA=0, ATTENTION=0, TRAIN=0, MOE=0, MATMUL=0, UNFUSED_DECODE=0 skip those parts. Usage: scripts/device_kernels.sh BIN_DIR OUT_DIR
+# SCAN_KERNELS times the other scan kernels (JAMBA_SCAN_FWD, JAMBA_SCAN_BWD), SCAN_BLOCKS other cube
+# sizes of the chunked ones, SCAN_PROFILE=1 profiles those under ncu.
+# SCAN=0, SCAN_KERNELS=0, SCAN_BLOCKS=0, ATTENTION=0, TRAIN=0, MOE=0, MATMUL=0, UNFUSED_DECODE=0 skip those parts. Usage: scripts/device_kernels.sh BIN_DIR OUT_DIR
 set -uo pipefail
 bin=$1; out=$2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -24,21 +25,34 @@ if [ "${SCAN:-1}" = 1 ]; then
 echo "== selective scan, bf16, mamba-ssm's layout"
 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096,1x8192x16384,8x8192x2048,4x4096x8192,1x2048x4096,1x1024x16384
 fi
-if [ "${SCAN_EXTRA:-1}" = 1 ]; then
 shapes=1x8192x4096,1x8192x16384,8x8192x2048,4x4096x8192,1x2048x4096,1x1024x16384
-echo "== the other forward kernels of the selective scan (JAMBA_SCAN_FWD), the other backward (JAMBA_SCAN_BWD), other cube sizes; bf16, same layout: checks, then timings"
+if [ "${SCAN_KERNELS:-1}" = 1 ]; then
+echo "== the other forward kernels of the selective scan (JAMBA_SCAN_FWD) and the other backward (JAMBA_SCAN_BWD); bf16, same layout: checks, then timings"
 for k in one_pass split; do
   echo "-- JAMBA_SCAN_FWD=$k"
   JAMBA_SCAN_FWD=$k "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | grep -v " ok$" | grep -iv "attention"
   JAMBA_SCAN_FWD=$k "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan $shapes
 done
-echo "-- JAMBA_SCAN_BWD=one_pass (the backward before the chunked one)"
+echo "-- JAMBA_SCAN_BWD=one_pass"
 JAMBA_SCAN_BWD=one_pass "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | grep -v " ok$" | grep -iv "attention"
 JAMBA_SCAN_BWD=one_pass "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan $shapes
-for blk in 4 16; do
-  echo "-- JAMBA_SCAN_CHUNK_BLOCK=$blk JAMBA_SCAN_BWD_BLOCK=$blk (channels per cube of the chunked kernels; 8 by default)"
-  JAMBA_SCAN_CHUNK_BLOCK=$blk JAMBA_SCAN_BWD_BLOCK=$blk "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | grep "scan" | grep -v " ok$"
-  JAMBA_SCAN_CHUNK_BLOCK=$blk JAMBA_SCAN_BWD_BLOCK=$blk "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan $shapes
+fi
+if [ "${SCAN_BLOCKS:-1}" = 1 ]; then
+echo "== the chunked scan kernels with other cube sizes (channels per cube: JAMBA_SCAN_CHUNK_BLOCK forward, JAMBA_SCAN_BWD_BLOCK backward; by default 32 and 16 on CUDA)"
+for blk in "16 8" "32 32"; do
+  set -- $blk
+  echo "-- JAMBA_SCAN_CHUNK_BLOCK=$1 JAMBA_SCAN_BWD_BLOCK=$2"
+  JAMBA_SCAN_CHUNK_BLOCK=$1 JAMBA_SCAN_BWD_BLOCK=$2 "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | grep "scan" | grep -v " ok$"
+  JAMBA_SCAN_CHUNK_BLOCK=$1 JAMBA_SCAN_BWD_BLOCK=$2 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan $shapes
+done
+fi
+if [ "${SCAN_PROFILE:-0}" = 1 ]; then
+echo "== ncu: the chunked scan kernels at 1 x 8192 x 4096 (bf16)"
+for k in scan_fwd_chunk scan_bwd_chunk; do
+  timeout 150 ncu --clock-control none -k regex:$k --launch-count 1 --section SpeedOfLight --section LaunchStats \
+      --section Occupancy --section WarpStateStats "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model \
+      --scan 1x8192x4096 > "$out/ncu-$k.txt" 2>&1
+  grep -E "Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Block Limit Registers|Block Limit Shared" "$out/ncu-$k.txt"
 done
 fi
 best=

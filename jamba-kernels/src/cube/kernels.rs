@@ -565,11 +565,10 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
 
     let per = comptime!((tile * block).div_ceil(units));
     let per_bc = comptime!((tile * n_state).div_ceil(units));
-    let mut r_u = Array::<f32>::new(per);
-    let mut r_dt = Array::<f32>::new(per);
-    let mut r_z = Array::<f32>::new(per);
-    let mut r_b = Array::<f32>::new(per_bc);
-    let mut r_c = Array::<f32>::new(per_bc);
+    // One register array per kind, reused: each input is staged before the next is loaded, which
+    // keeps the registers of the staging few (they bound the cube's occupancy).
+    let mut r_act = Array::<f32>::new(per);
+    let mut r_bc = Array::<f32>::new(per_bc);
     let mut dt_l = Array::<f32>::new(seg_len);
     let mut du_l = Array::<f32>::new(seg_len);
     let mut y_l = Array::<f32>::new(seg_len);
@@ -579,27 +578,23 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
     let n_tiles = (len + tile - 1) / tile;
     for k in 0..n_tiles {
         let t0 = k * tile;
-        fetch::<F>(u, &mut r_u, bi, d0, t0, dim, len, tile, block, units);
-        fetch::<F>(delta, &mut r_dt, bi, d0, t0, dim, len, tile, block, units);
-        if has_z {
-            fetch::<F>(z, &mut r_z, bi, d0, t0, dim, len, tile, block, units);
-        }
-        fetch_state_input::<F>(b, &mut r_b, bi, t0, len, n_state, tile, units);
-        fetch_state_input::<F>(c, &mut r_c, bi, t0, len, n_state, tile, units);
         // Positions past the end get delta 0: a decay of 1 and no input, so the state passes
         // through them unchanged.
+        fetch::<F>(u, &mut r_act, bi, d0, t0, dim, len, tile, block, units);
         put::<F>(
-            u, &r_u, &mut s_u, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block,
-            units,
+            u, &r_act, &mut s_u, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile,
+            block, units,
         );
+        fetch::<F>(delta, &mut r_act, bi, d0, t0, dim, len, tile, block, units);
         put::<F>(
-            delta, &r_dt, &mut s_dt, delta_bias, d0, t0, dim, len, 1u32, has_bias, softplus, tile,
+            delta, &r_act, &mut s_dt, delta_bias, d0, t0, dim, len, 1u32, has_bias, softplus, tile,
             block, units,
         );
         if has_z {
+            fetch::<F>(z, &mut r_act, bi, d0, t0, dim, len, tile, block, units);
             put::<F>(
                 z,
-                &r_z,
+                &r_act,
                 &mut s_gate,
                 delta_bias,
                 d0,
@@ -614,8 +609,10 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
                 units,
             );
         }
-        put_state_input_by_lane::<F>(b, &r_b, &mut s_b, n_state, seg_len, segs, units);
-        put_state_input_by_lane::<F>(c, &r_c, &mut s_c, n_state, seg_len, segs, units);
+        fetch_state_input::<F>(b, &mut r_bc, bi, t0, len, n_state, tile, units);
+        put_state_input_by_lane::<F>(b, &r_bc, &mut s_b, n_state, seg_len, segs, units);
+        fetch_state_input::<F>(c, &mut r_bc, bi, t0, len, n_state, tile, units);
+        put_state_input_by_lane::<F>(c, &r_bc, &mut s_c, n_state, seg_len, segs, units);
         sync_cube();
 
         let cur = (k % 2) * block * n_state + dl * n_state;
@@ -799,12 +796,9 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
 
     let per = comptime!((tile * block).div_ceil(units));
     let per_bc = comptime!((tile * n_state).div_ceil(units));
-    let mut r_u = Array::<f32>::new(per);
-    let mut r_dt = Array::<f32>::new(per);
-    let mut r_z = Array::<f32>::new(per);
-    let mut r_g = Array::<f32>::new(per);
-    let mut r_b = Array::<f32>::new(per_bc);
-    let mut r_c = Array::<f32>::new(per_bc);
+    // As in the forward: one register array per kind, each input staged before the next loads.
+    let mut r_act = Array::<f32>::new(per);
+    let mut r_bc = Array::<f32>::new(per_bc);
     let mut dt_l = Array::<f32>::new(seg_len);
     let mut u_l = Array::<f32>::new(seg_len);
     let mut dy_l = Array::<f32>::new(seg_len);
@@ -812,7 +806,6 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
     let mut ddt_l = Array::<f32>::new(seg_len);
     let mut du_l = Array::<f32>::new(seg_len);
     let mut decay = Array::<f32>::new(seg_len);
-    let mut input = Array::<f32>::new(seg_len);
     let mut h_prev = Array::<f32>::new(seg_len);
 
     let n_tiles = (len + tile - 1) / tile;
@@ -820,35 +813,33 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
     for kk in 0..n_tiles {
         let k = n_tiles - 1 - kk;
         let t0 = k * tile;
-        fetch::<F>(u, &mut r_u, bi, d0, t0, dim, len, tile, block, units);
-        fetch::<F>(delta, &mut r_dt, bi, d0, t0, dim, len, tile, block, units);
-        if has_z {
-            fetch::<F>(z, &mut r_z, bi, d0, t0, dim, len, tile, block, units);
-        }
-        fetch::<F>(dout, &mut r_g, bi, d0, t0, dim, len, tile, block, units);
-        fetch_state_input::<F>(b, &mut r_b, bi, t0, len, n_state, tile, units);
-        fetch_state_input::<F>(c, &mut r_c, bi, t0, len, n_state, tile, units);
         // Positions past the end get delta 0 and no gradient: they change nothing.
+        fetch::<F>(u, &mut r_act, bi, d0, t0, dim, len, tile, block, units);
         put::<F>(
-            u, &r_u, &mut s_u, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile, block,
-            units,
+            u, &r_act, &mut s_u, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile,
+            block, units,
         );
+        fetch::<F>(delta, &mut r_act, bi, d0, t0, dim, len, tile, block, units);
         put::<F>(
-            delta, &r_dt, &mut s_dt, delta_bias, d0, t0, dim, len, 1u32, has_bias, softplus, tile,
+            delta, &r_act, &mut s_dt, delta_bias, d0, t0, dim, len, 1u32, has_bias, softplus, tile,
             block, units,
         );
         if has_z {
+            fetch::<F>(z, &mut r_act, bi, d0, t0, dim, len, tile, block, units);
             put::<F>(
-                z, &r_z, &mut s_z, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile,
+                z, &r_act, &mut s_z, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile,
                 block, units,
             );
         }
+        fetch::<F>(dout, &mut r_act, bi, d0, t0, dim, len, tile, block, units);
         put::<F>(
-            dout, &r_g, &mut s_g, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile,
+            dout, &r_act, &mut s_g, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile,
             block, units,
         );
-        put_state_input_by_lane::<F>(b, &r_b, &mut s_b, n_state, seg_len, segs, units);
-        put_state_input_by_lane::<F>(c, &r_c, &mut s_c, n_state, seg_len, segs, units);
+        fetch_state_input::<F>(b, &mut r_bc, bi, t0, len, n_state, tile, units);
+        put_state_input_by_lane::<F>(b, &r_bc, &mut s_b, n_state, seg_len, segs, units);
+        fetch_state_input::<F>(c, &mut r_bc, bi, t0, len, n_state, tile, units);
+        put_state_input_by_lane::<F>(c, &r_bc, &mut s_c, n_state, seg_len, segs, units);
         sync_cube();
 
         #[unroll]
@@ -890,10 +881,8 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
             #[unroll]
             for i in 0..seg_len {
                 let e = (dt_l[i] * an).exp();
-                let v = dt_l[i] * u_l[i] * s_b[at + i];
                 decay[i] = e;
-                input[i] = v;
-                q = e * q + v;
+                q = e * q + dt_l[i] * u_l[i] * s_b[at + i];
                 p *= e;
             }
             let p_own = p;
@@ -926,7 +915,7 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
             #[unroll]
             for i in 0..seg_len {
                 h_prev[i] = h;
-                h = decay[i] * h + input[i];
+                h = decay[i] * h + dt_l[i] * u_l[i] * s_b[at + i];
                 y_l[i] += s_c[at + i] * h;
             }
             #[unroll]
@@ -971,7 +960,7 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
                 let cv = s_c[at + i];
                 let bv = s_b[at + i];
                 let g = cv * dy_l[i] + g_in;
-                let ht = decay[i] * h_prev[i] + input[i];
+                let ht = decay[i] * h_prev[i] + dt_l[i] * u_l[i] * bv;
                 s_red[red + i] = g * dt_l[i] * u_l[i];
                 s_red[red + block * tile + i] = dy_l[i] * ht;
                 let gdh = g * decay[i] * h_prev[i];

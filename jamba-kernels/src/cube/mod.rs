@@ -41,8 +41,9 @@ const FWD_WIDE_CUBES_PER_UNIT: usize = 2;
 /// Positions per lane of the chunked forward ([`kernels::scan_fwd_chunk_kernel`]), at most:
 /// the decays and inputs of that many positions stay in a lane's registers.
 const CHUNK_SEG_LEN: usize = 8;
-/// Channels per cube of the chunked forward (`JAMBA_SCAN_CHUNK_BLOCK` overrides it).
-const CHUNK_BLOCK: usize = 8;
+/// Units per cube of the chunked forward, at most (half of it for the backward): the channels
+/// per cube follow (`JAMBA_SCAN_CHUNK_BLOCK` and `JAMBA_SCAN_BWD_BLOCK` set them instead).
+const CHUNK_MAX_UNITS: usize = 1024;
 
 /// The launch of the chunked forward: lanes per channel (the plane size), positions per lane,
 /// channels per cube.
@@ -57,7 +58,6 @@ struct ChunkPlan {
 /// with `backward`), or `None` where they cannot: the plane size must be fixed (a channel's
 /// lanes are one plane), the saved states' chunk length a multiple of a lane's positions (and
 /// for the backward a divisor of the tile), and the tile's inputs must fit in shared memory.
-/// `JAMBA_SCAN_CHUNK_BLOCK` and `JAMBA_SCAN_BWD_BLOCK` override the channels per cube.
 fn chunk_plan(
     hardware: &burn_cubecl::cubecl::ir::HardwareProperties,
     d_state: usize,
@@ -74,35 +74,45 @@ fn chunk_plan(
     if seg_len < 4 || (backward && !tile.is_multiple_of(chunk)) {
         return None;
     }
-    fn block_from(var: &str, cell: &'static std::sync::OnceLock<usize>) -> usize {
-        *cell.get_or_init(|| {
+    // f32 words of shared memory at `block` channels per cube: the staged activations, B and C
+    // by lane, and the per-channel state (the backward's also its dB, dC terms of one state,
+    // double-buffered).
+    let words = |block: usize| {
+        if backward {
+            4 * tile * (block + 1)
+                + 2 * d_state * plane * (seg_len + 1)
+                + 4 * block * tile
+                + 3 * block * d_state
+        } else {
+            3 * tile * (block + 1) + 2 * d_state * plane * (seg_len + 1) + 3 * block * d_state
+        }
+    };
+    let fits = |block: usize| {
+        plane * block <= hardware.max_units_per_cube as usize
+            && 4 * words(block) <= hardware.max_shared_memory_size
+    };
+    static FORCED: std::sync::OnceLock<[Option<usize>; 2]> = std::sync::OnceLock::new();
+    let forced = FORCED.get_or_init(|| {
+        ["JAMBA_SCAN_CHUNK_BLOCK", "JAMBA_SCAN_BWD_BLOCK"].map(|var| {
             std::env::var(var)
                 .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|b: &usize| (1..=64).contains(b))
-                .unwrap_or(CHUNK_BLOCK)
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|b| (1..=64).contains(b))
         })
+    })[usize::from(backward)];
+    // The largest cube up to the limit that fits: CUDA caps a unit's registers at 64 K / the
+    // cube's units, so the largest cubes run the most units per multiprocessor. The backward
+    // keeps more values per unit and stops at half the forward's units.
+    let max_units = if backward {
+        CHUNK_MAX_UNITS / 2
+    } else {
+        CHUNK_MAX_UNITS
+    };
+    let mut block = forced.unwrap_or((max_units / plane).max(1));
+    while block > 1 && !fits(block) {
+        block /= 2;
     }
-    static FWD_BLOCK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    static BWD_BLOCK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let block = if backward {
-        block_from("JAMBA_SCAN_BWD_BLOCK", &BWD_BLOCK)
-    } else {
-        block_from("JAMBA_SCAN_CHUNK_BLOCK", &FWD_BLOCK)
-    };
-    // f32 words of shared memory: the staged activations, B and C by lane, and the per-channel
-    // state (the backward's also its dB, dC terms of one state, double-buffered).
-    let words = if backward {
-        4 * tile * (block + 1)
-            + 2 * d_state * plane * (seg_len + 1)
-            + 4 * block * tile
-            + 3 * block * d_state
-    } else {
-        3 * tile * (block + 1) + 2 * d_state * plane * (seg_len + 1) + 3 * block * d_state
-    };
-    if plane * block > hardware.max_units_per_cube as usize
-        || 4 * words > hardware.max_shared_memory_size
-    {
+    if !fits(block) {
         return None;
     }
     Some(ChunkPlan {
