@@ -529,7 +529,9 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
     let tid = UNIT_POS_X as usize;
     let dl = tid / segs;
     let seg = tid % segs;
-    let lane = UNIT_POS_PLANE;
+    // The unit's lane in its plane (a channel's units are one plane): cheaper than
+    // `UNIT_POS_PLANE`, which CUDA computes with a modulo by the runtime warp size.
+    let lane = seg as u32;
     let d0 = CUBE_POS_X as usize * block;
     let di = d0 + dl;
     let valid = di < dim;
@@ -763,7 +765,9 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
     let tid = UNIT_POS_X as usize;
     let dl = tid / segs;
     let seg = tid % segs;
-    let lane = UNIT_POS_PLANE;
+    // The unit's lane in its plane (a channel's units are one plane): cheaper than
+    // `UNIT_POS_PLANE`, which CUDA computes with a modulo by the runtime warp size.
+    let lane = seg as u32;
     let d0 = cube * block;
     let di = d0 + dl;
     let valid = di < dim;
