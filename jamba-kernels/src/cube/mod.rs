@@ -31,12 +31,12 @@ const SEG_BLOCK: usize = 8;
 /// Segments of a tile (units per channel) of that kernel, where its shared memory fits.
 const SEG_SEGMENTS: usize = 32;
 /// Compute units assumed where the device does not report them (every wgpu device: CubeCL's
-/// wgpu runtime reports none): the split forward runs when the one-pass kernel would have fewer
-/// cubes than compute units. A low guess, so that the split kernel is taken only for grids that
+/// wgpu runtime reports none): the chunked or split forward runs when the one-pass kernel would
+/// have few cubes per compute unit. A low guess, so that they are taken only for grids that
 /// surely leave a GPU idle.
 const SEG_UNKNOWN_UNITS: usize = 16;
-/// The one-pass forward gives each channel twice the units below this many cubes per compute
-/// unit.
+/// Below this many one-pass cubes per compute unit the chunked forward runs where it can, else
+/// the one-pass forward gives each channel twice the units.
 const FWD_WIDE_CUBES_PER_UNIT: usize = 2;
 /// Positions per lane of the chunked forward ([`kernels::scan_fwd_chunk_kernel`]), at most:
 /// the decays and inputs of that many positions stay in a lane's registers.
@@ -44,6 +44,8 @@ const CHUNK_SEG_LEN: usize = 8;
 /// Units per cube of the chunked forward, at most (half of it for the backward): the channels
 /// per cube follow (`JAMBA_SCAN_CHUNK_BLOCK` and `JAMBA_SCAN_BWD_BLOCK` set them instead).
 const CHUNK_MAX_UNITS: usize = 1024;
+/// Channels per cube of the chunked forward, at least, where its grid is small.
+const CHUNK_MIN_BLOCK: usize = 16;
 
 /// The launch of the chunked forward: lanes per channel (the plane size), positions per lane,
 /// channels per cube.
@@ -58,10 +60,12 @@ struct ChunkPlan {
 /// with `backward`), or `None` where they cannot: the plane size must be fixed (a channel's
 /// lanes are one plane), the saved states' chunk length a multiple of a lane's positions (and
 /// for the backward a divisor of the tile), and the tile's inputs must fit in shared memory.
+/// `grid` (batch rows, channels, compute units) sizes the forward's cubes to its grid.
 fn chunk_plan(
     hardware: &burn_cubecl::cubecl::ir::HardwareProperties,
     d_state: usize,
     backward: bool,
+    grid: Option<(usize, usize, usize)>,
 ) -> Option<ChunkPlan> {
     let plane = hardware.plane_size_min as usize;
     if plane != hardware.plane_size_max as usize || !plane.is_power_of_two() || plane < 4 {
@@ -111,6 +115,14 @@ fn chunk_plan(
     let mut block = forced.unwrap_or((max_units / plane).max(1));
     while block > 1 && !fits(block) {
         block /= 2;
+    }
+    // A forward grid of fewer cubes than compute units takes cubes of half the channels, down to
+    // CHUNK_MIN_BLOCK: on the H200 (bf16) 0.53 against 0.61 ms at (1, 2048, 4096), 1.91 against
+    // 2.26 at (1, 1024, 16384).
+    if let (None, Some((rows, d_inner, units))) = (forced, grid) {
+        while block > CHUNK_MIN_BLOCK && rows * d_inner.div_ceil(block) < units {
+            block /= 2;
+        }
     }
     if !fits(block) {
         return None;
@@ -481,24 +493,32 @@ where
     while segs > 1 && (2 * segs + 1) * SEG_BLOCK * d_state * 4 > max_shared {
         segs /= 2;
     }
-    // The split forward costs two exponentials per position and state instead of one. It runs
-    // where the one-pass grid has fewer cubes than the device has compute units. On the H200
-    // (bf16; BENCHMARKS.md) it took 0.61 against 1.62 ms at (1, 2048, 4096) (64 cubes) and
-    // 1.81 against 6.31 at (1, 1024, 16384), and lost where the one-pass grid filled the device:
-    // 2.17 against 1.71 ms at (1, 8192, 4096) (256 cubes), 8.26 against 3.60 at (8, 8192, 2048).
+    // Which forward, measured on the H200 (bf16; BENCHMARKS.md), by the cubes of the one-pass
+    // grid (batch x d_inner / 32) against the 132 compute units:
+    // - 256 cubes, (1, 8192, 4096): chunked 1.16 ms, one-pass (16 units per channel) 1.20,
+    //   split 2.15; 64 cubes, (1, 2048, 4096): chunked 0.53, split 0.63, one-pass 0.91;
+    //   32 cubes, (1, 1024, 16384): split 1.81, chunked 1.91, one-pass 3.47.
+    // - 512 and 2048 cubes, (4, 4096, 8192) and (8, 8192, 2048): one-pass (8 units) 3.88 and
+    //   3.60 ms, chunked 4.46 and 4.53.
+    // The split kernel costs two exponentials per position and state; it runs where the chunked
+    // one cannot (a device whose plane size varies) and the grid is small.
     let hardware = &client.properties().hardware;
     let one_pass_cubes = batch * d_inner.div_ceil(SCAN_BLOCK);
     let units = hardware
         .num_streaming_multiprocessors
         .map_or(SEG_UNKNOWN_UNITS, |n| n as usize);
-    let chunked = chunk_plan(hardware, d_state, false).filter(|_| use_kernel("scan_chunk"));
+    let chunked = chunk_plan(hardware, d_state, false, Some((batch, d_inner, units)))
+        .filter(|_| use_kernel("scan_chunk"));
     let split_runs = d_state <= SEG_MAX_STATE && segs >= 4 && use_kernel("scan_seg");
+    // The one-pass kernel fills the device from 2 cubes per compute unit (8 units per channel);
+    // below, the chunked kernel runs where it can, else the split one below 1 cube per unit.
+    let fills = one_pass_cubes >= FWD_WIDE_CUBES_PER_UNIT * units;
     let kernel = match (crate::scan_forward(), chunked) {
         (ScanForward::Chunked, Some(_)) => ScanForward::Chunked,
         (ScanForward::Split, _) if split_runs => ScanForward::Split,
         (ScanForward::OnePass, _) => ScanForward::OnePass,
-        (_, Some(_)) => ScanForward::Chunked,
-        _ if split_runs && one_pass_cubes < units => ScanForward::Split,
+        (_, Some(_)) if !fills => ScanForward::Chunked,
+        (_, None) if split_runs && one_pass_cubes < units => ScanForward::Split,
         _ => ScanForward::OnePass,
     };
     crate::note_scan_forward(kernel);
@@ -627,7 +647,7 @@ where
 
     let u = prim(input.u.clone());
     let client = u.client.clone();
-    let chunked = chunk_plan(&client.properties().hardware, d_state, true).filter(|_| {
+    let chunked = chunk_plan(&client.properties().hardware, d_state, true, None).filter(|_| {
         use_kernel("scan_bwd_chunk") && crate::scan_backward() != ScanBackward::OnePass
     });
     if let Some(plan) = chunked {
