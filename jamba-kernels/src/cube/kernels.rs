@@ -1,8 +1,8 @@
 //! CubeCL kernels for the Mamba selective scan and the causal depthwise conv1d.
 //!
 //! One source compiles for CUDA (NVRTC) and wgpu (SPIR-V/WGSL). Nothing here assumes a plane
-//! (warp) size: plane reductions use `plane_sum`, and the host sizes buffers indexed by plane
-//! from the runtime's smallest plane size.
+//! (warp) size: plane reductions use `plane_sum`, the host sizes buffers indexed by plane from
+//! the runtime's smallest plane size, and the chunked kernels take the plane size as a parameter.
 //!
 //! Layout: every tensor argument is read through its strides, so the model's channel-last views
 //! (`[batch, len, d]` storage seen as `[batch, d, len]`) need no copy. State and accumulation are
@@ -14,11 +14,18 @@
 //! `d_state` states in registers, and the outputs leave through shared memory again. The
 //! `[batch, d, len, d_state]` tensor of states is never written: the forward keeps, on request,
 //! the state at each tile boundary (`[batch, d, tiles, d_state]`), from which the backward
-//! recomputes a tile's states before walking it in reverse.
+//! recomputes a tile's states before walking it in reverse. The chunked scan kernels
+//! ([`scan_fwd_chunk_kernel`], [`scan_bwd_chunk_kernel`]) split each channel's tile between the
+//! lanes of one plane instead, and combine the lanes with a plane scan: they run only where the
+//! device's plane size is fixed, and are launched with exactly one plane per channel.
 
 // `#[cube]` expands a subset of Rust: nested comptime/runtime `if`s stay apart and integer
-// `div_ceil` is written out.
-#![allow(clippy::collapsible_if, clippy::manual_div_ceil)]
+// `div_ceil` and `is_multiple_of` are written out.
+#![allow(
+    clippy::collapsible_if,
+    clippy::manual_div_ceil,
+    clippy::manual_is_multiple_of
+)]
 
 use cubecl::prelude::*;
 
