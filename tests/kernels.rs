@@ -33,6 +33,9 @@ fn no_overrides() {
         "JAMBA_DECODE_MAX_ROWS",
         "JAMBA_MOE_PER_EXPERT_PAIRS",
         "JAMBA_SCAN_FWD",
+        "JAMBA_SCAN_BWD",
+        "JAMBA_SCAN_CHUNK_BLOCK",
+        "JAMBA_SCAN_BWD_BLOCK",
     ] {
         assert!(
             std::env::var_os(var).is_none(),

@@ -475,7 +475,7 @@ pub enum ScanForward {
     /// (`scan_fwd_chunk_kernel`): needs a fixed plane size and the tile's B and C in shared
     /// memory.
     Chunked,
-    /// Each channel's sequence walked by 8 or 16 units holding a share of its states
+    /// Each channel's sequence walked by up to 16 units holding a share of its states
     /// (`scan_fwd_kernel`): any `d_state` up to 256.
     OnePass,
     /// The sequence split into segments walked twice, from zero and from the composed starting

@@ -49,6 +49,18 @@ fn softplus_grad_f32(x: f32) -> f32 {
     out
 }
 
+/// `d softplus(x) / dx` from `softplus(x)`: `sigmoid(x) = 1 - exp(-softplus(x))`, 1 above the
+/// threshold. Small outputs take the series `s (1 - s/2 + s^2/6)` (its error below 3e-9
+/// relative under 0.01), where `1 - exp(-s)` would cancel to about 1e-7 / s relative.
+#[cube]
+fn softplus_grad_from_output(s: f32) -> f32 {
+    let mut out = 1.0 - (-s).exp();
+    if s < 0.01 {
+        out = s * (1.0 - s * (0.5 - s / 6.0));
+    }
+    out
+}
+
 #[cube]
 fn sigmoid_f32(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
@@ -536,7 +548,8 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
     let tid = UNIT_POS_X as usize;
     let dl = tid / segs;
     let seg = tid % segs;
-    // The unit's lane in its plane (a channel's units are one plane): cheaper than
+    // The unit's lane in its plane (a channel's units are one plane: planes are formed from
+    // consecutive unit indices, as on CUDA and the Vulkan drivers this runs on): cheaper than
     // `UNIT_POS_PLANE`, which CUDA computes with a modulo by the runtime warp size.
     let lane = seg as u32;
     let d0 = CUBE_POS_X as usize * block;
@@ -772,7 +785,8 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
     let tid = UNIT_POS_X as usize;
     let dl = tid / segs;
     let seg = tid % segs;
-    // The unit's lane in its plane (a channel's units are one plane): cheaper than
+    // The unit's lane in its plane (a channel's units are one plane: planes are formed from
+    // consecutive unit indices, as on CUDA and the Vulkan drivers this runs on): cheaper than
     // `UNIT_POS_PLANE`, which CUDA computes with a modulo by the runtime warp size.
     let lane = seg as u32;
     let d0 = cube * block;
@@ -1021,8 +1035,7 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
             let dtv = dt_l[i];
             let mut ddt = ddt_l[i];
             if softplus {
-                // softplus'(x) = sigmoid(x) = 1 - exp(-softplus(x)); 1 above the threshold.
-                ddt *= 1.0 - (-dtv).exp();
+                ddt *= softplus_grad_from_output(dtv);
             }
             if has_z {
                 let zv = s_z[slot];

@@ -93,15 +93,21 @@ fn chunk_plan(
     };
     let fits = |block: usize| {
         plane * block <= hardware.max_units_per_cube as usize
+            && plane * block <= hardware.max_cube_dim.0 as usize
             && 4 * words(block) <= hardware.max_shared_memory_size
     };
     static FORCED: std::sync::OnceLock<[Option<usize>; 2]> = std::sync::OnceLock::new();
     let forced = FORCED.get_or_init(|| {
         ["JAMBA_SCAN_CHUNK_BLOCK", "JAMBA_SCAN_BWD_BLOCK"].map(|var| {
-            std::env::var(var)
+            let value = std::env::var(var).ok()?;
+            let block = value
+                .parse::<usize>()
                 .ok()
-                .and_then(|v| v.parse::<usize>().ok())
-                .filter(|b| (1..=64).contains(b))
+                .filter(|b| (1..=1024).contains(b));
+            if block.is_none() {
+                eprintln!("{var}={value} ignored: channels per cube, 1 to 1024");
+            }
+            block
         })
     })[usize::from(backward)];
     // The largest cube up to the limit that fits: CUDA caps a unit's registers at 64 K / the
@@ -117,8 +123,8 @@ fn chunk_plan(
         block /= 2;
     }
     // A forward grid of fewer cubes than compute units takes cubes of half the channels, down to
-    // CHUNK_MIN_BLOCK: on the H200 (bf16) 0.53 against 0.61 ms at (1, 2048, 4096), 1.91 against
-    // 2.26 at (1, 1024, 16384).
+    // CHUNK_MIN_BLOCK: on the H200 (bf16) 0.53 against 0.60 ms at (1, 2048, 4096), 1.91 against
+    // 2.25 at (1, 1024, 16384).
     if let (None, Some((rows, d_inner, units))) = (forced, grid) {
         while block > CHUNK_MIN_BLOCK && rows * d_inner.div_ceil(block) < units {
             block /= 2;
@@ -241,7 +247,7 @@ fn elemwise_launch(n: usize) -> (CubeCount, CubeDim) {
 /// `conv`, `step`, `rms_norm`, `linear`, `moe` (the decoding MoE kernels: the grouped ones run
 /// instead), `moe_grouped`, `moe_mma` (the portable grouped matmuls instead of the tensor-core
 /// ones), `route`, `scan_chunk` (the forward scan that splits a channel's tiles between the lanes of
-/// a plane), `scan_seg` (the forward scan that splits the sequence into segments walked twice;
+/// a plane), `scan_bwd_chunk` (its backward counterpart: the one-pass backward runs instead), `scan_seg` (the forward scan that splits the sequence into segments walked twice;
 /// without either, the one that walks each channel's sequence in one pass runs), `attention`, `attention_mma` (the portable flash attention instead of the
 /// tensor-core one), or `all`) run the tensor-op reference instead of the kernel: a switch to
 /// isolate a kernel when results differ.
