@@ -17,22 +17,11 @@ use burn::backend::{Autodiff, NdArray, Wgpu};
 use burn::tensor::{backend::Backend, DType, Distribution, Tensor, TensorData};
 use common::{assert_close, to_f32_vec};
 use jamba_kernels::{reference, JambaBackend};
-use scan::{check_scan_forward, check_scan_grads, scan_cases, ScanCase};
+use scan::{check_scan_forward, check_scan_grads, data, random, scan_cases, ScanCase};
 
 type Ref = NdArray<f32>;
 /// The kernels without Burn's fusion.
 type Cube = jamba_kernels::WgpuUnfused;
-
-fn random(n: usize, dist: Distribution) -> Vec<f32> {
-    Tensor::<Ref, 1>::random([n], dist, &Default::default())
-        .into_data()
-        .to_vec::<f32>()
-        .unwrap()
-}
-
-fn data<B: Backend, const D: usize>(t: Tensor<B, D>) -> TensorData {
-    t.cast(DType::F32).into_data().convert::<f32>()
-}
 
 /// `v` rounded to f16 on `B`.
 fn half<B: Backend, const D: usize>(v: &[f32], shape: [usize; D]) -> Tensor<B, D> {

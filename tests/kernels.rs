@@ -21,7 +21,7 @@ use common::{assert_close, to_f32_vec};
 use jamba_kernels::{
     reference, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MoeInput, SelectiveStateUpdate,
 };
-use scan::{check_scan_forward, check_scan_grads, scan_cases, transpose, ScanCase};
+use scan::{check_scan_forward, check_scan_grads, data, random, scan_cases, transpose, ScanCase};
 
 type Ref = NdArray<f32>;
 
@@ -45,17 +45,6 @@ fn no_overrides() {
 }
 /// The kernels without Burn's fusion.
 type Cube = jamba_kernels::WgpuUnfused;
-
-fn random(n: usize, dist: Distribution) -> Vec<f32> {
-    Tensor::<Ref, 1>::random([n], dist, &Default::default())
-        .into_data()
-        .to_vec::<f32>()
-        .unwrap()
-}
-
-fn data<B: Backend, const D: usize>(t: Tensor<B, D>) -> TensorData {
-    t.cast(DType::F32).into_data().convert::<f32>()
-}
 
 #[test]
 fn scan_forward_f32_cube_and_fused() {

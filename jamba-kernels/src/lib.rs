@@ -467,9 +467,10 @@ pub fn flash_attention_pays(batch: usize, heads: usize, len: usize) -> bool {
 }
 
 /// The forward kernels of the selective scan on CubeCL backends (see [`set_scan_forward`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ScanForward {
     /// Chosen by the shape and the device (the default).
+    #[default]
     Auto,
     /// Each channel's tile split between the lanes of one plane and composed by a plane scan
     /// (`scan_fwd_chunk_kernel`): needs a fixed plane size and the tile's B and C in shared
@@ -483,87 +484,11 @@ pub enum ScanForward {
     Split,
 }
 
-impl std::str::FromStr for ScanForward {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "chunked" => Ok(Self::Chunked),
-            "one_pass" => Ok(Self::OnePass),
-            "split" => Ok(Self::Split),
-            other => Err(format!(
-                "unknown scan forward kernel `{other}` (one of: auto, chunked, one_pass, split)"
-            )),
-        }
-    }
-}
-
-fn scan_forward_cell() -> &'static std::sync::RwLock<ScanForward> {
-    static CELL: std::sync::OnceLock<std::sync::RwLock<ScanForward>> = std::sync::OnceLock::new();
-    CELL.get_or_init(|| {
-        let chosen = match std::env::var("JAMBA_SCAN_FWD") {
-            Ok(name) if !name.is_empty() => name.parse().unwrap_or_else(|e| {
-                eprintln!("JAMBA_SCAN_FWD ignored: {e}");
-                ScanForward::Auto
-            }),
-            _ => ScanForward::Auto,
-        };
-        std::sync::RwLock::new(chosen)
-    })
-}
-
-/// The forward scan kernel chosen for the process: [`set_scan_forward`]'s, else the
-/// `JAMBA_SCAN_FWD` environment variable (`auto`, `chunked`, `one_pass`, `split`), else
-/// [`ScanForward::Auto`]. A kernel that cannot run a given problem (its `d_state`, the device's
-/// plane size or shared memory) leaves it to the automatic choice.
-pub fn scan_forward() -> ScanForward {
-    *scan_forward_cell()
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-}
-
-/// Chooses the forward scan kernel of [`scan_forward`] for the whole process.
-pub fn set_scan_forward(choice: ScanForward) {
-    *scan_forward_cell()
-        .write()
-        .unwrap_or_else(|e| e.into_inner()) = choice;
-}
-
-static SCAN_FORWARD_RUNS: [std::sync::atomic::AtomicUsize; 3] = [
-    std::sync::atomic::AtomicUsize::new(0),
-    std::sync::atomic::AtomicUsize::new(0),
-    std::sync::atomic::AtomicUsize::new(0),
-];
-
-fn scan_forward_slot(kernel: ScanForward) -> Option<usize> {
-    match kernel {
-        ScanForward::Auto => None,
-        ScanForward::Chunked => Some(0),
-        ScanForward::OnePass => Some(1),
-        ScanForward::Split => Some(2),
-    }
-}
-
-/// How many forward scans the process ran through `kernel` on CubeCL backends (0 for
-/// [`ScanForward::Auto`]).
-pub fn scan_forward_runs(kernel: ScanForward) -> usize {
-    scan_forward_slot(kernel).map_or(0, |i| {
-        SCAN_FORWARD_RUNS[i].load(std::sync::atomic::Ordering::Relaxed)
-    })
-}
-
-#[cfg(feature = "cube")]
-pub(crate) fn note_scan_forward(kernel: ScanForward) {
-    if let Some(i) = scan_forward_slot(kernel) {
-        SCAN_FORWARD_RUNS[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
 /// The backward kernels of the selective scan on CubeCL backends (see [`set_scan_backward`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ScanBackward {
     /// The chunked kernel where it can run, else the one-pass one (the default).
+    #[default]
     Auto,
     /// Each channel's tile split between the lanes of one plane (`scan_bwd_chunk_kernel`),
     /// where the device allows it as for [`ScanForward::Chunked`].
@@ -573,74 +498,162 @@ pub enum ScanBackward {
     OnePass,
 }
 
-impl std::str::FromStr for ScanBackward {
-    type Err = String;
+/// A scan kernel choice: its names, and its slot among the run counters.
+trait ScanKernel: Copy + Default + 'static {
+    const NAMES: &'static [(&'static str, Self)];
+    fn run_slot(self) -> Option<usize>;
+}
 
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "chunked" => Ok(Self::Chunked),
-            "one_pass" => Ok(Self::OnePass),
-            other => Err(format!(
-                "unknown scan backward kernel `{other}` (one of: auto, chunked, one_pass)"
-            )),
+impl ScanKernel for ScanForward {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("auto", Self::Auto),
+        ("chunked", Self::Chunked),
+        ("one_pass", Self::OnePass),
+        ("split", Self::Split),
+    ];
+
+    fn run_slot(self) -> Option<usize> {
+        match self {
+            Self::Auto => None,
+            Self::Chunked => Some(0),
+            Self::OnePass => Some(1),
+            Self::Split => Some(2),
         }
     }
 }
 
-fn scan_backward_cell() -> &'static std::sync::RwLock<ScanBackward> {
-    static CELL: std::sync::OnceLock<std::sync::RwLock<ScanBackward>> = std::sync::OnceLock::new();
-    CELL.get_or_init(|| {
-        let chosen = match std::env::var("JAMBA_SCAN_BWD") {
-            Ok(name) if !name.is_empty() => name.parse().unwrap_or_else(|e| {
-                eprintln!("JAMBA_SCAN_BWD ignored: {e}");
-                ScanBackward::Auto
+impl ScanKernel for ScanBackward {
+    const NAMES: &'static [(&'static str, Self)] = &[
+        ("auto", Self::Auto),
+        ("chunked", Self::Chunked),
+        ("one_pass", Self::OnePass),
+    ];
+
+    fn run_slot(self) -> Option<usize> {
+        match self {
+            Self::Auto => None,
+            Self::Chunked => Some(3),
+            Self::OnePass => Some(4),
+        }
+    }
+}
+
+/// A name of `K::NAMES`, or an error listing them.
+fn parse_scan_kernel<K: ScanKernel>(name: &str) -> Result<K, String> {
+    K::NAMES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, k)| *k)
+        .ok_or_else(|| {
+            let names: Vec<_> = K::NAMES.iter().map(|(n, _)| *n).collect();
+            format!(
+                "unknown scan kernel `{name}` (one of: {})",
+                names.join(", ")
+            )
+        })
+}
+
+impl std::str::FromStr for ScanForward {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_scan_kernel(s)
+    }
+}
+
+impl std::str::FromStr for ScanBackward {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        parse_scan_kernel(s)
+    }
+}
+
+/// The process-wide choice in `cell`: initialised from the environment variable `var` (an
+/// unknown name is reported and ignored), else the default.
+fn scan_kernel_cell<K: ScanKernel>(
+    cell: &'static std::sync::OnceLock<std::sync::RwLock<K>>,
+    var: &str,
+) -> &'static std::sync::RwLock<K> {
+    cell.get_or_init(|| {
+        let chosen = match std::env::var(var) {
+            Ok(name) if !name.is_empty() => parse_scan_kernel(&name).unwrap_or_else(|e| {
+                eprintln!("{var} ignored: {e}");
+                K::default()
             }),
-            _ => ScanBackward::Auto,
+            _ => K::default(),
         };
         std::sync::RwLock::new(chosen)
     })
+}
+
+static SCAN_FORWARD: std::sync::OnceLock<std::sync::RwLock<ScanForward>> =
+    std::sync::OnceLock::new();
+static SCAN_BACKWARD: std::sync::OnceLock<std::sync::RwLock<ScanBackward>> =
+    std::sync::OnceLock::new();
+
+/// The forward scan kernel chosen for the process: [`set_scan_forward`]'s, else the
+/// `JAMBA_SCAN_FWD` environment variable (`auto`, `chunked`, `one_pass`, `split`), else
+/// [`ScanForward::Auto`]. A kernel that cannot run a given problem (its `d_state`, the device's
+/// plane size or shared memory) leaves it to the automatic choice.
+pub fn scan_forward() -> ScanForward {
+    *scan_kernel_cell(&SCAN_FORWARD, "JAMBA_SCAN_FWD")
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
+/// Chooses the forward scan kernel of [`scan_forward`] for the whole process.
+pub fn set_scan_forward(choice: ScanForward) {
+    *scan_kernel_cell(&SCAN_FORWARD, "JAMBA_SCAN_FWD")
+        .write()
+        .unwrap_or_else(|e| e.into_inner()) = choice;
 }
 
 /// The backward scan kernel chosen for the process: [`set_scan_backward`]'s, else the
 /// `JAMBA_SCAN_BWD` environment variable (`auto`, `chunked`, `one_pass`), else
 /// [`ScanBackward::Auto`].
 pub fn scan_backward() -> ScanBackward {
-    *scan_backward_cell()
+    *scan_kernel_cell(&SCAN_BACKWARD, "JAMBA_SCAN_BWD")
         .read()
         .unwrap_or_else(|e| e.into_inner())
 }
 
 /// Chooses the backward scan kernel of [`scan_backward`] for the whole process.
 pub fn set_scan_backward(choice: ScanBackward) {
-    *scan_backward_cell()
+    *scan_kernel_cell(&SCAN_BACKWARD, "JAMBA_SCAN_BWD")
         .write()
         .unwrap_or_else(|e| e.into_inner()) = choice;
 }
 
-static SCAN_BACKWARD_RUNS: [std::sync::atomic::AtomicUsize; 2] = [
-    std::sync::atomic::AtomicUsize::new(0),
-    std::sync::atomic::AtomicUsize::new(0),
-];
+/// Runs of each scan kernel, at the slots of [`ScanKernel::run_slot`].
+static SCAN_RUNS: [std::sync::atomic::AtomicUsize; 5] =
+    [const { std::sync::atomic::AtomicUsize::new(0) }; 5];
+
+fn scan_runs<K: ScanKernel>(kernel: K) -> usize {
+    kernel.run_slot().map_or(0, |i| {
+        SCAN_RUNS[i].load(std::sync::atomic::Ordering::Relaxed)
+    })
+}
+
+/// How many forward scans the process ran through `kernel` on CubeCL backends (0 for
+/// [`ScanForward::Auto`]).
+pub fn scan_forward_runs(kernel: ScanForward) -> usize {
+    scan_runs(kernel)
+}
 
 /// How many backward scans the process ran through `kernel` on CubeCL backends (0 for
 /// [`ScanBackward::Auto`]).
 pub fn scan_backward_runs(kernel: ScanBackward) -> usize {
-    match kernel {
-        ScanBackward::Auto => 0,
-        ScanBackward::Chunked => SCAN_BACKWARD_RUNS[0].load(std::sync::atomic::Ordering::Relaxed),
-        ScanBackward::OnePass => SCAN_BACKWARD_RUNS[1].load(std::sync::atomic::Ordering::Relaxed),
-    }
+    scan_runs(kernel)
 }
 
+/// Counts a run of `kernel` (see [`scan_forward_runs`], [`scan_backward_runs`]).
 #[cfg(feature = "cube")]
-pub(crate) fn note_scan_backward(kernel: ScanBackward) {
-    let i = match kernel {
-        ScanBackward::Auto => return,
-        ScanBackward::Chunked => 0,
-        ScanBackward::OnePass => 1,
-    };
-    SCAN_BACKWARD_RUNS[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+#[allow(private_bounds)]
+pub(crate) fn note_scan_run<K: ScanKernel>(kernel: K) {
+    if let Some(i) = kernel.run_slot() {
+        SCAN_RUNS[i].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Positions per chunk of the scan kernels: the backward recomputes the states of one chunk at

@@ -12,14 +12,16 @@ use crate::common::{assert_close, to_f32_vec};
 
 type Ref = NdArray<f32>;
 
-fn random(n: usize, dist: Distribution) -> Vec<f32> {
+/// `n` values drawn from `dist` on ndarray.
+pub fn random(n: usize, dist: Distribution) -> Vec<f32> {
     Tensor::<Ref, 1>::random([n], dist, &Default::default())
         .into_data()
         .to_vec::<f32>()
         .unwrap()
 }
 
-fn data<B: Backend, const D: usize>(t: Tensor<B, D>) -> TensorData {
+/// `t` as f32 data on the host.
+pub fn data<B: Backend, const D: usize>(t: Tensor<B, D>) -> TensorData {
     t.cast(DType::F32).into_data().convert::<f32>()
 }
 

@@ -20,11 +20,12 @@
 //! device's plane size is fixed, and are launched with exactly one plane per channel.
 
 // `#[cube]` expands a subset of Rust: nested comptime/runtime `if`s stay apart and integer
-// `div_ceil` and `is_multiple_of` are written out.
+// `div_ceil`, `is_multiple_of` and `checked_div` are written out.
 #![allow(
     clippy::collapsible_if,
     clippy::manual_div_ceil,
-    clippy::manual_is_multiple_of
+    clippy::manual_is_multiple_of,
+    clippy::manual_checked_ops
 )]
 
 use cubecl::prelude::*;
@@ -229,8 +230,12 @@ fn fetch_state_input<F: Float>(
     }
 }
 
-/// Writes fetched B or C values into a `[tile, d_state + 1]` shared tile.
+/// Writes fetched B or C values into a shared tile: `[tile, d_state + 1]`, or with
+/// `lane_len > 0` `[d_state][tile / lane_len][lane_len + 1]`, where the lanes of the chunked
+/// kernels each read `lane_len` consecutive positions of one state, `lane_len + 1` words apart
+/// from their neighbours' (distinct banks).
 #[cube]
+#[allow(clippy::too_many_arguments)]
 fn put_state_input<F: Float>(
     src: &Tensor<F>,
     regs: &Array<f32>,
@@ -238,6 +243,7 @@ fn put_state_input<F: Float>(
     #[comptime] n_state: usize,
     #[comptime] tile: usize,
     #[comptime] units: usize,
+    #[comptime] lane_len: usize,
 ) {
     let tid = UNIT_POS_X as usize;
     let state_major = src.stride(1) == 1;
@@ -251,9 +257,60 @@ fn put_state_input<F: Float>(
                 tl = e % tile;
                 n = e / tile;
             }
-            dst[tl * (n_state + 1) + n] = regs[i];
+            if lane_len == 0 {
+                dst[tl * (n_state + 1) + n] = regs[i];
+            } else {
+                dst[n * comptime!(tile / lane_len * (lane_len + 1))
+                    + (tl / lane_len) * comptime!(lane_len + 1)
+                    + tl % lane_len] = regs[i];
+            }
         }
     }
+}
+
+/// [`fetch`] then [`put`]: a tile staged without overlapping its loads with other work.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage<F: Float>(
+    src: &Tensor<F>,
+    regs: &mut Array<f32>,
+    dst: &mut SharedMemory<f32>,
+    delta_bias: &Tensor<f32>,
+    bi: usize,
+    d0: usize,
+    t0: usize,
+    dim: usize,
+    len: usize,
+    #[comptime] op: u32,
+    #[comptime] has_bias: bool,
+    #[comptime] softplus: bool,
+    #[comptime] tile: usize,
+    #[comptime] block: usize,
+    #[comptime] units: usize,
+) {
+    fetch::<F>(src, regs, bi, d0, t0, dim, len, tile, block, units);
+    put::<F>(
+        src, regs, dst, delta_bias, d0, t0, dim, len, op, has_bias, softplus, tile, block, units,
+    );
+}
+
+/// [`fetch_state_input`] then [`put_state_input`].
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_state_input<F: Float>(
+    src: &Tensor<F>,
+    regs: &mut Array<f32>,
+    dst: &mut SharedMemory<f32>,
+    bi: usize,
+    t0: usize,
+    len: usize,
+    #[comptime] n_state: usize,
+    #[comptime] tile: usize,
+    #[comptime] units: usize,
+    #[comptime] lane_len: usize,
+) {
+    fetch_state_input::<F>(src, regs, bi, t0, len, n_state, tile, units);
+    put_state_input::<F>(src, regs, dst, n_state, tile, units, lane_len);
 }
 
 /// Writes `[tile, block]` from shared memory to a `[batch, d, len]` tensor.
@@ -402,8 +459,8 @@ pub fn scan_fwd_kernel<F: Float>(
                 units,
             );
         }
-        put_state_input::<F>(b, &r_b, &mut s_b, n_state, tile, units);
-        put_state_input::<F>(c, &r_c, &mut s_c, n_state, tile, units);
+        put_state_input::<F>(b, &r_b, &mut s_b, n_state, tile, units, 0usize);
+        put_state_input::<F>(c, &r_c, &mut s_c, n_state, tile, units, 0usize);
         sync_cube();
         // The next tile's loads travel while this one is computed.
         if k + 1 < n_tiles {
@@ -462,38 +519,62 @@ pub fn scan_fwd_kernel<F: Float>(
     }
 }
 
-/// Writes fetched B or C values into a shared tile laid out `[d_state][segs][seg_len + 1]`:
-/// the lanes of [`scan_fwd_chunk_kernel`] each read `seg_len` consecutive positions of one
-/// state, so consecutive lanes read `seg_len + 1` words apart, on distinct banks.
+/// The state entering lane `lane`'s positions, where every lane of the plane holds its
+/// positions composed into one affine map `h -> p h + q` and `h_edge` enters the plane's first
+/// lane, or with `reverse` its last lane (the maps then composed towards lane 0, as the
+/// backward's adjoint runs). An inclusive scan of the maps over the plane (`segs_log2` shuffle
+/// steps, Kogge-Stone), then the neighbour's composition applied to `h_edge`.
 #[cube]
-#[allow(clippy::too_many_arguments)]
-fn put_state_input_by_lane<F: Float>(
-    src: &Tensor<F>,
-    regs: &Array<f32>,
-    dst: &mut SharedMemory<f32>,
-    #[comptime] n_state: usize,
-    #[comptime] seg_len: usize,
-    #[comptime] segs: usize,
-    #[comptime] units: usize,
-) {
-    let tile = comptime!(segs * seg_len);
-    let tid = UNIT_POS_X as usize;
-    let state_major = src.stride(1) == 1;
+fn plane_scan_entering(
+    p: f32,
+    q: f32,
+    h_edge: f32,
+    lane: u32,
+    #[comptime] segs_log2: u32,
+    #[comptime] reverse: bool,
+) -> f32 {
+    let segs = comptime!(1u32 << segs_log2);
+    let mut p_acc = p;
+    let mut q_acc = q;
     #[unroll]
-    for i in 0..comptime!((tile * n_state).div_ceil(units)) {
-        let e = tid + i * units;
-        if e < tile * n_state {
-            let mut tl = e / n_state;
-            let mut n = e % n_state;
-            if !state_major {
-                tl = e % tile;
-                n = e / tile;
+    for s in 0..segs_log2 {
+        let off = comptime!(1u32 << s);
+        let mut src = lane;
+        let mut inside = false;
+        if reverse {
+            if lane + off < segs {
+                src = lane + off;
+                inside = true;
             }
-            dst[n * comptime!(segs * (seg_len + 1))
-                + (tl / seg_len) * comptime!(seg_len + 1)
-                + tl % seg_len] = regs[i];
+        } else if lane >= off {
+            src = lane - off;
+            inside = true;
+        }
+        let p_other = plane_shuffle(p_acc, src);
+        let q_other = plane_shuffle(q_acc, src);
+        if inside {
+            q_acc += p_acc * q_other;
+            p_acc *= p_other;
         }
     }
+    let mut src = lane;
+    let mut inside = false;
+    if reverse {
+        if lane + 1 < segs {
+            src = lane + 1;
+            inside = true;
+        }
+    } else if lane >= 1 {
+        src = lane - 1;
+        inside = true;
+    }
+    let p_next = plane_shuffle(p_acc, src);
+    let q_next = plane_shuffle(q_acc, src);
+    let mut h = h_edge;
+    if inside {
+        h = p_next * h_edge + q_next;
+    }
+    h
 }
 
 /// Selective scan forward with each channel's tile of the sequence split between the lanes of
@@ -602,23 +683,21 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
         let t0 = k * tile;
         // Positions past the end get delta 0: a decay of 1 and no input, so the state passes
         // through them unchanged.
-        fetch::<F>(u, &mut r_act, bi, d0, t0, dim, len, tile, block, units);
-        put::<F>(
-            u, &r_act, &mut s_u, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile,
-            block, units,
+        stage::<F>(
+            u, &mut r_act, &mut s_u, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias, softplus,
+            tile, block, units,
         );
-        fetch::<F>(delta, &mut r_act, bi, d0, t0, dim, len, tile, block, units);
-        put::<F>(
-            delta, &r_act, &mut s_dt, delta_bias, d0, t0, dim, len, 1u32, has_bias, softplus, tile,
-            block, units,
+        stage::<F>(
+            delta, &mut r_act, &mut s_dt, delta_bias, bi, d0, t0, dim, len, 1u32, has_bias,
+            softplus, tile, block, units,
         );
         if has_z {
-            fetch::<F>(z, &mut r_act, bi, d0, t0, dim, len, tile, block, units);
-            put::<F>(
+            stage::<F>(
                 z,
-                &r_act,
+                &mut r_act,
                 &mut s_gate,
                 delta_bias,
+                bi,
                 d0,
                 t0,
                 dim,
@@ -631,10 +710,12 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
                 units,
             );
         }
-        fetch_state_input::<F>(b, &mut r_bc, bi, t0, len, n_state, tile, units);
-        put_state_input_by_lane::<F>(b, &r_bc, &mut s_b, n_state, seg_len, segs, units);
-        fetch_state_input::<F>(c, &mut r_bc, bi, t0, len, n_state, tile, units);
-        put_state_input_by_lane::<F>(c, &r_bc, &mut s_c, n_state, seg_len, segs, units);
+        stage_state_input::<F>(
+            b, &mut r_bc, &mut s_b, bi, t0, len, n_state, tile, units, seg_len,
+        );
+        stage_state_input::<F>(
+            c, &mut r_bc, &mut s_c, bi, t0, len, n_state, tile, units, seg_len,
+        );
         sync_cube();
 
         let cur = (k % 2) * block * n_state + dl * n_state;
@@ -664,32 +745,7 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
                 q = e * q + v;
                 p *= e;
             }
-            // Inclusive scan over the plane: lane j ends with the maps of lanes 0..=j composed.
-            #[unroll]
-            for s in 0..segs_log2 {
-                let off = comptime!(1u32 << s);
-                let mut src = lane;
-                if lane >= off {
-                    src = lane - off;
-                }
-                let p_prev = plane_shuffle(p, src);
-                let q_prev = plane_shuffle(q, src);
-                if lane >= off {
-                    q += p * q_prev;
-                    p *= p_prev;
-                }
-            }
-            // The maps of the lanes before this one, applied to the tile's starting state.
-            let mut src = lane;
-            if lane >= 1 {
-                src = lane - 1;
-            }
-            let p_before = plane_shuffle(p, src);
-            let q_before = plane_shuffle(q, src);
-            let mut h = s_h[cur + n];
-            if seg > 0 {
-                h = p_before * h + q_before;
-            }
+            let mut h = plane_scan_entering(p, q, s_h[cur + n], lane, segs_log2, false);
             if save {
                 if valid && start < len && start % chunk_len == 0 {
                     chunks[bi * chunks.stride(0)
@@ -839,32 +895,30 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
         let k = n_tiles - 1 - kk;
         let t0 = k * tile;
         // Positions past the end get delta 0 and no gradient: they change nothing.
-        fetch::<F>(u, &mut r_act, bi, d0, t0, dim, len, tile, block, units);
-        put::<F>(
-            u, &r_act, &mut s_u, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile,
-            block, units,
+        stage::<F>(
+            u, &mut r_act, &mut s_u, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias, softplus,
+            tile, block, units,
         );
-        fetch::<F>(delta, &mut r_act, bi, d0, t0, dim, len, tile, block, units);
-        put::<F>(
-            delta, &r_act, &mut s_dt, delta_bias, d0, t0, dim, len, 1u32, has_bias, softplus, tile,
-            block, units,
+        stage::<F>(
+            delta, &mut r_act, &mut s_dt, delta_bias, bi, d0, t0, dim, len, 1u32, has_bias,
+            softplus, tile, block, units,
         );
         if has_z {
-            fetch::<F>(z, &mut r_act, bi, d0, t0, dim, len, tile, block, units);
-            put::<F>(
-                z, &r_act, &mut s_z, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile,
-                block, units,
+            stage::<F>(
+                z, &mut r_act, &mut s_z, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias,
+                softplus, tile, block, units,
             );
         }
-        fetch::<F>(dout, &mut r_act, bi, d0, t0, dim, len, tile, block, units);
-        put::<F>(
-            dout, &r_act, &mut s_g, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile,
-            block, units,
+        stage::<F>(
+            dout, &mut r_act, &mut s_g, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias, softplus,
+            tile, block, units,
         );
-        fetch_state_input::<F>(b, &mut r_bc, bi, t0, len, n_state, tile, units);
-        put_state_input_by_lane::<F>(b, &r_bc, &mut s_b, n_state, seg_len, segs, units);
-        fetch_state_input::<F>(c, &mut r_bc, bi, t0, len, n_state, tile, units);
-        put_state_input_by_lane::<F>(c, &r_bc, &mut s_c, n_state, seg_len, segs, units);
+        stage_state_input::<F>(
+            b, &mut r_bc, &mut s_b, bi, t0, len, n_state, tile, units, seg_len,
+        );
+        stage_state_input::<F>(
+            c, &mut r_bc, &mut s_c, bi, t0, len, n_state, tile, units, seg_len,
+        );
         sync_cube();
 
         #[unroll]
@@ -910,31 +964,7 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
                 q = e * q + dt_l[i] * u_l[i] * s_b[at + i];
                 p *= e;
             }
-            let p_own = p;
-            #[unroll]
-            for s in 0..segs_log2 {
-                let off = comptime!(1u32 << s);
-                let mut src = lane;
-                if lane >= off {
-                    src = lane - off;
-                }
-                let p_prev = plane_shuffle(p, src);
-                let q_prev = plane_shuffle(q, src);
-                if lane >= off {
-                    q += p * q_prev;
-                    p *= p_prev;
-                }
-            }
-            let mut src = lane;
-            if lane >= 1 {
-                src = lane - 1;
-            }
-            let p_before = plane_shuffle(p, src);
-            let q_before = plane_shuffle(q, src);
-            let mut h = h_tile;
-            if seg > 0 {
-                h = p_before * h_tile + q_before;
-            }
+            let mut h = plane_scan_entering(p, q, h_tile, lane, segs_log2, false);
             // The adjoint of this lane's positions as a map of the one entering after them.
             let mut qr = 0.0f32;
             #[unroll]
@@ -948,33 +978,9 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
                 let i = seg_len - 1 - ii;
                 qr = decay[i] * (s_c[at + i] * dy_l[i] + qr);
             }
-            // Suffix scan over the plane: lane j ends with the maps of lanes j.. composed.
-            let mut pr = p_own;
-            #[unroll]
-            for s in 0..segs_log2 {
-                let off = comptime!(1u32 << s);
-                let mut src = lane;
-                if lane + off < comptime!(segs as u32) {
-                    src = lane + off;
-                }
-                let p_next = plane_shuffle(pr, src);
-                let q_next = plane_shuffle(qr, src);
-                if lane + off < comptime!(segs as u32) {
-                    qr += pr * q_next;
-                    pr *= p_next;
-                }
-            }
-            let mut src = lane;
-            if lane + 1 < comptime!(segs as u32) {
-                src = lane + 1;
-            }
-            let p_after = plane_shuffle(pr, src);
-            let q_after = plane_shuffle(qr, src);
-            let carry = s_carry[cur + n];
-            let mut g_in = carry;
-            if seg + 1 < segs {
-                g_in = p_after * carry + q_after;
-            }
+            // The adjoint entering after this lane's positions: the maps of the lanes after it,
+            // applied to the one carried from the next tile.
+            let mut g_in = plane_scan_entering(p, qr, s_carry[cur + n], lane, segs_log2, true);
 
             // Backwards over the positions: g = dL/dh_t.
             let red = (step % 2) * 2 * block * tile + dl * tile + start;
@@ -1408,8 +1414,8 @@ pub fn scan_bwd_kernel<F: Float>(
             dout, &r_g, &mut s_g, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile,
             block, units,
         );
-        put_state_input::<F>(b, &r_b, &mut s_b, n_state, tile, units);
-        put_state_input::<F>(c, &r_c, &mut s_c, n_state, tile, units);
+        put_state_input::<F>(b, &r_b, &mut s_b, n_state, tile, units, 0usize);
+        put_state_input::<F>(c, &r_c, &mut s_c, n_state, tile, units, 0usize);
         sync_cube();
         // The previous tile's loads travel while this one is computed.
         if k > 0 {

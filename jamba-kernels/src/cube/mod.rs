@@ -527,7 +527,7 @@ where
         (_, None) if split_runs && one_pass_cubes < units => ScanForward::Split,
         _ => ScanForward::OnePass,
     };
-    crate::note_scan_forward(kernel);
+    crate::note_scan_run(kernel);
     if let (ScanForward::Chunked, Some(plan)) = (kernel, chunked) {
         unsafe {
             kernels::scan_fwd_chunk_kernel::launch_unchecked::<R>(
@@ -653,19 +653,18 @@ where
 
     let u = prim(input.u.clone());
     let client = u.client.clone();
+    let channel_last = is_channel_last(&u);
     let chunked = chunk_plan(&client.properties().hardware, d_state, true, None).filter(|_| {
         use_kernel("scan_bwd_chunk") && crate::scan_backward() != ScanBackward::OnePass
     });
-    if let Some(plan) = chunked {
-        crate::note_scan_backward(ScanBackward::Chunked);
-        return scan_backward_chunked(input, chunk_states, grad_y, plan);
-    }
-    crate::note_scan_backward(ScanBackward::OnePass);
-    let channel_last = is_channel_last(&u);
+    crate::note_scan_run(if chunked.is_some() {
+        ScanBackward::Chunked
+    } else {
+        ScanBackward::OnePass
+    });
     let plane_min = client.properties().hardware.plane_size_min.max(1) as usize;
     let split = split_log2(d_state, plane_min);
-    let cubes = d_inner.div_ceil(SCAN_BLOCK);
-    let slots = (cubes * (SCAN_BLOCK << split)).div_ceil(plane_min);
+    let one_pass_cubes = d_inner.div_ceil(SCAN_BLOCK);
 
     let du = empty_like_layout(&input.u, dtype, channel_last);
     let ddelta = empty_like_layout(&input.u, dtype, channel_last);
@@ -674,168 +673,152 @@ where
     } else {
         dummy_of::<Cube<R, F, I, BT>, 3>(&device, dtype)
     };
-    // [batch, planes, len, d_state]: the writers of a plane store one position's states together.
-    let db_part = T::<R, F, I, BT, 4>::zeros([batch, slots, len, d_state], (&device, f32));
-    let dc_part = T::<R, F, I, BT, 4>::zeros([batch, slots, len, d_state], (&device, f32));
+    // The partial sums of dB and dC: per cube `[batch, cubes, d_state, len]` from the chunked
+    // kernel (every element below `len` written), per plane `[batch, planes, len, d_state]`,
+    // zero-filled, from the one-pass one (its writers store one position's states together).
+    let (db_part, dc_part) = match chunked {
+        Some(plan) => {
+            let shape = [batch, d_inner.div_ceil(plan.block), d_state, len];
+            (
+                T::<R, F, I, BT, 4>::empty(shape, (&device, f32)),
+                T::<R, F, I, BT, 4>::empty(shape, (&device, f32)),
+            )
+        }
+        None => {
+            let slots = (one_pass_cubes * (SCAN_BLOCK << split)).div_ceil(plane_min);
+            let shape = [batch, slots, len, d_state];
+            (
+                T::<R, F, I, BT, 4>::zeros(shape, (&device, f32)),
+                T::<R, F, I, BT, 4>::zeros(shape, (&device, f32)),
+            )
+        }
+    };
     let da_part = T::<R, F, I, BT, 3>::empty([batch, d_inner, d_state], (&device, f32));
     let dd_part = T::<R, F, I, BT, 2>::empty([batch, d_inner], (&device, f32));
     let dbias_part = T::<R, F, I, BT, 2>::empty([batch, d_inner], (&device, f32));
     let dinit = T::<R, F, I, BT, 3>::empty([batch, d_inner, d_state], (&device, f32));
 
     let f = |t: &T<R, F, I, BT, 3>| prim(t.clone().cast(dtype));
-    let cube_count = CubeCount::Static(cubes as u32, batch as u32, 1);
-    let cube_dim = CubeDim::new_1d((SCAN_BLOCK << split) as u32);
-    unsafe {
-        kernels::scan_bwd_kernel::launch_unchecked::<R>(
-            &client,
-            cube_count,
-            cube_dim,
-            u.into_tensor_arg(),
-            f(&input.delta).into_tensor_arg(),
-            input
-                .z
-                .as_ref()
-                .map(f)
-                .unwrap_or_else(|| prim(dummy_of::<Cube<R, F, I, BT>, 3>(&device, dtype)))
-                .into_tensor_arg(),
-            f(&input.b).into_tensor_arg(),
-            f(&input.c).into_tensor_arg(),
-            prim(input.a.clone().cast(f32)).into_tensor_arg(),
-            prim(input.d.clone().cast(f32)).into_tensor_arg(),
-            prim(
-                input
-                    .delta_bias
-                    .clone()
-                    .map(|b| b.cast(f32))
-                    .unwrap_or_else(|| dummy(&device)),
-            )
-            .into_tensor_arg(),
-            prim(chunk_states).into_tensor_arg(),
-            f(&grad_y).into_tensor_arg(),
-            prim(du.clone()).into_tensor_arg(),
-            prim(ddelta.clone()).into_tensor_arg(),
-            prim(dz.clone()).into_tensor_arg(),
-            prim(db_part.clone()).into_tensor_arg(),
-            prim(dc_part.clone()).into_tensor_arg(),
-            prim(da_part.clone()).into_tensor_arg(),
-            prim(dd_part.clone()).into_tensor_arg(),
-            prim(dbias_part.clone()).into_tensor_arg(),
-            prim(dinit.clone()).into_tensor_arg(),
-            d_state,
-            split,
-            tile,
-            SCAN_BLOCK,
-            input.z.is_some(),
-            input.delta_bias.is_some(),
-            input.delta_softplus,
-            dtype.into(),
-        );
-    }
-    let sum_parts = |p: T<R, F, I, BT, 4>| p.sum_dim(1).squeeze_dim::<3>(1).swap_dims(1, 2);
-    SelectiveScanGrads {
-        u: du,
-        delta: ddelta.cast(input.delta.dtype()),
-        a: da_part.sum_dim(0).squeeze_dim::<2>(0).cast(input.a.dtype()),
-        b: sum_parts(db_part).cast(input.b.dtype()),
-        c: sum_parts(dc_part).cast(input.c.dtype()),
-        d: dd_part.sum_dim(0).squeeze_dim::<1>(0).cast(input.d.dtype()),
-        z: input.z.as_ref().map(|z| dz.cast(z.dtype())),
-        delta_bias: input
+    let z = input
+        .z
+        .as_ref()
+        .map(f)
+        .unwrap_or_else(|| prim(dummy_of::<Cube<R, F, I, BT>, 3>(&device, dtype)));
+    let delta_bias = prim(
+        input
             .delta_bias
-            .as_ref()
-            .map(|b| dbias_part.sum_dim(0).squeeze_dim::<1>(0).cast(b.dtype())),
-        initial_state: input.initial_state.as_ref().map(|s| dinit.cast(s.dtype())),
+            .clone()
+            .map(|b| b.cast(f32))
+            .unwrap_or_else(|| dummy(&device)),
+    );
+    let args = (
+        u.into_tensor_arg(),
+        f(&input.delta).into_tensor_arg(),
+        z.into_tensor_arg(),
+        f(&input.b).into_tensor_arg(),
+        f(&input.c).into_tensor_arg(),
+        prim(input.a.clone().cast(f32)).into_tensor_arg(),
+        prim(input.d.clone().cast(f32)).into_tensor_arg(),
+        delta_bias.into_tensor_arg(),
+        prim(chunk_states).into_tensor_arg(),
+        f(&grad_y).into_tensor_arg(),
+    );
+    let outs = (
+        prim(du.clone()).into_tensor_arg(),
+        prim(ddelta.clone()).into_tensor_arg(),
+        prim(dz.clone()).into_tensor_arg(),
+        prim(db_part.clone()).into_tensor_arg(),
+        prim(dc_part.clone()).into_tensor_arg(),
+        prim(da_part.clone()).into_tensor_arg(),
+        prim(dd_part.clone()).into_tensor_arg(),
+        prim(dbias_part.clone()).into_tensor_arg(),
+        prim(dinit.clone()).into_tensor_arg(),
+    );
+    let flags = (
+        input.z.is_some(),
+        input.delta_bias.is_some(),
+        input.delta_softplus,
+    );
+    match chunked {
+        Some(plan) => unsafe {
+            kernels::scan_bwd_chunk_kernel::launch_unchecked::<R>(
+                &client,
+                CubeCount::Static(d_inner.div_ceil(plan.block) as u32, batch as u32, 1),
+                CubeDim::new_1d(((1usize << plan.segs_log2) * plan.block) as u32),
+                args.0,
+                args.1,
+                args.2,
+                args.3,
+                args.4,
+                args.5,
+                args.6,
+                args.7,
+                args.8,
+                args.9,
+                outs.0,
+                outs.1,
+                outs.2,
+                outs.3,
+                outs.4,
+                outs.5,
+                outs.6,
+                outs.7,
+                outs.8,
+                d_state,
+                plan.segs_log2,
+                plan.seg_len,
+                plan.block,
+                tile,
+                flags.0,
+                flags.1,
+                flags.2,
+                dtype.into(),
+            );
+        },
+        None => unsafe {
+            kernels::scan_bwd_kernel::launch_unchecked::<R>(
+                &client,
+                CubeCount::Static(one_pass_cubes as u32, batch as u32, 1),
+                CubeDim::new_1d((SCAN_BLOCK << split) as u32),
+                args.0,
+                args.1,
+                args.2,
+                args.3,
+                args.4,
+                args.5,
+                args.6,
+                args.7,
+                args.8,
+                args.9,
+                outs.0,
+                outs.1,
+                outs.2,
+                outs.3,
+                outs.4,
+                outs.5,
+                outs.6,
+                outs.7,
+                outs.8,
+                d_state,
+                split,
+                tile,
+                SCAN_BLOCK,
+                flags.0,
+                flags.1,
+                flags.2,
+                dtype.into(),
+            );
+        },
     }
-}
-
-/// [`scan_backward`] through [`kernels::scan_bwd_chunk_kernel`].
-fn scan_backward_chunked<R, F, I, BT>(
-    input: &SelectiveScanInput<Cube<R, F, I, BT>>,
-    chunk_states: Tensor<Cube<R, F, I, BT>, 4>,
-    grad_y: Tensor<Cube<R, F, I, BT>, 3>,
-    plan: ChunkPlan,
-) -> SelectiveScanGrads<Cube<R, F, I, BT>>
-where
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
-{
-    type T<R, F, I, BT, const D: usize> = Tensor<Cube<R, F, I, BT>, D>;
-    let dtype = input.u.dtype();
-    let f32 = DType::F32;
-    let [batch, d_inner, len] = input.u.dims();
-    let d_state = input.a.dims()[1];
-    let device = input.u.device();
-    let u = prim(input.u.clone());
-    let client = u.client.clone();
-    let channel_last = is_channel_last(&u);
-    let cubes = d_inner.div_ceil(plan.block);
-
-    let du = empty_like_layout(&input.u, dtype, channel_last);
-    let ddelta = empty_like_layout(&input.u, dtype, channel_last);
-    let dz = if input.z.is_some() {
-        empty_like_layout(&input.u, dtype, channel_last)
-    } else {
-        dummy_of::<Cube<R, F, I, BT>, 3>(&device, dtype)
+    // Over the cubes or planes, to `[batch, d_state, len]`.
+    let sum_parts = |p: T<R, F, I, BT, 4>| {
+        let sum = p.sum_dim(1).squeeze_dim::<3>(1);
+        if chunked.is_some() {
+            sum
+        } else {
+            sum.swap_dims(1, 2)
+        }
     };
-    // [batch, cubes, d_state, len]: every element below `len` is written by its cube.
-    let db_part = T::<R, F, I, BT, 4>::empty([batch, cubes, d_state, len], (&device, f32));
-    let dc_part = T::<R, F, I, BT, 4>::empty([batch, cubes, d_state, len], (&device, f32));
-    let da_part = T::<R, F, I, BT, 3>::empty([batch, d_inner, d_state], (&device, f32));
-    let dd_part = T::<R, F, I, BT, 2>::empty([batch, d_inner], (&device, f32));
-    let dbias_part = T::<R, F, I, BT, 2>::empty([batch, d_inner], (&device, f32));
-    let dinit = T::<R, F, I, BT, 3>::empty([batch, d_inner, d_state], (&device, f32));
-
-    let f = |t: &T<R, F, I, BT, 3>| prim(t.clone().cast(dtype));
-    unsafe {
-        kernels::scan_bwd_chunk_kernel::launch_unchecked::<R>(
-            &client,
-            CubeCount::Static(cubes as u32, batch as u32, 1),
-            CubeDim::new_1d(((1usize << plan.segs_log2) * plan.block) as u32),
-            u.into_tensor_arg(),
-            f(&input.delta).into_tensor_arg(),
-            input
-                .z
-                .as_ref()
-                .map(f)
-                .unwrap_or_else(|| prim(dummy_of::<Cube<R, F, I, BT>, 3>(&device, dtype)))
-                .into_tensor_arg(),
-            f(&input.b).into_tensor_arg(),
-            f(&input.c).into_tensor_arg(),
-            prim(input.a.clone().cast(f32)).into_tensor_arg(),
-            prim(input.d.clone().cast(f32)).into_tensor_arg(),
-            prim(
-                input
-                    .delta_bias
-                    .clone()
-                    .map(|b| b.cast(f32))
-                    .unwrap_or_else(|| dummy(&device)),
-            )
-            .into_tensor_arg(),
-            prim(chunk_states).into_tensor_arg(),
-            f(&grad_y).into_tensor_arg(),
-            prim(du.clone()).into_tensor_arg(),
-            prim(ddelta.clone()).into_tensor_arg(),
-            prim(dz.clone()).into_tensor_arg(),
-            prim(db_part.clone()).into_tensor_arg(),
-            prim(dc_part.clone()).into_tensor_arg(),
-            prim(da_part.clone()).into_tensor_arg(),
-            prim(dd_part.clone()).into_tensor_arg(),
-            prim(dbias_part.clone()).into_tensor_arg(),
-            prim(dinit.clone()).into_tensor_arg(),
-            d_state,
-            plan.segs_log2,
-            plan.seg_len,
-            plan.block,
-            scan_chunk_len(d_state),
-            input.z.is_some(),
-            input.delta_bias.is_some(),
-            input.delta_softplus,
-            dtype.into(),
-        );
-    }
-    let sum_parts = |p: T<R, F, I, BT, 4>| p.sum_dim(1).squeeze_dim::<3>(1);
     SelectiveScanGrads {
         u: du,
         delta: ddelta.cast(input.delta.dtype()),
