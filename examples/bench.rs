@@ -220,14 +220,18 @@ where
         let _ = logits.into_data();
         let prefill = t.elapsed();
         let next: Vec<u32> = (0..batch as u32).map(|b| 5 + b).collect();
-        let mut times = Vec::new();
+        let (mut times, mut issue) = (Vec::new(), Vec::new());
         for step in 0..args.warmup + args.steps {
             sync();
             let t = Instant::now();
+            let logits = decode_step(&model, &mut cache, &next).unwrap();
+            // Until here the host only issued the step's work (the device runs behind it).
+            let issued = t.elapsed().as_secs_f64();
             // Reading the logits back is part of a real step (sampling happens on the host).
-            let _ = decode_step(&model, &mut cache, &next).unwrap().into_data();
+            let _ = logits.into_data();
             if step >= args.warmup {
                 times.push(t.elapsed().as_secs_f64());
+                issue.push(issued);
             }
         }
         if times.is_empty() {
@@ -235,11 +239,12 @@ where
         }
         let ms = median(times) * 1e3;
         println!(
-            "| decode, batch {batch} (prompt {}) | {ms:.2} ms/step ({:.1} tok/s) | prefill of the prompt {:.2?}, cache {:.1} MiB |",
+            "| decode, batch {batch} (prompt {}) | {ms:.2} ms/step ({:.1} tok/s) | prefill of the prompt {:.2?}, cache {:.1} MiB, host issues a step in {:.2} ms |",
             args.prompt,
             batch as f64 * 1e3 / ms,
             prefill,
-            cache.bytes() as f64 / (1 << 20) as f64
+            cache.bytes() as f64 / (1 << 20) as f64,
+            median(issue) * 1e3
         );
     }
 }
@@ -915,6 +920,166 @@ mod kernel_check {
                     .zip(&want)
                 {
                     report(format!("moe {s:?} {dtype:?} grad {name}"), rel(g, w), tol);
+                }
+            }
+        }
+        // Decoding kernels at the "block" model's shapes: the products of few rows (in_proj,
+        // x_proj, a down projection at batch 8, dt_proj, the router's f32 logits from bf16
+        // weights), the dense SwiGLU MLP, and the fused norms. bf16 against the reference on
+        // the bf16-rounded inputs: the output's rounding (2^-8) bounds the error.
+        let t2 = |v: &[f32], s: [usize; 2], dtype: DType| {
+            Tensor::<B, 2>::from_data(TensorData::new(v.to_vec(), s), dev).cast(dtype)
+        };
+        let r2 = |v: &[f32], s: [usize; 2]| {
+            Tensor::<Ref, 2>::from_data(TensorData::new(v.to_vec(), s), &rdev)
+        };
+        let round = |v: &[f32], dtype: DType| vals(t2(v, [1, v.len()], dtype));
+        let dtypes: &[(DType, f32)] = match bf16 {
+            true => &[(DType::F32, 1e-4), (DType::BF16, 1e-2)],
+            false => &[(DType::F32, 1e-4)],
+        };
+        for (rows, k, n) in [
+            (1, 2048, 8192),
+            (1, 4096, 160),
+            (8, 7168, 2048),
+            (3, 128, 4096),
+        ] {
+            let x = host(rows * k, Distribution::Normal(0.0, 1.0));
+            let w = host(n * k, Distribution::Normal(0.0, 0.05));
+            for &(dtype, tol) in dtypes {
+                let (rx, rw) = (round(&x, dtype), round(&w, dtype));
+                let want = vals(<Ref as JambaBackend>::linear(
+                    r2(&rx, [rows, k]),
+                    r2(&rw, [n, k]),
+                    None,
+                ));
+                let got = vals(<B as JambaBackend>::linear(
+                    t2(&x, [rows, k], dtype),
+                    t2(&w, [n, k], dtype),
+                    None,
+                ));
+                report(
+                    format!("decoding linear {rows}x{k}x{n} {dtype:?}"),
+                    rel(&got, &want),
+                    tol,
+                );
+            }
+        }
+        if bf16 {
+            let (k, n) = (2048, 16);
+            let x = host(k, Distribution::Normal(0.0, 1.0));
+            let w = round(&host(n * k, Distribution::Normal(0.0, 0.05)), DType::BF16);
+            let want = vals(<Ref as JambaBackend>::linear(
+                r2(&x, [1, k]),
+                r2(&w, [n, k]),
+                None,
+            ));
+            let got = <B as JambaBackend>::linear(
+                t2(&x, [1, k], DType::F32),
+                t2(&w, [n, k], DType::BF16),
+                None,
+            );
+            assert_eq!(got.dtype(), DType::F32);
+            report(
+                format!("decoding linear 1x{k}x{n} f32 x bf16 weight"),
+                rel(&vals(got), &want),
+                1e-4,
+            );
+        }
+        for (rows, h, i) in [(1, 2048, 7168), (8, 256, 520)] {
+            let x = host(rows * h, Distribution::Normal(0.0, 1.0));
+            let ws: Vec<Vec<f32>> = (0..3)
+                .map(|_| host(h * i, Distribution::Normal(0.0, 0.05)))
+                .collect();
+            for &(dtype, tol) in dtypes {
+                let rx = round(&x, dtype);
+                let rw: Vec<Vec<f32>> = ws.iter().map(|w| round(w, dtype)).collect();
+                let want = vals(reference::swiglu_mlp::<Ref>(
+                    r2(&rx, [rows, h]),
+                    r2(&rw[0], [i, h]),
+                    r2(&rw[1], [i, h]),
+                    r2(&rw[2], [h, i]),
+                ));
+                let got = vals(B::swiglu_mlp(
+                    t2(&x, [rows, h], dtype),
+                    t2(&ws[0], [i, h], dtype),
+                    t2(&ws[1], [i, h], dtype),
+                    t2(&ws[2], [h, i], dtype),
+                ));
+                report(
+                    format!("decoding swiglu mlp {rows}x{h}x{i} {dtype:?}"),
+                    rel(&got, &want),
+                    tol,
+                );
+            }
+        }
+        for (rows, dim) in [(1, 2048), (5, 4099)] {
+            let r = host(rows * dim, Distribution::Normal(0.0, 2.0));
+            let h = host(rows * dim, Distribution::Normal(0.0, 1.0));
+            let w = host(dim, Distribution::Normal(1.0, 0.3));
+            for &(dtype, tol) in dtypes {
+                let (rh, rw) = (round(&h, dtype), round(&w, dtype));
+                let (want_sum, want) = reference::add_rms_norm(
+                    r2(&r, [rows, dim]),
+                    r2(&rh, [rows, dim]),
+                    Tensor::<Ref, 1>::from_data(TensorData::new(rw, [dim]), &rdev),
+                    1e-6,
+                );
+                let (sum, got) = B::add_rms_norm(
+                    t2(&r, [rows, dim], DType::F32),
+                    t2(&h, [rows, dim], dtype),
+                    Tensor::<B, 1>::from_data(TensorData::new(w.clone(), [dim]), dev).cast(dtype),
+                    1e-6,
+                );
+                report(
+                    format!("add_rms_norm {rows}x{dim} {dtype:?} sum"),
+                    rel(&vals(sum), &vals(want_sum)),
+                    1e-6,
+                );
+                report(
+                    format!("add_rms_norm {rows}x{dim} {dtype:?}"),
+                    rel(&vals(got), &vals(want)),
+                    tol,
+                );
+            }
+        }
+        {
+            let (rows, widths) = (3, [128usize, 16, 16]);
+            let x = host(rows * 160, Distribution::Normal(0.0, 1.0));
+            let ws: Vec<Vec<f32>> = widths
+                .iter()
+                .map(|&n| host(n, Distribution::Normal(1.0, 0.3)))
+                .collect();
+            for &(dtype, tol) in dtypes {
+                let rx = round(&x, dtype);
+                let want = reference::rms_norms(
+                    r2(&rx, [rows, 160]),
+                    ws.iter()
+                        .map(|w| {
+                            Tensor::<Ref, 1>::from_data(
+                                TensorData::new(round(w, dtype), [w.len()]),
+                                &rdev,
+                            )
+                        })
+                        .collect(),
+                    1e-6,
+                );
+                let got = B::rms_norms(
+                    t2(&x, [rows, 160], dtype),
+                    ws.iter()
+                        .map(|w| {
+                            Tensor::<B, 1>::from_data(TensorData::new(w.clone(), [w.len()]), dev)
+                                .cast(dtype)
+                        })
+                        .collect(),
+                    1e-6,
+                );
+                for (j, (g, w)) in got.into_iter().zip(want).enumerate() {
+                    report(
+                        format!("rms_norms {rows}x{widths:?} {dtype:?} segment {j}"),
+                        rel(&vals(g), &vals(w)),
+                        tol,
+                    );
                 }
             }
         }

@@ -6,6 +6,7 @@
 # MATMUL=1 times cubek's matmul routines and runs the prefill again with the fastest.
 # SCAN_KERNELS times the other scan kernels (JAMBA_SCAN_FWD, JAMBA_SCAN_BWD), SCAN_BLOCKS other cube
 # sizes of the chunked ones, SCAN_PROFILE=1 profiles those under ncu.
+# DECODE_PROFILE=1 gives the GPU time and launches per decode step under ncu (scripts/ncu_per_step.py).
 # SCAN=0, SCAN_KERNELS=0, SCAN_BLOCKS=0, ATTENTION=0, TRAIN=0, MOE=0, MATMUL=0, UNFUSED_DECODE=0 skip those parts. Usage: scripts/device_kernels.sh BIN_DIR OUT_DIR
 set -uo pipefail
 bin=$1; out=$2
@@ -125,6 +126,18 @@ kill $smi
 cat /tmp/block/metrics.csv
 echo "peak GPU memory in training (nvidia-smi, MiB): $(sort -n /tmp/mem-train.log | tail -1)"
 }
+if [ "${DECODE_PROFILE:-0}" = 1 ]; then
+echo "== ncu: GPU time and launches per decode step (block model, bf16, batch 1, prompt 64, 8 steps), fused and unfused"
+for be in cuda cuda-unfused; do
+  for steps in 8 0; do
+    timeout 150 ncu --clock-control none --print-summary per-kernel --metrics gpu__time_duration.sum \
+        "$bin/bench" --config benches/configs/block.json --backend $be --dtype bf16 --prompt 64 \
+        --batches 1 --steps $steps --warmup 0 > "$out/ncu-$be-decode$steps.txt" 2>&1
+  done
+  echo "-- $be"
+  python3 scripts/ncu_per_step.py "$out/ncu-$be-decode8.txt" "$out/ncu-$be-decode0.txt" 8 | head -25
+done
+fi
 [ "${PROFILE:-0}" = 1 ] || exit 0
 echo "== ncu: kernel time, model set-up + prompt of 64 with and without 8 decode steps (batch 1)"
 prof() { timeout 100 ncu --clock-control none --print-summary per-kernel --metrics gpu__time_duration.sum "$@"; }

@@ -417,11 +417,156 @@ fn rms_norm_matches_reference() {
 }
 
 #[test]
+fn fused_norms_and_mlp_match_reference() {
+    no_overrides();
+    // add_rms_norm: an f32 residual plus h of each dtype, normed into the weight's dtype.
+    for (rows, dim) in [(1, 1), (3, 130), (2, 2048), (1, 4099)] {
+        let r = random(rows * dim, Distribution::Normal(0.0, 2.0));
+        let h = random(rows * dim, Distribution::Normal(0.5, 1.0));
+        let w = random(dim, Distribution::Normal(1.0, 0.5));
+        for (h_dtype, w_dtype, tol) in [
+            (DType::F32, DType::F32, 1e-5),
+            (DType::F16, DType::F16, 2e-3),
+        ] {
+            fn run<B: JambaBackend>(
+                r: &[f32],
+                h: &[f32],
+                w: &[f32],
+                s: [usize; 2],
+                dt: [DType; 2],
+            ) -> (Vec<f32>, Vec<f32>) {
+                let dev = Default::default();
+                let (sum, out) = B::add_rms_norm(
+                    Tensor::<B, 2>::from_data(TensorData::new(r.to_vec(), s), &dev),
+                    Tensor::<B, 2>::from_data(TensorData::new(h.to_vec(), s), &dev).cast(dt[0]),
+                    Tensor::<B, 1>::from_data(TensorData::new(w.to_vec(), [s[1]]), &dev)
+                        .cast(dt[1]),
+                    1e-6,
+                );
+                assert_eq!(sum.dtype(), DType::F32, "the residual stays f32");
+                assert_eq!(out.dtype(), dt[1], "the norm takes the weight's dtype");
+                (to_f32_vec(sum), to_f32_vec(out))
+            }
+            let s = [rows, dim];
+            // ndarray has no f16: the reference takes the f16-rounded h and weight in f32.
+            let round = |v: &[f32]| -> Vec<f32> {
+                match h_dtype {
+                    DType::F16 => v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+                    _ => v.to_vec(),
+                }
+            };
+            let (h, w) = (round(&h), round(&w));
+            let (want_sum, want) = run::<Ref>(&r, &h, &w, s, [DType::F32, DType::F32]);
+            let (want_sum, want) = (TensorData::new(want_sum, s), TensorData::new(want, s));
+            for (label, (sum, out)) in [
+                ("cube", run::<Cube>(&r, &h, &w, s, [h_dtype, w_dtype])),
+                ("fusion", run::<Wgpu>(&r, &h, &w, s, [h_dtype, w_dtype])),
+            ] {
+                let name = format!("{label} add_rms_norm {rows}x{dim} {h_dtype:?}");
+                // The sum is one f32 addition of the same values: exact.
+                assert_close(&format!("{name} sum"), &sum, &want_sum, 0.0);
+                // f16 output: the reference's value rounded the same way, within 2^-11.
+                assert_close(&name, &out, &want, tol);
+            }
+        }
+    }
+    // rms_norms: Mamba's dt, B and C segments (and one or two segments), strided rows.
+    for widths in [vec![16usize, 4, 4], vec![130, 16, 16], vec![7], vec![33, 1]] {
+        let rows = 3;
+        let total: usize = widths.iter().sum();
+        let x = random(rows * total, Distribution::Normal(0.2, 1.5));
+        let ws: Vec<Vec<f32>> = widths
+            .iter()
+            .map(|&n| random(n, Distribution::Normal(1.0, 0.5)))
+            .collect();
+        fn run<B: JambaBackend>(x: &[f32], ws: &[Vec<f32>], rows: usize) -> Vec<Vec<f32>> {
+            let dev = Default::default();
+            let total: usize = ws.iter().map(Vec::len).sum();
+            // Rows of `total` inside rows of `total + 5`: a strided view, as narrow gives.
+            let mut padded = vec![0.0f32; rows * (total + 5)];
+            for r in 0..rows {
+                padded[r * (total + 5)..r * (total + 5) + total]
+                    .copy_from_slice(&x[r * total..(r + 1) * total]);
+            }
+            let x = Tensor::<B, 2>::from_data(TensorData::new(padded, [rows, total + 5]), &dev)
+                .narrow(1, 0, total);
+            let weights = ws
+                .iter()
+                .map(|w| Tensor::<B, 1>::from_data(TensorData::new(w.clone(), [w.len()]), &dev))
+                .collect();
+            B::rms_norms(x, weights, 1e-6)
+                .into_iter()
+                .map(to_f32_vec)
+                .collect()
+        }
+        let want = run::<Ref>(&x, &ws, rows);
+        for (label, got) in [
+            ("cube", run::<Cube>(&x, &ws, rows)),
+            ("fusion", run::<Wgpu>(&x, &ws, rows)),
+        ] {
+            assert_eq!(got.len(), widths.len(), "{label}: one output per segment");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_close(
+                    &format!("{label} rms_norms {widths:?} segment {i}"),
+                    g,
+                    &TensorData::new(w.clone(), [rows, widths[i]]),
+                    1e-5,
+                );
+            }
+        }
+    }
+    // swiglu_mlp: rows around the decoding kernels' limit (above it the reference runs).
+    for (rows, h, i) in [(1, 64, 48), (3, 136, 520), (8, 40, 9), (9, 24, 20)] {
+        let x = random(rows * h, Distribution::Normal(0.0, 1.0));
+        let g = random(i * h, Distribution::Normal(0.0, 0.3));
+        let u = random(i * h, Distribution::Normal(0.0, 0.3));
+        let d = random(h * i, Distribution::Normal(0.0, 0.3));
+        fn run<B: JambaBackend>(v: [&[f32]; 4], [rows, h, i]: [usize; 3]) -> Tensor<B, 2> {
+            let dev = Default::default();
+            let t = |v: &[f32], s: [usize; 2]| {
+                Tensor::<B, 2>::from_data(TensorData::new(v.to_vec(), s), &dev)
+            };
+            B::swiglu_mlp(
+                t(v[0], [rows, h]),
+                t(v[1], [i, h]),
+                t(v[2], [i, h]),
+                t(v[3], [h, i]),
+            )
+        }
+        let v = [&x[..], &g[..], &u[..], &d[..]];
+        let s = [rows, h, i];
+        let want = data(run::<Ref>(v, s));
+        assert_close(
+            &format!("cube swiglu_mlp {s:?}"),
+            &to_f32_vec(run::<Cube>(v, s)),
+            &want,
+            1e-4,
+        );
+        assert_close(
+            &format!("fusion swiglu_mlp {s:?}"),
+            &to_f32_vec(run::<Wgpu>(v, s)),
+            &want,
+            1e-4,
+        );
+    }
+}
+
+#[test]
 fn decoding_linear_and_experts_match_reference() {
     no_overrides();
     let dev = Default::default();
-    // Linear: [rows, k] x [n, k]^T (+ bias), rows around the kernel's limit (8).
-    for (rows, k, n) in [(1, 64, 33), (3, 130, 70), (8, 40, 9), (9, 70, 17)] {
+    // Linear: [rows, k] x [n, k]^T (+ bias), rows around the kernel's limit (8); long rows
+    // (several unrolled steps per lane, and few columns: planes split a column), odd lengths
+    // (narrower vectors).
+    for (rows, k, n) in [
+        (1, 64, 33),
+        (3, 130, 70),
+        (8, 40, 9),
+        (9, 70, 17),
+        (1, 4096, 5),
+        (2, 1030, 300),
+        (5, 777, 3),
+    ] {
         let x = random(rows * k, Distribution::Normal(0.0, 1.0));
         let w = random(n * k, Distribution::Normal(0.0, 1.0));
         let b = random(n, Distribution::Normal(0.0, 1.0));
@@ -454,8 +599,13 @@ fn decoding_linear_and_experts_match_reference() {
     }
     // Experts: 5 experts, rows routed to two of them; expert 3 gets no row (its weights are
     // filled with NaN: a kernel that read them would poison the output).
-    let (e, h, i) = (5, 24, 20);
-    for rows in [1, 4, 8] {
+    for (rows, (e, h, i)) in [
+        (1, (5, 24, 20)),
+        (4, (5, 24, 20)),
+        (8, (5, 24, 20)),
+        (1, (5, 1024, 72)),
+        (3, (5, 100, 1030)),
+    ] {
         let x = random(rows * h, Distribution::Normal(0.0, 1.0));
         let mut gu = random(e * 2 * i * h, Distribution::Normal(0.0, 0.3));
         let mut down = random(e * h * i, Distribution::Normal(0.0, 0.3));
@@ -507,6 +657,67 @@ fn decoding_linear_and_experts_match_reference() {
             &want,
             1e-4,
         );
+    }
+}
+
+#[test]
+fn decoding_linear_dtypes_and_layouts() {
+    no_overrides();
+    let dev = Default::default();
+    let (rows, k, n) = (3, 520, 37);
+    let x = random(rows * k, Distribution::Normal(0.0, 1.0));
+    let w = random(n * k, Distribution::Normal(0.0, 1.0));
+    // The reference on the f16-rounded weight (what every case below reads).
+    let w16: Vec<f32> = w.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+    let want = data(<Ref as JambaBackend>::linear(
+        Tensor::from_data(TensorData::new(x.clone(), [rows, k]), &dev),
+        Tensor::from_data(TensorData::new(w16.clone(), [n, k]), &dev),
+        None,
+    ));
+    /// `dtypes` of x and the weight; the weight stored as `[k, n]` and passed transposed
+    /// (strided rows: scalar loads) where `transposed`.
+    fn run<B: JambaBackend>(
+        x: &[f32],
+        w: &[f32],
+        [rows, k, n]: [usize; 3],
+        dtypes: [DType; 2],
+        transposed: bool,
+    ) -> (DType, Vec<f32>) {
+        let dev = Default::default();
+        let x =
+            Tensor::<B, 2>::from_data(TensorData::new(x.to_vec(), [rows, k]), &dev).cast(dtypes[0]);
+        let w = Tensor::<B, 2>::from_data(TensorData::new(w.to_vec(), [n, k]), &dev);
+        let w = match transposed {
+            true => w.transpose().cast(dtypes[1]).transpose(),
+            false => w.cast(dtypes[1]),
+        };
+        let y = <B as JambaBackend>::linear(x, w, None);
+        (y.dtype(), to_f32_vec(y))
+    }
+    let s = [rows, k, n];
+    for (x_dtype, tol) in [(DType::F32, 1e-4), (DType::F16, 5e-3)] {
+        for transposed in [false, true] {
+            for (label, (dtype, got)) in [
+                (
+                    "cube",
+                    run::<Cube>(&x, &w16, s, [x_dtype, DType::F16], transposed),
+                ),
+                (
+                    "fusion",
+                    run::<Wgpu>(&x, &w16, s, [x_dtype, DType::F16], transposed),
+                ),
+            ] {
+                assert_eq!(dtype, x_dtype, "{label}: the output takes x's dtype");
+                // f32 x: f32 products of the same f16 weights, summed in another order. f16 x:
+                // x and the output rounded to f16 (2^-11 relative each), over 520 terms.
+                assert_close(
+                    &format!("{label} linear x {x_dtype:?}, weight f16, transposed {transposed}"),
+                    &got,
+                    &want,
+                    tol,
+                );
+            }
+        }
     }
 }
 

@@ -231,7 +231,8 @@ impl<B: JambaBackend, C: CheckpointStrategy> JambaBackend for Autodiff<B, C> {
         weight: Tensor<Self, 2>,
         bias: Option<Tensor<Self, 1>>,
     ) -> Tensor<Self, 2> {
-        let half = matches!(x.dtype(), DType::F16 | DType::BF16) && weight.dtype() == x.dtype();
+        let weight = crate::cast_to(weight, x.dtype());
+        let half = matches!(x.dtype(), DType::F16 | DType::BF16);
         if !B::KERNELS || crate::matmul_routine().is_none() || !half {
             return burn::tensor::module::linear(x, weight.transpose(), bias);
         }

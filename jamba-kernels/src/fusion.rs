@@ -411,9 +411,15 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
         let routine = !small
             && crate::matmul_routine().is_some()
             && matches!(x.dtype(), DType::F16 | DType::BF16);
-        if !B::KERNELS || rows == 0 || x.dtype() != weight.dtype() || !(small || routine) {
+        if !B::KERNELS || rows == 0 || !(small || routine) {
+            let weight = crate::cast_to(weight, x.dtype());
             return burn::tensor::module::linear(x, weight.transpose(), bias);
         }
+        // The decoding kernel reads a weight of another dtype as it is; the routine needs one.
+        let weight = match small {
+            true => weight,
+            false => crate::cast_to(weight, x.dtype()),
+        };
         let dtype = x.dtype();
         let has_bias = bias.is_some();
         let mut tensors = vec![fprim(x), fprim(weight)];
@@ -610,6 +616,89 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
                 let x = inner(it.next().unwrap());
                 let w = inner(it.next().unwrap());
                 vec![raw(B::rms_norm(x, w, eps))]
+            }),
+        );
+        fwrap(outs.into_iter().next().unwrap())
+    }
+
+    fn add_rms_norm(
+        residual: Tensor<Self, 2>,
+        h: Tensor<Self, 2>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        if !B::KERNELS || residual.dtype() != DType::F32 || residual.dims() != h.dims() {
+            return crate::reference::add_rms_norm(residual, h, weight, eps);
+        }
+        let shape = residual.dims().to_vec();
+        let w_dtype = weight.dtype();
+        let outs = register::<B>(
+            "jamba_add_rms_norm",
+            vec![fprim(residual), fprim(h), fprim(weight)],
+            vec![(shape.clone(), DType::F32), (shape, w_dtype)],
+            Arc::new(move |prims| {
+                let mut it = prims.into_iter();
+                let r = inner(it.next().unwrap());
+                let h = inner(it.next().unwrap());
+                let w = inner(it.next().unwrap());
+                let (sum, out) = B::add_rms_norm(r, h, w, eps);
+                vec![raw(sum), raw(out)]
+            }),
+        );
+        let mut outs = outs.into_iter();
+        (fwrap(outs.next().unwrap()), fwrap(outs.next().unwrap()))
+    }
+
+    fn rms_norms(
+        x: Tensor<Self, 2>,
+        weights: Vec<Tensor<Self, 1>>,
+        eps: f64,
+    ) -> Vec<Tensor<Self, 2>> {
+        if !B::KERNELS || weights.is_empty() {
+            return crate::reference::rms_norms(x, weights, eps);
+        }
+        let rows = x.dims()[0];
+        let shapes = weights
+            .iter()
+            .map(|w| (vec![rows, w.dims()[0]], w.dtype()))
+            .collect();
+        let mut tensors = vec![fprim(x)];
+        tensors.extend(weights.into_iter().map(fprim));
+        let outs = register::<B>(
+            "jamba_rms_norms",
+            tensors,
+            shapes,
+            Arc::new(move |prims| {
+                let mut it = prims.into_iter();
+                let x = inner(it.next().unwrap());
+                let weights = it.map(inner).collect();
+                B::rms_norms(x, weights, eps).into_iter().map(raw).collect()
+            }),
+        );
+        outs.into_iter().map(fwrap).collect()
+    }
+
+    fn swiglu_mlp(
+        x: Tensor<Self, 2>,
+        gate: Tensor<Self, 2>,
+        up: Tensor<Self, 2>,
+        down: Tensor<Self, 2>,
+    ) -> Tensor<Self, 2> {
+        let [rows, _] = x.dims();
+        let [hidden, _] = down.dims();
+        if !B::KERNELS || rows == 0 || rows > crate::decode_max_rows() {
+            return crate::reference::swiglu_mlp::<Self>(x, gate, up, down);
+        }
+        let dtype = x.dtype();
+        let outs = register::<B>(
+            "jamba_swiglu_mlp",
+            vec![fprim(x), fprim(gate), fprim(up), fprim(down)],
+            vec![(vec![rows, hidden], dtype)],
+            Arc::new(move |prims| {
+                let mut it = prims.into_iter();
+                let mut next = || inner(it.next().unwrap());
+                let (x, gate, up, down) = (next(), next(), next(), next());
+                vec![raw(B::swiglu_mlp(x, gate, up, down))]
             }),
         );
         fwrap(outs.into_iter().next().unwrap())

@@ -15,7 +15,16 @@ pub mod cube;
 #[cfg(feature = "cube")]
 mod fusion;
 
-use burn::tensor::{backend::Backend, Int, Tensor};
+use burn::tensor::{backend::Backend, DType, Int, Tensor};
+
+/// `t` in `dtype`; no operation where it already is (a fused backend would record one).
+pub(crate) fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        t.cast(dtype)
+    }
+}
 
 /// Inputs of the Mamba-1 selective scan, in mamba-ssm's layout (channels before time).
 ///
@@ -220,13 +229,16 @@ pub trait JambaBackend: Backend {
         unimplemented!("causal_conv1d_backward is only called on backends with KERNELS")
     }
 
-    /// `x @ weight^T + bias` for `x` `[rows, in]` and `weight` `[out, in]` (HF layout).
-    /// Backends with kernels use a memory-bound kernel when `rows` is small (decoding).
+    /// `x @ weight^T + bias` for `x` `[rows, in]` and `weight` `[out, in]` (HF layout), in
+    /// `x`'s dtype: a `weight` of another float dtype is read as `x`'s (the router's f32 logits
+    /// from bf16 weights). Backends with kernels use a memory-bound kernel when `rows` is small
+    /// (decoding), which reads such a weight without converting it first.
     fn linear(
         x: Tensor<Self, 2>,
         weight: Tensor<Self, 2>,
         bias: Option<Tensor<Self, 1>>,
     ) -> Tensor<Self, 2> {
+        let weight = cast_to(weight, x.dtype());
         burn::tensor::module::linear(x, weight.transpose(), bias)
     }
 
@@ -292,6 +304,40 @@ pub trait JambaBackend: Backend {
         v: Tensor<Self, 4>,
     ) -> Tensor<Self, 4> {
         reference::causal_attention(q, k, v)
+    }
+
+    /// `residual + h` in f32 (the residual stream; `h` of any float dtype) and the RMSNorm of
+    /// that sum as [`JambaBackend::rms_norm`] computes it: one kernel on backends with kernels.
+    fn add_rms_norm(
+        residual: Tensor<Self, 2>,
+        h: Tensor<Self, 2>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        reference::add_rms_norm(residual, h, weight, eps)
+    }
+
+    /// The RMSNorms of consecutive column segments of `x` `[rows, sum of widths]`, segment `i`
+    /// as wide as `weights[i]` (Mamba's dt, B and C norms on the x_proj output): one kernel
+    /// for up to three segments on backends with kernels, and no copies of the segments.
+    fn rms_norms(
+        x: Tensor<Self, 2>,
+        weights: Vec<Tensor<Self, 1>>,
+        eps: f64,
+    ) -> Vec<Tensor<Self, 2>> {
+        reference::rms_norms(x, weights, eps)
+    }
+
+    /// The dense SwiGLU MLP `down(silu(gate x) * up x)` on `x` `[rows, hidden]`, weights in HF
+    /// layout (`gate`, `up` `[inter, hidden]`, `down` `[hidden, inter]`). Backends with kernels
+    /// run two decoding kernels when `rows` is small.
+    fn swiglu_mlp(
+        x: Tensor<Self, 2>,
+        gate: Tensor<Self, 2>,
+        up: Tensor<Self, 2>,
+        down: Tensor<Self, 2>,
+    ) -> Tensor<Self, 2> {
+        reference::swiglu_mlp::<Self>(x, gate, up, down)
     }
 
     /// One decoding position of the scan: returns `y` `[batch, d_inner]` and the new state.

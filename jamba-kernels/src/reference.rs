@@ -7,7 +7,7 @@
 use burn::tensor::{activation, backend::Backend, Bool, DType, Int, Tensor};
 
 use crate::{
-    CausalConv1dInput, CausalConv1dUpdate, SelectiveScanInput, SelectiveScanOutput,
+    CausalConv1dInput, CausalConv1dUpdate, JambaBackend, SelectiveScanInput, SelectiveScanOutput,
     SelectiveStateUpdate,
 };
 
@@ -219,6 +219,48 @@ pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 1>, eps: f64) -> 
     let var = x.clone().square().mean_dim(1);
     let y = x * var.add_scalar(eps).sqrt().recip();
     y.cast(weight.dtype()) * weight.unsqueeze::<2>()
+}
+
+/// `residual + h` in f32 (the residual stream) and its RMSNorm with `weight` (as [`rms_norm`]).
+pub fn add_rms_norm<B: Backend>(
+    residual: Tensor<B, 2>,
+    h: Tensor<B, 2>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let sum = residual.cast(DType::F32) + h.cast(DType::F32);
+    let normed = rms_norm(sum.clone(), weight, eps);
+    (sum, normed)
+}
+
+/// The RMSNorm of consecutive column segments of `x`, segment `i` as wide as `weights[i]`.
+pub fn rms_norms<B: Backend>(
+    x: Tensor<B, 2>,
+    weights: Vec<Tensor<B, 1>>,
+    eps: f64,
+) -> Vec<Tensor<B, 2>> {
+    let mut start = 0;
+    weights
+        .into_iter()
+        .map(|w| {
+            let width = w.dims()[0];
+            let out = rms_norm(x.clone().narrow(1, start, width), w, eps);
+            start += width;
+            out
+        })
+        .collect()
+}
+
+/// `down(silu(gate x) * up x)` through `B`'s [`JambaBackend::linear`].
+pub fn swiglu_mlp<B: JambaBackend>(
+    x: Tensor<B, 2>,
+    gate: Tensor<B, 2>,
+    up: Tensor<B, 2>,
+    down: Tensor<B, 2>,
+) -> Tensor<B, 2> {
+    let g = activation::silu(<B as JambaBackend>::linear(x.clone(), gate, None));
+    let act = g * <B as JambaBackend>::linear(x, up, None);
+    <B as JambaBackend>::linear(act, down, None)
 }
 
 /// One decoding position of the scan: the scan of length 1 continuing from `state`.

@@ -123,8 +123,18 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
                 "a layer's state always matches its mixer (the cache is built from the model)"
             ),
         };
-        let x = x + h.cast(DType::F32);
-        let h = self.pre_ff_layernorm.forward(x.clone());
+        // The residual add and the next norm in one pass (one kernel where the backend has it).
+        let [batch, len, hidden] = x.dims();
+        let (x, h) = B::add_rms_norm(
+            x.reshape([batch * len, hidden]),
+            h.reshape([batch * len, hidden]),
+            self.pre_ff_layernorm.weight.val(),
+            self.pre_ff_layernorm.eps,
+        );
+        let (x, h) = (
+            x.reshape([batch, len, hidden]),
+            h.reshape([batch, len, hidden]),
+        );
         let (h, router_logits) = match &self.feed_forward {
             FeedForward::Mlp(mlp) => (mlp.forward(h), None),
             FeedForward::Moe(moe) => {

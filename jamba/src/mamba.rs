@@ -30,6 +30,18 @@ pub struct MambaState<B: Backend> {
     pub conv: Tensor<B, 3>,
     /// `[batch, d_inner, d_state]`, f32.
     pub ssm: Tensor<B, 3>,
+    /// The layer's `A`, `D` and dt bias in f32, derived from its weights at the first decoding
+    /// step of this state and kept for the next ones (they are the same for every token).
+    pub constants: Option<SsmConstants<B>>,
+}
+
+/// A Mamba layer's parameters as the scan takes them: `A = -exp(A_log)` `[d_inner, d_state]`,
+/// `D` and the dt bias `[d_inner]`, all f32.
+#[derive(Debug, Clone)]
+pub struct SsmConstants<B: Backend> {
+    pub a: Tensor<B, 2>,
+    pub d: Tensor<B, 1>,
+    pub delta_bias: Option<Tensor<B, 1>>,
 }
 
 /// Depthwise causal conv1d weights, `conv1d.weight` `[d_inner, 1, d_conv]` as in PyTorch.
@@ -97,6 +109,7 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         MambaState {
             conv: Tensor::zeros([batch, self.d_inner, self.d_conv - 1], (device, DType::F32)),
             ssm: Tensor::zeros([batch, self.d_inner, self.d_state], (device, DType::F32)),
+            constants: None,
         }
     }
 
@@ -152,23 +165,24 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         };
 
         let ssm_params = self.x_proj.forward(x.clone().swap_dims(1, 2)); // [batch, len, r + 2n]
-        let dt = self
-            .dt_layernorm
-            .forward(ssm_params.clone().narrow(2, 0, r));
-        let b = self.b_layernorm.forward(ssm_params.clone().narrow(2, r, n));
-        let c = self.c_layernorm.forward(ssm_params.narrow(2, r + n, n));
+        let [dt, b, c] = self.ssm_norms(ssm_params.reshape([batch * len, r + 2 * n]));
+        let (dt, b, c) = (
+            dt.reshape([batch, len, r]),
+            b.reshape([batch, len, n]),
+            c.reshape([batch, len, n]),
+        );
         let dt = project(dt, self.dt_proj.weight.val());
 
-        let a = self.a_log.val().cast(DType::F32).exp().neg();
+        let constants = self.ssm_constants();
         let out = B::selective_scan(SelectiveScanInput {
             u: x,
             delta: dt.swap_dims(1, 2),
-            a,
+            a: constants.a,
             b: b.swap_dims(1, 2),
             c: c.swap_dims(1, 2),
-            d: self.d.val().cast(DType::F32),
+            d: constants.d,
             z: Some(z),
-            delta_bias: self.dt_proj.bias.as_ref().map(|b| b.val().cast(DType::F32)),
+            delta_bias: constants.delta_bias,
             delta_softplus: true,
             initial_state: ssm_state,
         });
@@ -191,7 +205,7 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         state: &mut MambaState<B>,
     ) -> Tensor<B, 3> {
         let [batch, _, _] = hidden.dims();
-        let (di, n, r, k) = (self.d_inner, self.d_state, self.dt_rank, self.d_conv);
+        let (di, k) = (self.d_inner, self.d_conv);
         let device = hidden.device();
         let hidden = match mask {
             Some(m) => hidden * m.clone().unsqueeze_dim::<3>(2),
@@ -221,28 +235,49 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         };
 
         let ssm_params = self.x_proj.forward(x.clone()); // [batch, r + 2n]
-        let dt = self
-            .dt_layernorm
-            .forward(ssm_params.clone().narrow(1, 0, r));
-        let b = self.b_layernorm.forward(ssm_params.clone().narrow(1, r, n));
-        let c = self.c_layernorm.forward(ssm_params.narrow(1, r + n, n));
+        let [dt, b, c] = self.ssm_norms(ssm_params);
         let dt = project(dt, self.dt_proj.weight.val());
-        let a = self.a_log.val().cast(DType::F32).exp().neg();
+        let constants = state
+            .constants
+            .get_or_insert_with(|| self.ssm_constants())
+            .clone();
         let ssm_state = std::mem::replace(&mut state.ssm, placeholder());
         let (y, ssm_state) = B::selective_state_update(SelectiveStateUpdate {
             state: ssm_state,
             x,
             delta: dt,
-            a,
+            a: constants.a,
             b,
             c,
-            d: self.d.val().cast(DType::F32),
+            d: constants.d,
             z: Some(z),
-            delta_bias: self.dt_proj.bias.as_ref().map(|b| b.val().cast(DType::F32)),
+            delta_bias: constants.delta_bias,
             delta_softplus: true,
         });
         state.ssm = ssm_state;
         self.out_proj.forward(y).unsqueeze_dim(1)
+    }
+
+    /// `A = -exp(A_log)`, `D` and the dt bias in f32, as the scan takes them.
+    fn ssm_constants(&self) -> SsmConstants<B> {
+        SsmConstants {
+            a: self.a_log.val().cast(DType::F32).exp().neg(),
+            d: self.d.val().cast(DType::F32),
+            delta_bias: self.dt_proj.bias.as_ref().map(|b| b.val().cast(DType::F32)),
+        }
+    }
+
+    /// The dt, B and C RMSNorms of the x_proj output `[rows, dt_rank + 2 d_state]` (one
+    /// kernel where the backend has it).
+    fn ssm_norms(&self, params: Tensor<B, 2>) -> [Tensor<B, 2>; 3] {
+        let norms = [&self.dt_layernorm, &self.b_layernorm, &self.c_layernorm];
+        let mut out = B::rms_norms(
+            params,
+            norms.iter().map(|n| n.weight.val()).collect(),
+            self.dt_layernorm.eps,
+        )
+        .into_iter();
+        [(); 3].map(|_| out.next().expect("three norms"))
     }
 
     pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {

@@ -32,9 +32,19 @@ impl<B: JambaBackend> JambaMlp<B> {
         })
     }
 
+    /// Through [`JambaBackend::swiglu_mlp`] (two decoding kernels for a few rows).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let gate = activation::silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(gate * self.up_proj.forward(x))
+        let shape = x.dims();
+        let rows = shape.iter().take(D - 1).product();
+        let y = B::swiglu_mlp(
+            x.reshape([rows, shape[D - 1]]),
+            self.gate_proj.weight.val(),
+            self.up_proj.weight.val(),
+            self.down_proj.weight.val(),
+        );
+        let mut out = shape;
+        out[D - 1] = y.dims()[1];
+        y.reshape(out)
     }
 
     pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
@@ -207,11 +217,9 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
         let x = x.reshape([tokens, hidden]);
         let device = x.device();
         // Routing in f32: a near-tie between experts must not flip with the weights' rounding.
-        let router_logits = <B as JambaBackend>::linear(
-            x.clone().cast(DType::F32),
-            self.router.weight.val().cast(DType::F32),
-            None,
-        );
+        // (`linear` reads the weight in x's dtype; decoding kernels without converting it.)
+        let router_logits =
+            <B as JambaBackend>::linear(x.clone().cast(DType::F32), self.router.weight.val(), None);
         let (weights, chosen) = B::moe_route(router_logits.clone(), self.top_k); // [tokens, k]
         let weights = weights.cast(x.dtype());
         let mut out: Option<Tensor<B, 2>> = None;

@@ -3,6 +3,7 @@
 // The kernel wrappers return tuples of backend tensors, spelled out generically.
 #![allow(clippy::type_complexity)]
 
+mod decode;
 pub mod kernels;
 mod matmul;
 mod moe;
@@ -325,6 +326,61 @@ where
         rms_norm(x, weight, eps)
     }
 
+    fn add_rms_norm(
+        residual: Tensor<Self, 2>,
+        h: Tensor<Self, 2>,
+        weight: Tensor<Self, 1>,
+        eps: f64,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        if residual.dtype() != DType::F32 || residual.dims() != h.dims() || !use_kernel("rms_norm")
+        {
+            return crate::reference::add_rms_norm(residual, h, weight, eps);
+        }
+        decode::add_rms_norm(residual, h, weight, eps)
+    }
+
+    fn rms_norms(
+        x: Tensor<Self, 2>,
+        weights: Vec<Tensor<Self, 1>>,
+        eps: f64,
+    ) -> Vec<Tensor<Self, 2>> {
+        let width: usize = weights.iter().map(|w| w.dims()[0]).sum();
+        if weights.is_empty()
+            || weights.len() > 3
+            || width != x.dims()[1]
+            || weights.iter().any(|w| w.dtype() != weights[0].dtype())
+            || !use_kernel("rms_norm")
+        {
+            return crate::reference::rms_norms(x, weights, eps);
+        }
+        decode::rms_norms(x, weights, eps)
+    }
+
+    fn swiglu_mlp(
+        x: Tensor<Self, 2>,
+        gate: Tensor<Self, 2>,
+        up: Tensor<Self, 2>,
+        down: Tensor<Self, 2>,
+    ) -> Tensor<Self, 2> {
+        let [rows, _] = x.dims();
+        let dtype = x.dtype();
+        if rows == 0
+            || rows > crate::decode_max_rows()
+            || [&gate, &up, &down].iter().any(|w| w.dtype() != dtype)
+            || !use_kernel("mlp")
+        {
+            return crate::reference::swiglu_mlp::<Self>(x, gate, up, down);
+        }
+        decode::swiglu_rows(
+            x,
+            gate.unsqueeze_dim(0),
+            up.unsqueeze_dim(0),
+            0,
+            down.unsqueeze_dim(0),
+            None,
+        )
+    }
+
     fn causal_attention(
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,
@@ -346,12 +402,8 @@ where
         bias: Option<Tensor<Self, 1>>,
     ) -> Tensor<Self, 2> {
         let [rows, _] = x.dims();
-        if rows == 0
-            || rows > crate::decode_max_rows()
-            || x.dtype() != weight.dtype()
-            || !use_kernel("linear")
-        {
-            let weight_t = weight.transpose();
+        if rows == 0 || rows > crate::decode_max_rows() || !use_kernel("linear") {
+            let weight_t = crate::cast_to(weight, x.dtype()).transpose();
             return match matmul::routine_matmul(&x, &weight_t) {
                 Some(y) => match bias {
                     Some(b) => y + b.unsqueeze(),
@@ -360,7 +412,7 @@ where
                 None => burn::tensor::module::linear(x, weight_t, bias),
             };
         }
-        gemv(x, weight, bias)
+        decode::gemv(x, weight, bias)
     }
 
     fn matmul(lhs: Tensor<Self, 2>, rhs: Tensor<Self, 2>) -> Tensor<Self, 2> {
@@ -1140,10 +1192,6 @@ where
     out
 }
 
-/// Units per cube of the decoding kernels, and units per output column.
-const GEMV_UNITS: usize = 128;
-const GEMV_GROUP: usize = 32;
-
 /// A grid of `cubes` cubes (2-D when one dimension would pass 65535).
 fn grid(cubes: usize, y: u32) -> CubeCount {
     let cubes = cubes.max(1) as u32;
@@ -1153,47 +1201,6 @@ fn grid(cubes: usize, y: u32) -> CubeCount {
     } else {
         CubeCount::Static(cubes, y, 1)
     }
-}
-
-fn gemv<R, F, I, BT>(
-    x: Tensor<Cube<R, F, I, BT>, 2>,
-    weight: Tensor<Cube<R, F, I, BT>, 2>,
-    bias: Option<Tensor<Cube<R, F, I, BT>, 1>>,
-) -> Tensor<Cube<R, F, I, BT>, 2>
-where
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
-{
-    let [rows, _] = x.dims();
-    let [n, _] = weight.dims();
-    let dtype = x.dtype();
-    let device = x.device();
-    let out = Tensor::<Cube<R, F, I, BT>, 2>::empty([rows, n], (&device, dtype));
-    let has_bias = bias.is_some();
-    let bias = bias
-        .map(|b| b.cast(dtype))
-        .unwrap_or_else(|| dummy_of::<Cube<R, F, I, BT>, 1>(&device, dtype));
-    let x = prim(x);
-    let client = x.client.clone();
-    unsafe {
-        kernels::gemv_kernel::launch_unchecked::<R>(
-            &client,
-            grid(n.div_ceil(GEMV_UNITS / GEMV_GROUP), 1),
-            CubeDim::new_1d(GEMV_UNITS as u32),
-            x.into_tensor_arg(),
-            prim(weight).into_tensor_arg(),
-            prim(bias).into_tensor_arg(),
-            prim(out.clone()).into_tensor_arg(),
-            rows,
-            GEMV_UNITS,
-            GEMV_GROUP,
-            has_bias,
-            dtype.into(),
-        );
-    }
-    out
 }
 
 fn moe_decode<R, F, I, BT>(
@@ -1208,45 +1215,8 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    let [rows, hidden] = x.dims();
-    let [experts, two_i, _] = gate_up.dims();
-    let inter = two_i / 2;
-    let dtype = x.dtype();
-    let device = x.device();
-    let act = Tensor::<Cube<R, F, I, BT>, 3>::empty([experts, rows, inter], (&device, dtype));
-    let out = Tensor::<Cube<R, F, I, BT>, 2>::empty([rows, hidden], (&device, dtype));
-    let x = prim(x);
-    let client = x.client.clone();
-    let cols = GEMV_UNITS / GEMV_GROUP;
-    unsafe {
-        kernels::moe_gate_up_kernel::launch_unchecked::<R>(
-            &client,
-            grid(inter.div_ceil(cols), experts as u32),
-            CubeDim::new_1d(GEMV_UNITS as u32),
-            x.into_tensor_arg(),
-            prim(gate_up).into_tensor_arg(),
-            prim(weights.clone()).into_tensor_arg(),
-            prim(act.clone()).into_tensor_arg(),
-            rows,
-            GEMV_UNITS,
-            GEMV_GROUP,
-            dtype.into(),
-        );
-        kernels::moe_down_kernel::launch_unchecked::<R>(
-            &client,
-            grid(hidden.div_ceil(cols), 1),
-            CubeDim::new_1d(GEMV_UNITS as u32),
-            prim(act).into_tensor_arg(),
-            prim(down).into_tensor_arg(),
-            prim(weights).into_tensor_arg(),
-            prim(out.clone()).into_tensor_arg(),
-            rows,
-            GEMV_UNITS,
-            GEMV_GROUP,
-            dtype.into(),
-        );
-    }
-    out
+    let [_, two_i, _] = gate_up.dims();
+    decode::swiglu_rows(x, gate_up.clone(), gate_up, two_i / 2, down, Some(weights))
 }
 
 /// Causal flash attention (cubek's kernels, as Burn's `attention` runs them under autotune):

@@ -1,0 +1,801 @@
+//! Kernels of decoding: products with a few rows, where every weight is read once for all rows
+//! (memory-bound), and the small fused operations around them that would otherwise each cost a
+//! launch per layer and step.
+//!
+//! The products give each output column to `split` planes of a cube: the units of a plane read
+//! consecutive vectors of the column's weight row (16 bytes each where the layout allows it,
+//! [`vector_width`]), keep [`UNROLL`] of them in flight, and reduce with `plane_sum`; with
+//! `split > 1` the planes of a column add their sums in shared memory. Nothing assumes a plane
+//! size: the plane index and lane come from the runtime's `PLANE_DIM`.
+
+// `#[cube]` expands a subset of Rust: nested comptime/runtime `if`s stay apart, and integer
+// `div_ceil` and `is_multiple_of` are written out.
+#![allow(
+    clippy::collapsible_if,
+    clippy::manual_div_ceil,
+    clippy::manual_is_multiple_of
+)]
+
+use burn::tensor::{DType, Tensor as BTensor};
+use burn_cubecl::{
+    cubecl::prelude::{CubeCount, CubeDim},
+    tensor::CubeTensor,
+    BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement,
+};
+use cubecl::prelude::*;
+
+use super::{dummy_of, prim};
+
+/// Vectors a unit loads before it uses them (independent loads in flight per unit).
+const UNROLL: usize = 4;
+
+/// Units per cube of the products.
+pub(crate) const GEMV_UNITS: usize = 128;
+
+#[cube]
+fn silu_f32(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// `sum(a * b)` over the lanes of two vectors, in f32.
+#[cube]
+fn dot<A: Float, W: Float, N: Size>(a: Vector<A, N>, b: Vector<W, N>) -> f32 {
+    let p = Vector::<f32, N>::cast_from(a) * Vector::<f32, N>::cast_from(b);
+    let mut s = 0.0f32;
+    #[unroll]
+    for e in 0..N::value() {
+        s += p[e];
+    }
+    s
+}
+
+/// The output column of this unit's plane in cube `cube`: a cube holds `units / PLANE_DIM /
+/// split` columns of `split` consecutive planes each.
+#[cube]
+fn column_of(cube: usize, #[comptime] units: usize, #[comptime] split: usize) -> usize {
+    let plane_idx = (UNIT_POS_X / PLANE_DIM) as usize;
+    let cols = units / PLANE_DIM as usize / split;
+    cube * cols + plane_idx / split
+}
+
+/// The cube's index in a grid of cubes along x and y.
+#[cube]
+fn flat_cube() -> usize {
+    CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize
+}
+
+/// This unit's part of its column's row (`0..split`).
+#[cube]
+fn part_of(#[comptime] split: usize) -> u32 {
+    (UNIT_POS_X / PLANE_DIM) % split as u32
+}
+
+/// `acc[m] += x[m] . w[w_base..]` over this unit's share of the `kv` vectors of a row: vector
+/// `j` of row `m` of `x` is `x[m * x_row + j * x_step]`, of `w` `w[w_base + j * w_step]`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn dot_rows<A: Float, W: Float, N: Size>(
+    x: &Tensor<Vector<A, N>>,
+    x_base: usize,
+    x_row: usize,
+    x_step: usize,
+    w: &Tensor<Vector<W, N>>,
+    w_base: usize,
+    w_step: usize,
+    first: usize,
+    step: usize,
+    kv: usize,
+    acc: &mut Array<f32>,
+    #[comptime] rows: usize,
+) {
+    let mut j = first;
+    let mut wv = Array::<Vector<W, N>>::new(UNROLL);
+    while j + (UNROLL - 1) * step < kv {
+        #[unroll]
+        for u in 0..UNROLL {
+            wv[u] = w[w_base + (j + u * step) * w_step];
+        }
+        #[unroll]
+        for u in 0..UNROLL {
+            #[unroll]
+            for m in 0..rows {
+                acc[m] += dot(x[x_base + m * x_row + (j + u * step) * x_step], wv[u]);
+            }
+        }
+        j += UNROLL * step;
+    }
+    while j < kv {
+        let v = w[w_base + j * w_step];
+        #[unroll]
+        for m in 0..rows {
+            acc[m] += dot(x[x_base + m * x_row + j * x_step], v);
+        }
+        j += step;
+    }
+}
+
+/// Sums `acc[m]` over the plane, then over the `split` planes of a column (shared memory, one
+/// `sync_cube`); afterwards lane 0 of the column's first plane holds the totals.
+#[cube]
+fn reduce_column(
+    acc: &mut Array<f32>,
+    part: u32,
+    lane: u32,
+    #[comptime] rows: usize,
+    #[comptime] units: usize,
+    #[comptime] split: usize,
+) {
+    #[unroll]
+    for m in 0..rows {
+        acc[m] = plane_sum(acc[m]);
+    }
+    if comptime!(split > 1) {
+        let mut partial = SharedMemory::<f32>::new(units * rows);
+        let plane_idx = (UNIT_POS_X / PLANE_DIM) as usize;
+        if lane == 0 {
+            #[unroll]
+            for m in 0..rows {
+                partial[plane_idx * rows + m] = acc[m];
+            }
+        }
+        sync_cube();
+        if lane == 0 && part == 0 {
+            #[unroll]
+            for m in 0..rows {
+                let mut s = 0.0f32;
+                #[unroll]
+                for p in 0..split {
+                    s += partial[(plane_idx + p) * rows + m];
+                }
+                acc[m] = s;
+            }
+        }
+    }
+}
+
+/// `out[m, n] = bias[n] + sum_k x[m, k] * w[n, k]` for few rows `m` (decoding): each column is
+/// a dot product along a row of `w`, read once for all rows of `x`. `x` and `out` share a dtype,
+/// `w` may have another (the router's f32 logits from bf16 weights).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn gemv_kernel<A: Float, W: Float, N: Size>(
+    x: &Tensor<Vector<A, N>>,
+    w: &Tensor<Vector<W, N>>,
+    bias: &Tensor<A>,
+    out: &mut Tensor<A>,
+    #[comptime] rows: usize,
+    #[comptime] units: usize,
+    #[comptime] split: usize,
+    #[comptime] has_bias: bool,
+    #[define(A, W)] _dtypes: [StorageType; 2],
+) {
+    let n = column_of(flat_cube(), units, split);
+    let part = part_of(split);
+    let lane = UNIT_POS_X % PLANE_DIM;
+    let n_len = w.shape(0);
+    let vs = x.vector_size();
+    let kv = x.shape(1) / vs;
+    let mut acc = Array::<f32>::new(rows);
+    #[unroll]
+    for m in 0..rows {
+        acc[m] = 0.0;
+    }
+    if n < n_len {
+        let plane = PLANE_DIM as usize;
+        dot_rows(
+            x,
+            0,
+            x.stride(0) / vs,
+            x.stride(1),
+            w,
+            n * w.stride(0) / vs,
+            w.stride(1),
+            part as usize * plane + lane as usize,
+            plane * split,
+            kv,
+            &mut acc,
+            rows,
+        );
+    }
+    reduce_column(&mut acc, part, lane, rows, units, split);
+    if lane == 0 && part == 0 && n < n_len {
+        #[unroll]
+        for m in 0..rows {
+            let mut v = acc[m];
+            if has_bias {
+                v += f32::cast_from(bias[n * bias.stride(0)]);
+            }
+            out[m * out.stride(0) + n * out.stride(1)] = A::cast_from(v);
+        }
+    }
+}
+
+/// First half of SwiGLU experts for few rows: `act[e, m, i] = silu(x[m] . gate[e, i]) *
+/// (x[m] . up[e, up_row + i])` where row `m` is routed to expert `e` (`weights[m, e] != 0`) or
+/// without `routed` for every row (a dense MLP: one expert). With `routed`, the experts no row
+/// routes to are not read. Cube `(x, y)` = (block of columns `i`, expert). `gate` and `up` may be
+/// one tensor (the experts' `gate_up`, `up_row` = intermediate size).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn swiglu_rows_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    gate: &Tensor<Vector<F, N>>,
+    up: &Tensor<Vector<F, N>>,
+    weights: &Tensor<F>,
+    act: &mut Tensor<F>,
+    up_row: usize,
+    #[comptime] rows: usize,
+    #[comptime] units: usize,
+    #[comptime] split: usize,
+    #[comptime] routed: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let e = CUBE_POS_Y as usize;
+    if routed {
+        let mut used = false;
+        #[unroll]
+        for m in 0..rows {
+            used = used
+                || f32::cast_from(weights[m * weights.stride(0) + e * weights.stride(1)]) != 0.0;
+        }
+        if !used {
+            terminate!();
+        }
+    }
+    let i = column_of(CUBE_POS_X as usize, units, split);
+    let part = part_of(split);
+    let lane = UNIT_POS_X % PLANE_DIM;
+    let inter = act.shape(2);
+    let vs = x.vector_size();
+    let kv = x.shape(1) / vs;
+    let mut acc_g = Array::<f32>::new(rows);
+    let mut acc_u = Array::<f32>::new(rows);
+    #[unroll]
+    for m in 0..rows {
+        acc_g[m] = 0.0;
+        acc_u[m] = 0.0;
+    }
+    if i < inter {
+        let plane = PLANE_DIM as usize;
+        let first = part as usize * plane + lane as usize;
+        let (x_row, x_step) = (x.stride(0) / vs, x.stride(1));
+        dot_rows(
+            x,
+            0,
+            x_row,
+            x_step,
+            gate,
+            (e * gate.stride(0) + i * gate.stride(1)) / vs,
+            gate.stride(2),
+            first,
+            plane * split,
+            kv,
+            &mut acc_g,
+            rows,
+        );
+        dot_rows(
+            x,
+            0,
+            x_row,
+            x_step,
+            up,
+            (e * up.stride(0) + (up_row + i) * up.stride(1)) / vs,
+            up.stride(2),
+            first,
+            plane * split,
+            kv,
+            &mut acc_u,
+            rows,
+        );
+    }
+    reduce_column(&mut acc_g, part, lane, rows, units, split);
+    reduce_column(&mut acc_u, part, lane, rows, units, split);
+    if lane == 0 && part == 0 && i < inter {
+        #[unroll]
+        for m in 0..rows {
+            act[e * act.stride(0) + m * act.stride(1) + i * act.stride(2)] =
+                F::cast_from(silu_f32(acc_g[m]) * acc_u[m]);
+        }
+    }
+}
+
+/// Second half: `out[m, n] = sum_e weights[m, e] * (act[e, m] . down[e, n])` over the experts
+/// row `m` is routed to (with `routed`; without, the weight is 1 and every expert counts).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn down_rows_kernel<F: Float, N: Size>(
+    act: &Tensor<Vector<F, N>>,
+    down: &Tensor<Vector<F, N>>,
+    weights: &Tensor<F>,
+    out: &mut Tensor<F>,
+    #[comptime] rows: usize,
+    #[comptime] units: usize,
+    #[comptime] split: usize,
+    #[comptime] routed: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let n = column_of(flat_cube(), units, split);
+    let part = part_of(split);
+    let lane = UNIT_POS_X % PLANE_DIM;
+    let experts = down.shape(0);
+    let h_len = down.shape(1);
+    let vs = act.vector_size();
+    let kv = down.shape(2) / vs;
+    let mut acc = Array::<f32>::new(rows);
+    let mut acc_e = Array::<f32>::new(rows);
+    let mut wm = Array::<f32>::new(rows);
+    #[unroll]
+    for m in 0..rows {
+        acc[m] = 0.0;
+    }
+    let plane = PLANE_DIM as usize;
+    for e in 0..experts {
+        let mut used = false;
+        if !routed {
+            used = true;
+        }
+        #[unroll]
+        for m in 0..rows {
+            wm[m] = 1.0;
+            if routed {
+                wm[m] = f32::cast_from(weights[m * weights.stride(0) + e * weights.stride(1)]);
+                used = used || wm[m] != 0.0;
+            }
+            acc_e[m] = 0.0;
+        }
+        if used && n < h_len {
+            dot_rows(
+                act,
+                e * act.stride(0) / vs,
+                act.stride(1) / vs,
+                act.stride(2),
+                down,
+                (e * down.stride(0) + n * down.stride(1)) / vs,
+                down.stride(2),
+                part as usize * plane + lane as usize,
+                plane * split,
+                kv,
+                &mut acc_e,
+                rows,
+            );
+            #[unroll]
+            for m in 0..rows {
+                acc[m] += wm[m] * acc_e[m];
+            }
+        }
+    }
+    reduce_column(&mut acc, part, lane, rows, units, split);
+    if lane == 0 && part == 0 && n < h_len {
+        #[unroll]
+        for m in 0..rows {
+            out[m * out.stride(0) + n * out.stride(1)] = F::cast_from(acc[m]);
+        }
+    }
+}
+
+/// The sum of `v` over the cube's units: a plane sum, then the planes' sums through shared
+/// memory (one `sync_cube`). Every unit gets the total.
+#[cube]
+fn cube_sum(v: f32, #[comptime] units: usize) -> f32 {
+    let mut partial = SharedMemory::<f32>::new(units);
+    let s = plane_sum(v);
+    if UNIT_POS_X % PLANE_DIM == 0 {
+        partial[(UNIT_POS_X / PLANE_DIM) as usize] = s;
+    }
+    sync_cube();
+    let planes = ((units as u32 + PLANE_DIM - 1) / PLANE_DIM) as usize;
+    let mut total = 0.0f32;
+    for p in 0..planes {
+        total += partial[p];
+    }
+    total
+}
+
+/// `out[row] = cast(x[row, start..start + dim] * rsqrt(mean + eps)) * weight` (`dim` =
+/// `weight`'s length), as [`super::kernels::rms_norm_kernel`]; the cube's units share the row.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn norm_segment<F: Float, W: Float>(
+    x: &Tensor<F>,
+    row: usize,
+    start: usize,
+    weight: &Tensor<W>,
+    out: &mut Tensor<W>,
+    eps: f32,
+    #[comptime] units: usize,
+) {
+    let dim = weight.shape(0);
+    let tid = UNIT_POS_X as usize;
+    let mut acc = 0.0f32;
+    let mut i = tid;
+    while i < dim {
+        let v = f32::cast_from(x[row * x.stride(0) + (start + i) * x.stride(1)]);
+        acc += v * v;
+        i += units;
+    }
+    let total = cube_sum(acc, units);
+    let inv = 1.0f32 / (total / f32::cast_from(dim as u32) + eps).sqrt();
+    let mut i = tid;
+    while i < dim {
+        let v = f32::cast_from(x[row * x.stride(0) + (start + i) * x.stride(1)]);
+        out[row * out.stride(0) + i * out.stride(1)] =
+            W::cast_from(v * inv) * weight[i * weight.stride(0)];
+        i += units;
+    }
+}
+
+/// RMSNorms of up to three consecutive column segments of `x` (widths those of `w0`, `w1`,
+/// `w2`); cube `(row, segment)`. Unused segments get placeholder tensors.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn rms_norms_kernel<F: Float, W: Float>(
+    x: &Tensor<F>,
+    w0: &Tensor<W>,
+    w1: &Tensor<W>,
+    w2: &Tensor<W>,
+    out0: &mut Tensor<W>,
+    out1: &mut Tensor<W>,
+    out2: &mut Tensor<W>,
+    eps: f32,
+    #[comptime] units: usize,
+    #[define(F, W)] _dtypes: [StorageType; 2],
+) {
+    let row = CUBE_POS_X as usize;
+    let seg = CUBE_POS_Y;
+    if seg == 0 {
+        norm_segment(x, row, 0, w0, out0, eps, units);
+    } else if seg == 1 {
+        norm_segment(x, row, w0.shape(0), w1, out1, eps, units);
+    } else {
+        norm_segment(x, row, w0.shape(0) + w1.shape(0), w2, out2, eps, units);
+    }
+}
+
+/// `sum = residual + h` (f32) and `out = rms_norm(sum) * weight`, one row per cube.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm_kernel<H: Float, W: Float>(
+    residual: &Tensor<f32>,
+    h: &Tensor<H>,
+    weight: &Tensor<W>,
+    sum: &mut Tensor<f32>,
+    out: &mut Tensor<W>,
+    eps: f32,
+    #[comptime] units: usize,
+    #[define(H, W)] _dtypes: [StorageType; 2],
+) {
+    let row = flat_cube();
+    if row >= residual.shape(0) {
+        terminate!();
+    }
+    let dim = residual.shape(1);
+    let tid = UNIT_POS_X as usize;
+    let mut acc = 0.0f32;
+    let mut i = tid;
+    while i < dim {
+        let v = residual[row * residual.stride(0) + i * residual.stride(1)]
+            + f32::cast_from(h[row * h.stride(0) + i * h.stride(1)]);
+        sum[row * sum.stride(0) + i * sum.stride(1)] = v;
+        acc += v * v;
+        i += units;
+    }
+    let total = cube_sum(acc, units);
+    let inv = 1.0f32 / (total / f32::cast_from(dim as u32) + eps).sqrt();
+    // Each unit reads back only what it wrote.
+    let mut i = tid;
+    while i < dim {
+        let v = sum[row * sum.stride(0) + i * sum.stride(1)];
+        out[row * out.stride(0) + i * out.stride(1)] =
+            W::cast_from(v * inv) * weight[i * weight.stride(0)];
+        i += units;
+    }
+}
+
+/// The widest vector (in elements) that every tensor of `tensors` can be read with along its
+/// last dimension: unit stride there, every other stride and the length a multiple of it, at
+/// most 16 bytes (and what the device loads at once).
+pub(crate) fn vector_width<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> usize {
+    tensors
+        .iter()
+        .map(|t| {
+            let last = t.meta.num_dims() - 1;
+            cubecl::tensor_vector_size_parallel(
+                t.client.io_optimized_vector_sizes(t.dtype.size()),
+                t.meta.shape(),
+                t.meta.strides(),
+                last,
+            )
+        })
+        .min()
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// Planes per column for a product of `columns` columns of `k_vectors` vectors each: enough
+/// columns in flight to fill the device (about 8 planes per compute unit) without giving a
+/// plane fewer than 4 vectors per lane, and at most the planes of a cube.
+fn split_for(columns: usize, k_vectors: usize, plane: usize, compute_units: usize) -> usize {
+    let planes = (GEMV_UNITS / plane).max(1);
+    let wanted = (8 * compute_units).div_ceil(columns.max(1));
+    let mut split = 1;
+    while split * 2 <= planes && split < wanted && k_vectors >= split * 2 * plane * 4 {
+        split *= 2;
+    }
+    split
+}
+
+/// The launch of a product with `columns` columns: cubes of [`GEMV_UNITS`] units and the
+/// planes per column.
+fn gemv_launch<R: CubeRuntime>(
+    client: &cubecl::client::ComputeClient<R>,
+    columns: usize,
+    k_vectors: usize,
+    y: u32,
+) -> (CubeCount, CubeDim, usize) {
+    let hardware = &client.properties().hardware;
+    // Columns per cube from the largest plane: a smaller one gives a cube more columns.
+    let plane = (hardware.plane_size_max as usize).clamp(1, GEMV_UNITS);
+    let units = hardware
+        .num_streaming_multiprocessors
+        .map_or(16, |n| n as usize);
+    let split = split_for(columns, k_vectors, plane, units);
+    let cols = (GEMV_UNITS / plane / split).max(1);
+    let cubes = columns.div_ceil(cols).max(1) as u32;
+    let count = if y == 1 {
+        let x = cubes.min(65535);
+        CubeCount::Static(x, cubes.div_ceil(x), 1)
+    } else {
+        CubeCount::Static(cubes, y, 1)
+    };
+    (count, CubeDim::new_1d(GEMV_UNITS as u32), split)
+}
+
+type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+
+/// `x [rows, k] @ w [n, k]^T + bias` for few rows. `x` and `w` may differ in dtype (the output
+/// has `x`'s).
+pub(crate) fn gemv<R, F, I, BT>(
+    x: BTensor<Cube<R, F, I, BT>, 2>,
+    weight: BTensor<Cube<R, F, I, BT>, 2>,
+    bias: Option<BTensor<Cube<R, F, I, BT>, 1>>,
+) -> BTensor<Cube<R, F, I, BT>, 2>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [rows, k] = x.dims();
+    let [n, _] = weight.dims();
+    let dtype = x.dtype();
+    let device = x.device();
+    let out = BTensor::<Cube<R, F, I, BT>, 2>::empty([rows, n], (&device, dtype));
+    let has_bias = bias.is_some();
+    let bias = bias
+        .map(|b| b.cast(dtype))
+        .unwrap_or_else(|| dummy_of::<Cube<R, F, I, BT>, 1>(&device, dtype));
+    let (x, weight) = (prim(x), prim(weight));
+    let w_dtype = weight.dtype;
+    let client = x.client.clone();
+    let vs = vector_width(&[&x, &weight]);
+    let (count, dim, split) = gemv_launch(&client, n, k / vs, 1);
+    unsafe {
+        gemv_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            vs,
+            x.into_tensor_arg(),
+            weight.into_tensor_arg(),
+            prim(bias).into_tensor_arg(),
+            prim(out.clone()).into_tensor_arg(),
+            rows,
+            GEMV_UNITS,
+            split,
+            has_bias,
+            [dtype.into(), w_dtype.into()],
+        );
+    }
+    out
+}
+
+/// SwiGLU experts (or one dense MLP) for few rows: `sum_e weights[:, e] *
+/// down_e(silu(gate_e x) * up_e x)`, with `gate` and `up` `[experts, inter, hidden]` views
+/// (rows `up_row..` of `up`), `down` `[experts, hidden, inter]`, and `weights` `[rows,
+/// experts]` in `x`'s dtype (`None`: weight 1 and every expert).
+pub(crate) fn swiglu_rows<R, F, I, BT>(
+    x: BTensor<Cube<R, F, I, BT>, 2>,
+    gate: BTensor<Cube<R, F, I, BT>, 3>,
+    up: BTensor<Cube<R, F, I, BT>, 3>,
+    up_row: usize,
+    down: BTensor<Cube<R, F, I, BT>, 3>,
+    weights: Option<BTensor<Cube<R, F, I, BT>, 2>>,
+) -> BTensor<Cube<R, F, I, BT>, 2>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [rows, hidden] = x.dims();
+    let [experts, _, inter] = down.dims();
+    let dtype = x.dtype();
+    let device = x.device();
+    let routed = weights.is_some();
+    let weights = weights.unwrap_or_else(|| dummy_of::<Cube<R, F, I, BT>, 2>(&device, dtype));
+    let act = BTensor::<Cube<R, F, I, BT>, 3>::empty([experts, rows, inter], (&device, dtype));
+    let out = BTensor::<Cube<R, F, I, BT>, 2>::empty([rows, hidden], (&device, dtype));
+    let (x, gate, up, down) = (prim(x), prim(gate), prim(up), prim(down));
+    let client = x.client.clone();
+    let vs = vector_width(&[&x, &gate, &up]);
+    let (count, dim, split) = gemv_launch(&client, inter, hidden / vs, experts as u32);
+    let act_p = prim(act.clone());
+    let vs_down = vector_width(&[&act_p, &down]);
+    let (count_down, dim_down, split_down) = gemv_launch(&client, hidden, inter / vs_down, 1);
+    unsafe {
+        swiglu_rows_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            vs,
+            x.into_tensor_arg(),
+            gate.into_tensor_arg(),
+            up.into_tensor_arg(),
+            prim(weights.clone()).into_tensor_arg(),
+            act_p.clone().into_tensor_arg(),
+            up_row,
+            rows,
+            GEMV_UNITS,
+            split,
+            routed,
+            dtype.into(),
+        );
+        down_rows_kernel::launch_unchecked::<R>(
+            &client,
+            count_down,
+            dim_down,
+            vs_down,
+            act_p.into_tensor_arg(),
+            down.into_tensor_arg(),
+            prim(weights).into_tensor_arg(),
+            prim(out.clone()).into_tensor_arg(),
+            rows,
+            GEMV_UNITS,
+            split_down,
+            routed,
+            dtype.into(),
+        );
+    }
+    out
+}
+
+/// Units per cube of the norm kernels (a multiple of every plane size).
+const NORM_UNITS: usize = 256;
+
+/// See [`crate::JambaBackend::add_rms_norm`]; `residual` is f32.
+pub(crate) fn add_rms_norm<R, F, I, BT>(
+    residual: BTensor<Cube<R, F, I, BT>, 2>,
+    h: BTensor<Cube<R, F, I, BT>, 2>,
+    weight: BTensor<Cube<R, F, I, BT>, 1>,
+    eps: f64,
+) -> (BTensor<Cube<R, F, I, BT>, 2>, BTensor<Cube<R, F, I, BT>, 2>)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [rows, dim] = residual.dims();
+    let device = residual.device();
+    let (h_dtype, w_dtype) = (h.dtype(), weight.dtype());
+    let sum = BTensor::<Cube<R, F, I, BT>, 2>::empty([rows, dim], (&device, DType::F32));
+    let out = BTensor::<Cube<R, F, I, BT>, 2>::empty([rows, dim], (&device, w_dtype));
+    if rows == 0 {
+        return (sum, out);
+    }
+    let residual = prim(residual);
+    let client = residual.client.clone();
+    let x = (rows as u32).min(65535);
+    unsafe {
+        add_rms_norm_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(x, (rows as u32).div_ceil(x), 1),
+            CubeDim::new_1d(NORM_UNITS as u32),
+            residual.into_tensor_arg(),
+            prim(h).into_tensor_arg(),
+            prim(weight).into_tensor_arg(),
+            prim(sum.clone()).into_tensor_arg(),
+            prim(out.clone()).into_tensor_arg(),
+            eps as f32,
+            NORM_UNITS,
+            [h_dtype.into(), w_dtype.into()],
+        );
+    }
+    (sum, out)
+}
+
+/// See [`crate::JambaBackend::rms_norms`]: one to three segments, weights of one dtype, their
+/// widths summing to `x`'s.
+pub(crate) fn rms_norms<R, F, I, BT>(
+    x: BTensor<Cube<R, F, I, BT>, 2>,
+    weights: Vec<BTensor<Cube<R, F, I, BT>, 1>>,
+    eps: f64,
+) -> Vec<BTensor<Cube<R, F, I, BT>, 2>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [rows, _] = x.dims();
+    let device = x.device();
+    let (x_dtype, w_dtype) = (x.dtype(), weights[0].dtype());
+    let outs: Vec<BTensor<Cube<R, F, I, BT>, 2>> = weights
+        .iter()
+        .map(|w| BTensor::empty([rows, w.dims()[0]], (&device, w_dtype)))
+        .collect();
+    if rows == 0 || rows > 65535 {
+        return match rows {
+            0 => outs,
+            _ => crate::reference::rms_norms(x, weights, eps),
+        };
+    }
+    let segments = weights.len() as u32;
+    // Unused segments get placeholders of their own (no cube reads or writes them).
+    let (w, o) = (
+        [0, 1, 2].map(|i| {
+            prim(
+                weights
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| dummy_of(&device, w_dtype)),
+            )
+        }),
+        [0, 1, 2].map(|i| {
+            prim(
+                outs.get(i)
+                    .cloned()
+                    .unwrap_or_else(|| dummy_of(&device, w_dtype)),
+            )
+        }),
+    );
+    let client = w[0].client.clone();
+    let [w0, w1, w2] = w;
+    let [o0, o1, o2] = o;
+    unsafe {
+        rms_norms_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(rows as u32, segments, 1),
+            CubeDim::new_1d(NORM_UNITS as u32),
+            prim(x).into_tensor_arg(),
+            w0.into_tensor_arg(),
+            w1.into_tensor_arg(),
+            w2.into_tensor_arg(),
+            o0.into_tensor_arg(),
+            o1.into_tensor_arg(),
+            o2.into_tensor_arg(),
+            eps as f32,
+            NORM_UNITS,
+            [x_dtype.into(), w_dtype.into()],
+        );
+    }
+    outs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_for;
+
+    #[test]
+    fn split_fills_small_grids_only() {
+        // 8192 columns (in_proj) fill an H200 with one plane each.
+        assert_eq!(split_for(8192, 256, 32, 132), 1);
+        // 16 columns (the router) take every plane of a cube, K permitting.
+        assert_eq!(split_for(16, 256, 32, 132), 2);
+        assert_eq!(split_for(16, 1024, 32, 132), 4);
+        // A short row is not split below 4 vectors per lane.
+        assert_eq!(split_for(160, 16, 32, 132), 1);
+        // Planes of 8: up to 16 per cube.
+        assert_eq!(split_for(16, 4096, 8, 16), 8);
+    }
+}
