@@ -107,7 +107,29 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
         masks: &LayerMasks<B>,
         state: Option<&mut LayerState<B>>,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 2>>) {
-        let h = self.input_layernorm.forward(x.clone());
+        let (x, ff, router_logits) = self.forward_deferred(x, None, masks, state);
+        (x + ff.cast(DType::F32), router_logits)
+    }
+
+    /// [`Self::forward`] with the last residual add left to the caller: `pending` is the
+    /// previous layer's feed-forward output, still to be added to `x`, and the returned triple
+    /// is the residual stream without this layer's feed-forward output, that output, and the
+    /// router logits. Each add then goes with the RMSNorm that follows it
+    /// ([`JambaBackend::add_rms_norm`]: one kernel where the backend has it).
+    pub fn forward_deferred(
+        &self,
+        x: Tensor<B, 3>,
+        pending: Option<Tensor<B, 3>>,
+        masks: &LayerMasks<B>,
+        state: Option<&mut LayerState<B>>,
+    ) -> (Tensor<B, 3>, Tensor<B, 3>, Option<Tensor<B, 2>>) {
+        let (x, h) = match pending {
+            Some(ff) => add_norm(x, ff, &self.input_layernorm),
+            None => {
+                let h = self.input_layernorm.forward(x.clone());
+                (x, h)
+            }
+        };
         let h = match (&self.mixer, state) {
             (Mixer::Attention(attn), Some(LayerState::Attention(kv))) => {
                 attn.forward(h, &masks.attention, Some(kv))
@@ -123,18 +145,7 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
                 "a layer's state always matches its mixer (the cache is built from the model)"
             ),
         };
-        // The residual add and the next norm in one pass (one kernel where the backend has it).
-        let [batch, len, hidden] = x.dims();
-        let (x, h) = B::add_rms_norm(
-            x.reshape([batch * len, hidden]),
-            h.reshape([batch * len, hidden]),
-            self.pre_ff_layernorm.weight.val(),
-            self.pre_ff_layernorm.eps,
-        );
-        let (x, h) = (
-            x.reshape([batch, len, hidden]),
-            h.reshape([batch, len, hidden]),
-        );
+        let (x, h) = add_norm(x, h, &self.pre_ff_layernorm);
         let (h, router_logits) = match &self.feed_forward {
             FeedForward::Mlp(mlp) => (mlp.forward(h), None),
             FeedForward::Moe(moe) => {
@@ -142,7 +153,7 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
                 (out, Some(logits))
             }
         };
-        (x + h.cast(DType::F32), router_logits)
+        (x, h, router_logits)
     }
 
     pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
@@ -159,4 +170,23 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
             FeedForward::Moe(m) => m.export(&format!("{prefix}.feed_forward"), out),
         }
     }
+}
+
+/// `x + h` (the f32 residual stream) and `norm` of that sum, in one pass where the backend can.
+pub(crate) fn add_norm<B: JambaBackend>(
+    x: Tensor<B, 3>,
+    h: Tensor<B, 3>,
+    norm: &RmsNorm<B>,
+) -> (Tensor<B, 3>, Tensor<B, 3>) {
+    let [batch, len, hidden] = x.dims();
+    let (x, h) = B::add_rms_norm(
+        x.reshape([batch * len, hidden]),
+        h.reshape([batch * len, hidden]),
+        norm.weight.val(),
+        norm.eps,
+    );
+    (
+        x.reshape([batch, len, hidden]),
+        h.reshape([batch, len, hidden]),
+    )
 }

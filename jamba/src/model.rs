@@ -563,26 +563,42 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         // Spread over devices, the stream follows the layers (see `DeviceMap`).
         let mut masks = masks;
         let mut here = device.clone();
+        // Each layer's feed-forward output is added to the stream by the next norm
+        // (`add_rms_norm`), except where the stream itself is needed first.
+        let mut pending: Option<Tensor<B, 3>> = None;
+        let settle = |x: Tensor<B, 3>, pending: &mut Option<Tensor<B, 3>>| match pending.take() {
+            Some(ff) => x + ff.cast(DType::F32),
+            None => x,
+        };
         for (i, layer) in self.model.layers.iter().enumerate() {
             let there = layer.device();
             if there != here {
-                x = transfer(x, &there);
+                x = transfer(settle(x, &mut pending), &there);
                 masks = masks.to_device(&there);
                 here = there;
             }
             if options.output_hidden_states {
+                x = settle(x, &mut pending);
                 hidden_states.push(x.clone());
             }
             let state = cache.as_mut().map(|c| &mut c.layers[i]);
-            let (out, logits) = layer.forward(x, &masks, state);
+            let (out, ff, logits) = layer.forward_deferred(x, pending.take(), &masks, state);
             x = out;
+            pending = Some(ff);
             router_logits.extend(logits);
         }
         if options.last_logits_only && len > 1 {
             x = x.narrow(1, len - 1, 1);
+            pending = pending.map(|ff| ff.narrow(1, len - 1, 1));
         }
-        let x = transfer(x, &self.model.final_layernorm.weight.val().device());
-        let x = self.model.final_layernorm.forward(x);
+        let norm_device = self.model.final_layernorm.weight.val().device();
+        if norm_device != here {
+            x = transfer(settle(x, &mut pending), &norm_device);
+        }
+        let x = match pending {
+            Some(ff) => crate::layer::add_norm(x, ff, &self.model.final_layernorm).1,
+            None => self.model.final_layernorm.forward(x),
+        };
         if options.output_hidden_states {
             hidden_states.push(x.clone());
         }
