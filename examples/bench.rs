@@ -1083,6 +1083,32 @@ mod kernel_check {
                 }
             }
         }
+        // Decoding attention at the "block" shape (16 heads of 128 over 4 KV heads) and an odd one.
+        for (b, h, kvh, len, hd) in [(1, 16, 4, 520, 128), (3, 6, 2, 33, 80)] {
+            let q = host(b * h * hd, Distribution::Normal(0.0, 1.0));
+            let k = host(b * kvh * len * hd, Distribution::Normal(0.0, 1.0));
+            let v = host(b * kvh * len * hd, Distribution::Normal(0.0, 1.0));
+            for &(dtype, tol) in dtypes {
+                let r4 = |x: &[f32], s: [usize; 4]| {
+                    Tensor::<Ref, 4>::from_data(TensorData::new(round(x, dtype), s), &rdev)
+                };
+                let t4 = |x: &[f32], s: [usize; 4]| {
+                    Tensor::<B, 4>::from_data(TensorData::new(x.to_vec(), s), dev).cast(dtype)
+                };
+                let (sq, skv) = ([b, h, 1, hd], [b, kvh, len, hd]);
+                let want = vals(reference::decode_attention(
+                    r4(&q, sq),
+                    r4(&k, skv),
+                    r4(&v, skv),
+                ));
+                let got = vals(B::decode_attention(t4(&q, sq), t4(&k, skv), t4(&v, skv)));
+                report(
+                    format!("decode attention {:?} {dtype:?}", [b, h, kvh, len, hd]),
+                    rel(&got, &want),
+                    tol,
+                );
+            }
+        }
         println!("kernel check: {failed} failed");
     }
 }

@@ -552,6 +552,56 @@ fn fused_norms_and_mlp_match_reference() {
 }
 
 #[test]
+fn decode_attention_matches_reference() {
+    no_overrides();
+    // (batch, heads, kv heads, cached positions, head_dim): one position, keys fewer than the
+    // cube's planes, odd lengths and head sizes (lanes partly idle), a cache read through a
+    // capacity longer than its length (strided, as the KV cache gives it).
+    for (b, h, kvh, len, hd) in [
+        (1, 4, 2, 1, 64),
+        (3, 6, 3, 37, 128),
+        (2, 4, 1, 513, 80),
+        (1, 2, 2, 9, 7),
+    ] {
+        let q = random(b * h * hd, Distribution::Normal(0.0, 1.0));
+        let cap = len + 3;
+        let k = random(b * kvh * cap * hd, Distribution::Normal(0.0, 1.0));
+        let v = random(b * kvh * cap * hd, Distribution::Normal(0.0, 1.0));
+        fn run<B: JambaBackend>(
+            q: &[f32],
+            k: &[f32],
+            v: &[f32],
+            [b, h, kvh, len, hd]: [usize; 5],
+        ) -> Vec<f32> {
+            let dev = Default::default();
+            let cap = len + 3;
+            let cache = |x: &[f32]| {
+                Tensor::<B, 4>::from_data(TensorData::new(x.to_vec(), [b, kvh, cap, hd]), &dev)
+                    .narrow(2, 0, len)
+            };
+            let q = Tensor::<B, 4>::from_data(TensorData::new(q.to_vec(), [b, h, 1, hd]), &dev);
+            let out = B::decode_attention(q, cache(k), cache(v));
+            assert_eq!(out.dims(), [b, h, 1, hd]);
+            to_f32_vec(out)
+        }
+        let s = [b, h, kvh, len, hd];
+        let want = TensorData::new(run::<Ref>(&q, &k, &v, s), [b, h, 1, hd]);
+        for (label, got) in [
+            ("cube", run::<Cube>(&q, &k, &v, s)),
+            ("fusion", run::<Wgpu>(&q, &k, &v, s)),
+        ] {
+            // f32 throughout; the online softmax sums in another order than the reference.
+            assert_close(
+                &format!("{label} decode_attention {s:?}"),
+                &got,
+                &want,
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
 fn decoding_linear_and_experts_match_reference() {
     no_overrides();
     let dev = Default::default();

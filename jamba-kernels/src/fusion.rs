@@ -621,6 +621,30 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
         fwrap(outs.into_iter().next().unwrap())
     }
 
+    fn decode_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        if !B::KERNELS {
+            return crate::reference::decode_attention(q, k, v);
+        }
+        let [batch, heads, len_q, head_dim] = q.dims();
+        let dtype = q.dtype();
+        let outs = register::<B>(
+            "jamba_decode_attention",
+            vec![fprim(q), fprim(k), fprim(v)],
+            vec![(vec![batch, heads, len_q, head_dim], dtype)],
+            Arc::new(move |prims| {
+                let mut it = prims.into_iter();
+                let mut next = || inner(it.next().unwrap());
+                let (q, k, v) = (next(), next(), next());
+                vec![raw(B::decode_attention(q, k, v))]
+            }),
+        );
+        fwrap(outs.into_iter().next().unwrap())
+    }
+
     fn add_rms_norm(
         residual: Tensor<Self, 2>,
         h: Tensor<Self, 2>,

@@ -340,6 +340,20 @@ pub trait JambaBackend: Backend {
         reference::swiglu_mlp::<Self>(x, gate, up, down)
     }
 
+    /// Attention of one new position per sequence over its cached keys and values (decoding,
+    /// nothing masked): `q` `[batch, heads, 1, head_dim]`, `k`, `v` `[batch, kv_heads, len,
+    /// head_dim]` with `heads` a multiple of `kv_heads` (query head `j` reads KV head `j /
+    /// (heads / kv_heads)`: no repeated copy of the cache), scale `head_dim^-0.5`, scores and
+    /// softmax in f32. Returns `[batch, heads, 1, head_dim]` in `q`'s dtype. Backends with
+    /// kernels run one kernel (the planes of a cube per head share the keys, online softmax).
+    fn decode_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        reference::decode_attention(q, k, v)
+    }
+
     /// One decoding position of the scan: returns `y` `[batch, d_inner]` and the new state.
     fn selective_state_update(
         input: SelectiveStateUpdate<Self>,

@@ -263,6 +263,31 @@ pub fn swiglu_mlp<B: JambaBackend>(
     <B as JambaBackend>::linear(act, down, None)
 }
 
+/// Attention of one query per head over every cached key (decoding), KV heads shared by
+/// `heads / kv_heads` query heads; scores, softmax and output in f32.
+pub fn decode_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let [batch, heads, len_q, head_dim] = q.dims();
+    let [_, kv_heads, len, _] = k.dims();
+    let groups = heads / kv_heads;
+    let repeat = |x: Tensor<B, 4>| {
+        x.cast(DType::F32)
+            .unsqueeze_dim::<5>(2)
+            .expand([batch, kv_heads, groups, len, head_dim])
+            .reshape([batch, heads, len, head_dim])
+    };
+    let dtype = q.dtype();
+    let scores = q
+        .cast(DType::F32)
+        .matmul(repeat(k).swap_dims(2, 3))
+        .mul_scalar((head_dim as f64).powf(-0.5));
+    debug_assert_eq!(scores.dims(), [batch, heads, len_q, len]);
+    activation::softmax(scores, 3).matmul(repeat(v)).cast(dtype)
+}
+
 /// One decoding position of the scan: the scan of length 1 continuing from `state`.
 pub fn selective_state_update<B: Backend>(
     input: SelectiveStateUpdate<B>,

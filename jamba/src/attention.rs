@@ -140,6 +140,11 @@ impl<B: jamba_kernels::JambaBackend> JambaAttention<B> {
             cache.append(k, v);
             (k, v) = cache.get();
         }
+        if len == 1 && matches!(mask, AttentionMask::None) {
+            // Decoding: the KV heads are shared inside the kernel, the cache is not repeated.
+            let out = B::decode_attention(q, k, v);
+            return self.o_proj.forward(out.reshape([batch, 1, nh * hd]));
+        }
         let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
         let out = match mask {
             AttentionMask::Causal => B::causal_attention(q, k, v),

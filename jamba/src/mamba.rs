@@ -30,18 +30,22 @@ pub struct MambaState<B: Backend> {
     pub conv: Tensor<B, 3>,
     /// `[batch, d_inner, d_state]`, f32.
     pub ssm: Tensor<B, 3>,
-    /// The layer's `A`, `D` and dt bias in f32, derived from its weights at the first decoding
-    /// step of this state and kept for the next ones (they are the same for every token).
-    pub constants: Option<SsmConstants<B>>,
+    /// The layer's parameters as the decoding kernels take them, derived from its weights at
+    /// the first decoding step of this state and kept for the next ones (they are the same for
+    /// every token: a step then launches nothing to convert them).
+    pub constants: Option<MambaConstants<B>>,
 }
 
-/// A Mamba layer's parameters as the scan takes them: `A = -exp(A_log)` `[d_inner, d_state]`,
-/// `D` and the dt bias `[d_inner]`, all f32.
+/// A Mamba layer's parameters as the scan and the conv take them, all f32: `A = -exp(A_log)`
+/// `[d_inner, d_state]`, `D` and the dt bias `[d_inner]`, the conv's weight `[d_inner, d_conv]`
+/// and bias `[d_inner]`.
 #[derive(Debug, Clone)]
-pub struct SsmConstants<B: Backend> {
+pub struct MambaConstants<B: Backend> {
     pub a: Tensor<B, 2>,
     pub d: Tensor<B, 1>,
     pub delta_bias: Option<Tensor<B, 1>>,
+    pub conv_weight: Tensor<B, 2>,
+    pub conv_bias: Option<Tensor<B, 1>>,
 }
 
 /// Depthwise causal conv1d weights, `conv1d.weight` `[d_inner, 1, d_conv]` as in PyTorch.
@@ -205,7 +209,7 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         state: &mut MambaState<B>,
     ) -> Tensor<B, 3> {
         let [batch, _, _] = hidden.dims();
-        let (di, k) = (self.d_inner, self.d_conv);
+        let di = self.d_inner;
         let device = hidden.device();
         let hidden = match mask {
             Some(m) => hidden * m.clone().unsqueeze_dim::<3>(2),
@@ -218,14 +222,18 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
             Some(m) if isolate_padding => x * m.clone().expand([batch, di]),
             _ => x,
         };
+        let constants = state
+            .constants
+            .get_or_insert_with(|| self.ssm_constants())
+            .clone();
         // Take the states out so that the kernels hold their only reference.
         let placeholder = || Tensor::<B, 3>::empty([0, 0, 0], (&device, DType::F32));
         let conv_state = std::mem::replace(&mut state.conv, placeholder());
         let (x, conv_state) = B::causal_conv1d_update(CausalConv1dUpdate {
             state: conv_state,
             x,
-            weight: self.conv1d.weight.val().reshape([di, k]),
-            bias: self.conv1d.bias.as_ref().map(|b| b.val()),
+            weight: constants.conv_weight,
+            bias: constants.conv_bias,
             silu: true,
         });
         state.conv = conv_state;
@@ -237,10 +245,6 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         let ssm_params = self.x_proj.forward(x.clone()); // [batch, r + 2n]
         let [dt, b, c] = self.ssm_norms(ssm_params);
         let dt = project(dt, self.dt_proj.weight.val());
-        let constants = state
-            .constants
-            .get_or_insert_with(|| self.ssm_constants())
-            .clone();
         let ssm_state = std::mem::replace(&mut state.ssm, placeholder());
         let (y, ssm_state) = B::selective_state_update(SelectiveStateUpdate {
             state: ssm_state,
@@ -258,12 +262,20 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         self.out_proj.forward(y).unsqueeze_dim(1)
     }
 
-    /// `A = -exp(A_log)`, `D` and the dt bias in f32, as the scan takes them.
-    fn ssm_constants(&self) -> SsmConstants<B> {
-        SsmConstants {
+    /// The layer's parameters as the kernels take them (see [`MambaConstants`]).
+    fn ssm_constants(&self) -> MambaConstants<B> {
+        let f32 = |t: Tensor<B, 1>| t.cast(DType::F32);
+        MambaConstants {
             a: self.a_log.val().cast(DType::F32).exp().neg(),
-            d: self.d.val().cast(DType::F32),
-            delta_bias: self.dt_proj.bias.as_ref().map(|b| b.val().cast(DType::F32)),
+            d: f32(self.d.val()),
+            delta_bias: self.dt_proj.bias.as_ref().map(|b| f32(b.val())),
+            conv_weight: self
+                .conv1d
+                .weight
+                .val()
+                .reshape([self.d_inner, self.d_conv])
+                .cast(DType::F32),
+            conv_bias: self.conv1d.bias.as_ref().map(|b| f32(b.val())),
         }
     }
 

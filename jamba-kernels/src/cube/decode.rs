@@ -491,6 +491,111 @@ pub fn add_rms_norm_kernel<H: Float, W: Float>(
     }
 }
 
+/// Decoding attention, one cube per (head, batch row): the cube's planes take the cached keys
+/// in turn (plane `p` keys `p, p + planes, ...`), each lane holding `head_dim / PLANE_DIM` of the
+/// query's and the output's elements; a key's score is a plane sum, the softmax is online per
+/// plane (running max, sum and weighted values), and the planes' partial results are merged in
+/// shared memory. `per_lane` bounds the elements per lane (`head_dim` over the smallest plane),
+/// `max_planes` the planes per cube.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn decode_attention_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &mut Tensor<F>,
+    scale: f32,
+    #[comptime] per_lane: usize,
+    #[comptime] max_planes: usize,
+    #[comptime] head_dim: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let head = CUBE_POS_X as usize;
+    let b = CUBE_POS_Y as usize;
+    let heads = q.shape(1);
+    let kv = head / (heads / k.shape(1));
+    let len = k.shape(2);
+    let plane = PLANE_DIM as usize;
+    let planes = CUBE_DIM_X as usize / plane;
+    let plane_idx = UNIT_POS_X as usize / plane;
+    let lane = UNIT_POS_X as usize % plane;
+    let q_base = b * q.stride(0) + head * q.stride(1);
+    let k_base = b * k.stride(0) + kv * k.stride(1);
+    let v_base = b * v.stride(0) + kv * v.stride(1);
+    let mut qv = Array::<f32>::new(per_lane);
+    let mut acc = Array::<f32>::new(per_lane);
+    #[unroll]
+    for i in 0..per_lane {
+        let e = lane + i * plane;
+        qv[i] = 0.0;
+        acc[i] = 0.0;
+        if e < head_dim {
+            qv[i] = f32::cast_from(q[q_base + e * q.stride(3)]) * scale;
+        }
+    }
+    // A finite floor: exp(floor - finite) is 0 without an infinity in the arithmetic.
+    let mut m = f32::new(-1.0e30);
+    let mut l = 0.0f32;
+    let mut t = plane_idx;
+    while t < len {
+        let mut s = 0.0f32;
+        #[unroll]
+        for i in 0..per_lane {
+            let e = lane + i * plane;
+            if e < head_dim {
+                s += qv[i] * f32::cast_from(k[k_base + t * k.stride(2) + e * k.stride(3)]);
+            }
+        }
+        let s = plane_sum(s);
+        let m_new = f32::max(m, s);
+        let corr = (m - m_new).exp();
+        let p = (s - m_new).exp();
+        l = l * corr + p;
+        #[unroll]
+        for i in 0..per_lane {
+            let e = lane + i * plane;
+            if e < head_dim {
+                acc[i] = acc[i] * corr
+                    + p * f32::cast_from(v[v_base + t * v.stride(2) + e * v.stride(3)]);
+            }
+        }
+        m = m_new;
+        t += planes;
+    }
+    let mut sm_m = SharedMemory::<f32>::new(max_planes);
+    let mut sm_l = SharedMemory::<f32>::new(max_planes);
+    let mut sm_acc = SharedMemory::<f32>::new(max_planes * head_dim);
+    if lane == 0 {
+        sm_m[plane_idx] = m;
+        sm_l[plane_idx] = l;
+    }
+    #[unroll]
+    for i in 0..per_lane {
+        let e = lane + i * plane;
+        if e < head_dim {
+            sm_acc[plane_idx * head_dim + e] = acc[i];
+        }
+    }
+    sync_cube();
+    let mut big = f32::new(-1.0e30);
+    for p in 0..planes {
+        big = f32::max(big, sm_m[p]);
+    }
+    let mut total = 0.0f32;
+    for p in 0..planes {
+        total += sm_l[p] * (sm_m[p] - big).exp();
+    }
+    let mut e = UNIT_POS_X as usize;
+    while e < head_dim {
+        let mut o = 0.0f32;
+        for p in 0..planes {
+            o += sm_acc[p * head_dim + e] * (sm_m[p] - big).exp();
+        }
+        out[b * out.stride(0) + head * out.stride(1) + e * out.stride(3)] = F::cast_from(o / total);
+        e += CUBE_DIM_X as usize;
+    }
+}
+
 /// The widest vector (in elements) that every tensor of `tensors` can be read with along its
 /// last dimension: unit stride there, every other stride and the length a multiple of it, at
 /// most 16 bytes (and what the device loads at once).
@@ -512,11 +617,11 @@ pub(crate) fn vector_width<R: CubeRuntime>(tensors: &[&CubeTensor<R>]) -> usize 
 }
 
 /// Planes per column for a product of `columns` columns of `k_vectors` vectors each: enough
-/// columns in flight to fill the device (about 8 planes per compute unit) without giving a
-/// plane fewer than 4 vectors per lane, and at most the planes of a cube.
+/// planes to keep loads in flight on every compute unit (about 32 each) without giving a plane
+/// fewer than 4 vectors per lane, and at most the planes of a cube.
 fn split_for(columns: usize, k_vectors: usize, plane: usize, compute_units: usize) -> usize {
     let planes = (GEMV_UNITS / plane).max(1);
-    let wanted = (8 * compute_units).div_ceil(columns.max(1));
+    let wanted = (32 * compute_units).div_ceil(columns.max(1));
     let mut split = 1;
     while split * 2 <= planes && split < wanted && k_vectors >= split * 2 * plane * 4 {
         split *= 2;
@@ -669,8 +774,23 @@ where
     out
 }
 
-/// Units per cube of the norm kernels (a multiple of every plane size).
-const NORM_UNITS: usize = 256;
+/// Units per cube of the residual norm, at most (a multiple of every plane size; many, so that
+/// each unit has few elements of a row to walk: a row of a decoding step is one cube).
+const NORM_UNITS: usize = 1024;
+/// Units per cube of the segment norms (Mamba's dt segment is `dt_rank` wide, 128 for
+/// Jamba-v0.1's shapes at most 256; B and C are `d_state` wide).
+const SEGMENT_NORM_UNITS: usize = 128;
+
+/// `wanted` units per cube, or fewer where the device's cubes are smaller (a power of two).
+fn cube_units<R: CubeRuntime>(client: &cubecl::client::ComputeClient<R>, wanted: usize) -> usize {
+    let hardware = &client.properties().hardware;
+    let max = (hardware.max_units_per_cube as usize).min(hardware.max_cube_dim.0 as usize);
+    let mut units = wanted;
+    while units > max.max(1) {
+        units /= 2;
+    }
+    units
+}
 
 /// See [`crate::JambaBackend::add_rms_norm`]; `residual` is f32.
 pub(crate) fn add_rms_norm<R, F, I, BT>(
@@ -695,19 +815,20 @@ where
     }
     let residual = prim(residual);
     let client = residual.client.clone();
+    let units = cube_units(&client, NORM_UNITS);
     let x = (rows as u32).min(65535);
     unsafe {
         add_rms_norm_kernel::launch_unchecked::<R>(
             &client,
             CubeCount::Static(x, (rows as u32).div_ceil(x), 1),
-            CubeDim::new_1d(NORM_UNITS as u32),
+            CubeDim::new_1d(units as u32),
             residual.into_tensor_arg(),
             prim(h).into_tensor_arg(),
             prim(weight).into_tensor_arg(),
             prim(sum.clone()).into_tensor_arg(),
             prim(out.clone()).into_tensor_arg(),
             eps as f32,
-            NORM_UNITS,
+            units,
             [h_dtype.into(), w_dtype.into()],
         );
     }
@@ -760,13 +881,14 @@ where
         }),
     );
     let client = w[0].client.clone();
+    let units = cube_units(&client, SEGMENT_NORM_UNITS);
     let [w0, w1, w2] = w;
     let [o0, o1, o2] = o;
     unsafe {
         rms_norms_kernel::launch_unchecked::<R>(
             &client,
             CubeCount::Static(rows as u32, segments, 1),
-            CubeDim::new_1d(NORM_UNITS as u32),
+            CubeDim::new_1d(units as u32),
             prim(x).into_tensor_arg(),
             w0.into_tensor_arg(),
             w1.into_tensor_arg(),
@@ -775,11 +897,53 @@ where
             o1.into_tensor_arg(),
             o2.into_tensor_arg(),
             eps as f32,
-            NORM_UNITS,
+            units,
             [x_dtype.into(), w_dtype.into()],
         );
     }
     outs
+}
+
+/// Units per cube of decoding attention.
+const ATTENTION_UNITS: usize = 256;
+
+/// See [`crate::JambaBackend::decode_attention`]; `q`, `k`, `v` of one dtype.
+pub(crate) fn decode_attention<R, F, I, BT>(
+    q: BTensor<Cube<R, F, I, BT>, 4>,
+    k: BTensor<Cube<R, F, I, BT>, 4>,
+    v: BTensor<Cube<R, F, I, BT>, 4>,
+) -> BTensor<Cube<R, F, I, BT>, 4>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [batch, heads, _, head_dim] = q.dims();
+    let dtype = q.dtype();
+    let out =
+        BTensor::<Cube<R, F, I, BT>, 4>::empty([batch, heads, 1, head_dim], (&q.device(), dtype));
+    let q = prim(q);
+    let client = q.client.clone();
+    let plane_min =
+        (client.properties().hardware.plane_size_min as usize).clamp(1, ATTENTION_UNITS);
+    unsafe {
+        decode_attention_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(heads as u32, batch as u32, 1),
+            CubeDim::new_1d(ATTENTION_UNITS as u32),
+            q.into_tensor_arg(),
+            prim(k).into_tensor_arg(),
+            prim(v).into_tensor_arg(),
+            prim(out.clone()).into_tensor_arg(),
+            (head_dim as f32).powf(-0.5),
+            head_dim.div_ceil(plane_min),
+            ATTENTION_UNITS / plane_min,
+            head_dim,
+            dtype.into(),
+        );
+    }
+    out
 }
 
 #[cfg(test)]
@@ -788,14 +952,16 @@ mod tests {
 
     #[test]
     fn split_fills_small_grids_only() {
-        // 8192 columns (in_proj) fill an H200 with one plane each.
+        // 8192 columns (in_proj) fill an H200 with one plane each; 2048 (out_proj) take four.
         assert_eq!(split_for(8192, 256, 32, 132), 1);
+        assert_eq!(split_for(2048, 512, 32, 132), 4);
         // 16 columns (the router) take every plane of a cube, K permitting.
         assert_eq!(split_for(16, 256, 32, 132), 2);
         assert_eq!(split_for(16, 1024, 32, 132), 4);
         // A short row is not split below 4 vectors per lane.
         assert_eq!(split_for(160, 16, 32, 132), 1);
         // Planes of 8: up to 16 per cube.
-        assert_eq!(split_for(16, 4096, 8, 16), 8);
+        assert_eq!(split_for(16, 4096, 8, 16), 16);
+        assert_eq!(split_for(64, 4096, 8, 16), 8);
     }
 }

@@ -236,6 +236,19 @@ fn dummy_of<B: burn::tensor::backend::Backend, const D: usize>(
     Tensor::empty([1; D], (device, dtype))
 }
 
+/// Units per cube of the decoding steps (one unit per channel): small cubes spread a batch
+/// row's few thousand channels over many compute units.
+const STEP_BLOCK: u32 = 64;
+
+fn step_launch(n: usize) -> (CubeCount, CubeDim) {
+    let cubes = n.div_ceil(STEP_BLOCK as usize).max(1) as u32;
+    let x = cubes.min(65535);
+    (
+        CubeCount::Static(x, cubes.div_ceil(x), 1),
+        CubeDim::new_1d(STEP_BLOCK),
+    )
+}
+
 fn elemwise_launch(n: usize) -> (CubeCount, CubeDim) {
     let cubes = n.div_ceil(ELEMWISE_BLOCK as usize).max(1) as u32;
     // Stay under the 65535 limit of one grid dimension.
@@ -379,6 +392,33 @@ where
             down.unsqueeze_dim(0),
             None,
         )
+    }
+
+    fn decode_attention(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+    ) -> Tensor<Self, 4> {
+        let [batch, heads, len_q, head_dim] = q.dims();
+        let [kb, kv_heads, len, kd] = k.dims();
+        if len_q != 1
+            || len == 0
+            || batch == 0
+            || kb != batch
+            || kd != head_dim
+            || v.dims() != k.dims()
+            || kv_heads == 0
+            || heads % kv_heads != 0
+            || heads > 65535
+            || batch > 65535
+            || head_dim > 1024
+            || k.dtype() != q.dtype()
+            || v.dtype() != q.dtype()
+            || !use_kernel("decode_attention")
+        {
+            return crate::reference::decode_attention(q, k, v);
+        }
+        decode::decode_attention(q, k, v)
     }
 
     fn causal_attention(
@@ -1073,7 +1113,7 @@ where
     let y = Tensor::<Cube<R, F, I, BT>, 2>::empty([batch, d_inner], (&device, dtype));
     let client = state.client.clone();
     let f = |t: Tensor<Cube<R, F, I, BT>, 2>| prim(t.cast(dtype));
-    let (count, dim) = elemwise_launch(batch * d_inner);
+    let (count, dim) = step_launch(batch * d_inner);
     let has_z = input.z.is_some();
     let has_bias = input.delta_bias.is_some();
     unsafe {
@@ -1124,7 +1164,7 @@ where
     let state = writable_f32(prim(input.state));
     let y = Tensor::<Cube<R, F, I, BT>, 2>::empty([batch, d], (&device, dtype));
     let client = state.client.clone();
-    let (count, dim) = elemwise_launch(batch * d);
+    let (count, dim) = step_launch(batch * d);
     let has_bias = input.bias.is_some();
     unsafe {
         kernels::conv_step_kernel::launch_unchecked::<R>(
