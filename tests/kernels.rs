@@ -711,6 +711,49 @@ fn decoding_linear_and_experts_match_reference() {
 }
 
 #[test]
+fn linear_f32_reads_half_inputs_and_returns_f32() {
+    no_overrides();
+    let dev = Default::default();
+    for (rows, k, n) in [(1, 2048, 16), (3, 130, 5), (9, 64, 7)] {
+        let r16 = |v: Vec<f32>| -> Vec<f32> {
+            v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+        };
+        let x = r16(random(rows * k, Distribution::Normal(0.0, 1.0)));
+        let w = r16(random(n * k, Distribution::Normal(0.0, 0.1)));
+        let want = data(<Ref as JambaBackend>::linear(
+            Tensor::from_data(TensorData::new(x.clone(), [rows, k]), &dev),
+            Tensor::from_data(TensorData::new(w.clone(), [n, k]), &dev),
+            None,
+        ));
+        fn run<B: JambaBackend>(
+            x: &[f32],
+            w: &[f32],
+            [rows, k, n]: [usize; 3],
+        ) -> (DType, Vec<f32>) {
+            let dev = Default::default();
+            let t = |v: &[f32], s: [usize; 2]| {
+                Tensor::<B, 2>::from_data(TensorData::new(v.to_vec(), s), &dev).cast(DType::F16)
+            };
+            let y = B::linear_f32(t(x, [rows, k]), t(w, [n, k]));
+            (y.dtype(), to_f32_vec(y))
+        }
+        for (label, (dtype, got)) in [
+            ("cube", run::<Cube>(&x, &w, [rows, k, n])),
+            ("fusion", run::<Wgpu>(&x, &w, [rows, k, n])),
+        ] {
+            assert_eq!(dtype, DType::F32, "{label}: the logits are f32");
+            // The same f16 values multiplied and summed in f32 (not rounded to f16 after).
+            assert_close(
+                &format!("{label} linear_f32 {rows}x{k}x{n}"),
+                &got,
+                &want,
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
 fn decoding_linear_dtypes_and_layouts() {
     no_overrides();
     let dev = Default::default();

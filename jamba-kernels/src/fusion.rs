@@ -443,6 +443,26 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
         fwrap(outs.into_iter().next().unwrap())
     }
 
+    fn linear_f32(x: Tensor<Self, 2>, weight: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let [rows, _] = x.dims();
+        let [out, _] = weight.dims();
+        if !B::KERNELS || rows == 0 || rows > crate::decode_max_rows() {
+            return <Self as JambaBackend>::linear(crate::cast_to(x, DType::F32), weight, None);
+        }
+        let outs = register::<B>(
+            "jamba_linear_f32",
+            vec![fprim(x), fprim(weight)],
+            vec![(vec![rows, out], DType::F32)],
+            Arc::new(move |prims| {
+                let mut it = prims.into_iter();
+                let x = inner(it.next().unwrap());
+                let w = inner(it.next().unwrap());
+                vec![raw(B::linear_f32(x, w))]
+            }),
+        );
+        fwrap(outs.into_iter().next().unwrap())
+    }
+
     fn matmul(lhs: Tensor<Self, 2>, rhs: Tensor<Self, 2>) -> Tensor<Self, 2> {
         let dtype = lhs.dtype();
         if !B::KERNELS

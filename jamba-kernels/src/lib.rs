@@ -242,6 +242,14 @@ pub trait JambaBackend: Backend {
         burn::tensor::module::linear(x, weight.transpose(), bias)
     }
 
+    /// `x @ weight^T` accumulated and returned in f32 whatever the float dtypes of `x` and
+    /// `weight` (the MoE router's logits: a near-tie between experts must not flip with a
+    /// rounding of the logits). Backends with kernels read bf16 activations and weights as
+    /// they are when `x` has few rows (decoding), without converting either first.
+    fn linear_f32(x: Tensor<Self, 2>, weight: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        <Self as JambaBackend>::linear(cast_to(x, DType::F32), weight, None)
+    }
+
     /// `lhs [m, k] @ rhs [k, n]`: the products of the backward of [`JambaBackend::linear`]
     /// under autodiff. CubeCL backends run it through the routine of [`matmul_routine`] where
     /// one is chosen (for f16/bf16).

@@ -3,9 +3,7 @@
 //! weights, dropless.
 
 use burn::module::{Module, Param};
-use burn::tensor::{
-    activation, backend::Backend, DType, IndexingUpdateOp, Int, Tensor, TensorData,
-};
+use burn::tensor::{activation, backend::Backend, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::config::JambaConfig;
 use crate::error::Result;
@@ -216,10 +214,8 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
         let tokens = batch * len;
         let x = x.reshape([tokens, hidden]);
         let device = x.device();
-        // Routing in f32: a near-tie between experts must not flip with the weights' rounding.
-        // (`linear` reads the weight in x's dtype; decoding kernels without converting it.)
-        let router_logits =
-            <B as JambaBackend>::linear(x.clone().cast(DType::F32), self.router.weight.val(), None);
+        // Routing in f32: a near-tie between experts must not flip with the logits' rounding.
+        let router_logits = B::linear_f32(x.clone(), self.router.weight.val());
         let (weights, chosen) = B::moe_route(router_logits.clone(), self.top_k); // [tokens, k]
         let weights = weights.cast(x.dtype());
         let mut out: Option<Tensor<B, 2>> = None;
@@ -324,7 +320,7 @@ mod tests {
             ..JambaConfig::default()
         };
         let dev = Default::default();
-        let mut w = Weights::<B>::random(0.2, &dev, DType::F32);
+        let mut w = Weights::<B>::random(0.2, &dev, burn::tensor::DType::F32);
         let block = JambaSparseMoeBlock::new(&cfg, &mut w, "moe").unwrap();
         let x = Tensor::<B, 3>::random([3, 7, 24], Distribution::Normal(0.0, 1.0), &dev);
         // ndarray has no grouped kernel: the forward groups the tokens on the host.

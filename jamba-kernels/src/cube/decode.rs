@@ -154,20 +154,20 @@ fn reduce_column(
 }
 
 /// `out[m, n] = bias[n] + sum_k x[m, k] * w[n, k]` for few rows `m` (decoding): each column is
-/// a dot product along a row of `w`, read once for all rows of `x`. `x` and `out` share a dtype,
-/// `w` may have another (the router's f32 logits from bf16 weights).
+/// a dot product along a row of `w`, read once for all rows of `x`. `x`, `w` and `out` may each
+/// have their own dtype (the router's f32 logits from bf16 activations and weights).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn gemv_kernel<A: Float, W: Float, N: Size>(
+pub fn gemv_kernel<A: Float, W: Float, O: Float, N: Size>(
     x: &Tensor<Vector<A, N>>,
     w: &Tensor<Vector<W, N>>,
-    bias: &Tensor<A>,
-    out: &mut Tensor<A>,
+    bias: &Tensor<O>,
+    out: &mut Tensor<O>,
     #[comptime] rows: usize,
     #[comptime] units: usize,
     #[comptime] split: usize,
     #[comptime] has_bias: bool,
-    #[define(A, W)] _dtypes: [StorageType; 2],
+    #[define(A, W, O)] _dtypes: [StorageType; 3],
 ) {
     let n = column_of(flat_cube(), units, split);
     let part = part_of(split);
@@ -205,7 +205,7 @@ pub fn gemv_kernel<A: Float, W: Float, N: Size>(
             if has_bias {
                 v += f32::cast_from(bias[n * bias.stride(0)]);
             }
-            out[m * out.stride(0) + n * out.stride(1)] = A::cast_from(v);
+            out[m * out.stride(0) + n * out.stride(1)] = O::cast_from(v);
         }
     }
 }
@@ -657,12 +657,13 @@ fn gemv_launch<R: CubeRuntime>(
 
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 
-/// `x [rows, k] @ w [n, k]^T + bias` for few rows. `x` and `w` may differ in dtype (the output
-/// has `x`'s).
+/// `x [rows, k] @ w [n, k]^T + bias` for few rows, accumulated in f32 and written in `dtype`.
+/// `x` and `w` may differ in dtype.
 pub(crate) fn gemv<R, F, I, BT>(
     x: BTensor<Cube<R, F, I, BT>, 2>,
     weight: BTensor<Cube<R, F, I, BT>, 2>,
     bias: Option<BTensor<Cube<R, F, I, BT>, 1>>,
+    dtype: DType,
 ) -> BTensor<Cube<R, F, I, BT>, 2>
 where
     R: CubeRuntime,
@@ -672,7 +673,7 @@ where
 {
     let [rows, k] = x.dims();
     let [n, _] = weight.dims();
-    let dtype = x.dtype();
+    let x_dtype = x.dtype();
     let device = x.device();
     let out = BTensor::<Cube<R, F, I, BT>, 2>::empty([rows, n], (&device, dtype));
     let has_bias = bias.is_some();
@@ -698,7 +699,7 @@ where
             GEMV_UNITS,
             split,
             has_bias,
-            [dtype.into(), w_dtype.into()],
+            [x_dtype.into(), w_dtype.into(), dtype.into()],
         );
     }
     out

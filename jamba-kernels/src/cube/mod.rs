@@ -366,6 +366,20 @@ where
         {
             return crate::reference::rms_norms(x, weights, eps);
         }
+        if x.dims()[0] > crate::decode_max_rows() {
+            // Many rows (prefill, training): the launches count little, and each segment's
+            // kernel gets cubes as wide as the segment.
+            let mut start = 0;
+            return weights
+                .into_iter()
+                .map(|w| {
+                    let width = w.dims()[0];
+                    let out = rms_norm(x.clone().narrow(1, start, width), w, eps);
+                    start += width;
+                    out
+                })
+                .collect();
+        }
         decode::rms_norms(x, weights, eps)
     }
 
@@ -452,7 +466,16 @@ where
                 None => burn::tensor::module::linear(x, weight_t, bias),
             };
         }
-        decode::gemv(x, weight, bias)
+        let dtype = x.dtype();
+        decode::gemv(x, weight, bias, dtype)
+    }
+
+    fn linear_f32(x: Tensor<Self, 2>, weight: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let [rows, _] = x.dims();
+        if rows == 0 || rows > crate::decode_max_rows() || !use_kernel("linear") {
+            return <Self as JambaBackend>::linear(crate::cast_to(x, DType::F32), weight, None);
+        }
+        decode::gemv(x, weight, None, DType::F32)
     }
 
     fn matmul(lhs: Tensor<Self, 2>, rhs: Tensor<Self, 2>) -> Tensor<Self, 2> {
