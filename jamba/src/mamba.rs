@@ -32,7 +32,9 @@ pub struct MambaState<B: Backend> {
     pub ssm: Tensor<B, 3>,
     /// The layer's parameters as the decoding kernels take them, derived from its weights at
     /// the first decoding step of this state and kept for the next ones (they are the same for
-    /// every token: a step then launches nothing to convert them).
+    /// every token: a step then launches nothing to convert them). A cache therefore belongs to
+    /// the weights it was filled with, as its states already do: after the weights change, start
+    /// a new cache.
     pub constants: Option<MambaConstants<B>>,
 }
 
@@ -177,16 +179,16 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         );
         let dt = project(dt, self.dt_proj.weight.val());
 
-        let constants = self.ssm_constants();
+        let (a, d, delta_bias) = self.scan_constants();
         let out = B::selective_scan(SelectiveScanInput {
             u: x,
             delta: dt.swap_dims(1, 2),
-            a: constants.a,
+            a,
             b: b.swap_dims(1, 2),
             c: c.swap_dims(1, 2),
-            d: constants.d,
+            d,
             z: Some(z),
-            delta_bias: constants.delta_bias,
+            delta_bias,
             delta_softplus: true,
             initial_state: ssm_state,
         });
@@ -262,20 +264,30 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         self.out_proj.forward(y).unsqueeze_dim(1)
     }
 
-    /// The layer's parameters as the kernels take them (see [`MambaConstants`]).
-    fn ssm_constants(&self) -> MambaConstants<B> {
+    /// The scan's `A = -exp(A_log)`, `D` and dt bias, f32.
+    fn scan_constants(&self) -> (Tensor<B, 2>, Tensor<B, 1>, Option<Tensor<B, 1>>) {
         let f32 = |t: Tensor<B, 1>| t.cast(DType::F32);
+        (
+            self.a_log.val().cast(DType::F32).exp().neg(),
+            f32(self.d.val()),
+            self.dt_proj.bias.as_ref().map(|b| f32(b.val())),
+        )
+    }
+
+    /// The layer's parameters as the decoding kernels take them (see [`MambaConstants`]).
+    fn ssm_constants(&self) -> MambaConstants<B> {
+        let (a, d, delta_bias) = self.scan_constants();
         MambaConstants {
-            a: self.a_log.val().cast(DType::F32).exp().neg(),
-            d: f32(self.d.val()),
-            delta_bias: self.dt_proj.bias.as_ref().map(|b| f32(b.val())),
+            a,
+            d,
+            delta_bias,
             conv_weight: self
                 .conv1d
                 .weight
                 .val()
                 .reshape([self.d_inner, self.d_conv])
                 .cast(DType::F32),
-            conv_bias: self.conv1d.bias.as_ref().map(|b| f32(b.val())),
+            conv_bias: self.conv1d.bias.as_ref().map(|b| b.val().cast(DType::F32)),
         }
     }
 

@@ -643,14 +643,24 @@ pub struct ForwardOptions {
 }
 
 impl<B: Backend> HybridCache<B> {
-    /// Bytes held by the cache: KV buffers (allocated capacity) and Mamba states.
+    /// Bytes held by the cache: KV buffers (allocated capacity), Mamba states and the Mamba
+    /// layers' decoding constants once derived.
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
             .map(|l| match l {
                 LayerState::Attention(kv) => kv.bytes(),
                 LayerState::Mamba(s) => {
-                    (s.conv.shape().num_elements() + s.ssm.shape().num_elements())
+                    let constants = s.constants.as_ref().map_or(0, |c| {
+                        c.a.shape().num_elements()
+                            + c.d.shape().num_elements()
+                            + c.conv_weight.shape().num_elements()
+                            + c.delta_bias
+                                .as_ref()
+                                .map_or(0, |t| t.shape().num_elements())
+                            + c.conv_bias.as_ref().map_or(0, |t| t.shape().num_elements())
+                    });
+                    (s.conv.shape().num_elements() + s.ssm.shape().num_elements() + constants)
                         * DType::F32.size()
                 }
             })

@@ -213,7 +213,8 @@ pub fn gemv_kernel<A: Float, W: Float, O: Float, N: Size>(
 /// First half of SwiGLU experts for few rows: `act[e, m, i] = silu(x[m] . gate[e, i]) *
 /// (x[m] . up[e, up_row + i])` where row `m` is routed to expert `e` (`weights[m, e] != 0`) or
 /// without `routed` for every row (a dense MLP: one expert). With `routed`, the experts no row
-/// routes to are not read. Cube `(x, y)` = (block of columns `i`, expert). `gate` and `up` may be
+/// routes to are not read. Cube `(x, y, z)` = (block of columns `i` over x and y, expert).
+/// `gate` and `up` may be
 /// one tensor (the experts' `gate_up`, `up_row` = intermediate size).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
@@ -230,7 +231,7 @@ pub fn swiglu_rows_kernel<F: Float, N: Size>(
     #[comptime] routed: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let e = CUBE_POS_Y as usize;
+    let e = CUBE_POS_Z as usize;
     if routed {
         let mut used = false;
         #[unroll]
@@ -242,7 +243,7 @@ pub fn swiglu_rows_kernel<F: Float, N: Size>(
             terminate!();
         }
     }
-    let i = column_of(CUBE_POS_X as usize, units, split);
+    let i = column_of(flat_cube(), units, split);
     let part = part_of(split);
     let lane = UNIT_POS_X % PLANE_DIM;
     let inter = act.shape(2);
@@ -629,13 +630,13 @@ fn split_for(columns: usize, k_vectors: usize, plane: usize, compute_units: usiz
     split
 }
 
-/// The launch of a product with `columns` columns: cubes of [`GEMV_UNITS`] units and the
-/// planes per column.
+/// The launch of a product with `columns` columns (for each of `experts` along z): cubes of
+/// [`GEMV_UNITS`] units and the planes per column.
 fn gemv_launch<R: CubeRuntime>(
     client: &cubecl::client::ComputeClient<R>,
     columns: usize,
     k_vectors: usize,
-    y: u32,
+    experts: u32,
 ) -> (CubeCount, CubeDim, usize) {
     let hardware = &client.properties().hardware;
     // Columns per cube from the largest plane: a smaller one gives a cube more columns.
@@ -646,16 +647,26 @@ fn gemv_launch<R: CubeRuntime>(
     let split = split_for(columns, k_vectors, plane, units);
     let cols = (GEMV_UNITS / plane / split).max(1);
     let cubes = columns.div_ceil(cols).max(1) as u32;
-    let count = if y == 1 {
-        let x = cubes.min(65535);
-        CubeCount::Static(x, cubes.div_ceil(x), 1)
-    } else {
-        CubeCount::Static(cubes, y, 1)
-    };
+    let x = cubes.min(65535);
+    let count = CubeCount::Static(x, cubes.div_ceil(x), experts.max(1));
     (count, CubeDim::new_1d(GEMV_UNITS as u32), split)
 }
 
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+
+/// Whether the decoding products' shared memory for `rows` rows fits the device (two column
+/// sums of `rows` floats per unit in the SwiGLU kernel).
+pub(crate) fn rows_fit<R: CubeRuntime>(t: &CubeTensor<R>, rows: usize) -> bool {
+    2 * GEMV_UNITS * rows * 4 <= t.client.properties().hardware.max_shared_memory_size
+}
+
+/// Whether decoding attention's shared memory (each plane's partial output, max and sum) fits
+/// the device for `head_dim`.
+pub(crate) fn attention_fits<R: CubeRuntime>(t: &CubeTensor<R>, head_dim: usize) -> bool {
+    let hardware = &t.client.properties().hardware;
+    let planes = ATTENTION_UNITS / (hardware.plane_size_min as usize).clamp(1, ATTENTION_UNITS);
+    planes * (head_dim + 2) * 4 <= hardware.max_shared_memory_size
+}
 
 /// `x [rows, k] @ w [n, k]^T + bias` for few rows, accumulated in f32 and written in `dtype`.
 /// `x` and `w` may differ in dtype.
@@ -724,20 +735,20 @@ where
     BT: BoolElement,
 {
     let [rows, hidden] = x.dims();
-    let [experts, _, inter] = down.dims();
+    let [experts, out_dim, inter] = down.dims();
     let dtype = x.dtype();
     let device = x.device();
     let routed = weights.is_some();
     let weights = weights.unwrap_or_else(|| dummy_of::<Cube<R, F, I, BT>, 2>(&device, dtype));
     let act = BTensor::<Cube<R, F, I, BT>, 3>::empty([experts, rows, inter], (&device, dtype));
-    let out = BTensor::<Cube<R, F, I, BT>, 2>::empty([rows, hidden], (&device, dtype));
+    let out = BTensor::<Cube<R, F, I, BT>, 2>::empty([rows, out_dim], (&device, dtype));
     let (x, gate, up, down) = (prim(x), prim(gate), prim(up), prim(down));
     let client = x.client.clone();
     let vs = vector_width(&[&x, &gate, &up]);
     let (count, dim, split) = gemv_launch(&client, inter, hidden / vs, experts as u32);
     let act_p = prim(act.clone());
     let vs_down = vector_width(&[&act_p, &down]);
-    let (count_down, dim_down, split_down) = gemv_launch(&client, hidden, inter / vs_down, 1);
+    let (count_down, dim_down, split_down) = gemv_launch(&client, out_dim, inter / vs_down, 1);
     unsafe {
         swiglu_rows_kernel::launch_unchecked::<R>(
             &client,

@@ -345,7 +345,10 @@ where
         weight: Tensor<Self, 1>,
         eps: f64,
     ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
-        if residual.dtype() != DType::F32 || residual.dims() != h.dims() || !use_kernel("rms_norm")
+        if residual.dtype() != DType::F32
+            || residual.dims() != h.dims()
+            || weight.dims()[0] != residual.dims()[1]
+            || !use_kernel("rms_norm")
         {
             return crate::reference::add_rms_norm(residual, h, weight, eps);
         }
@@ -393,6 +396,7 @@ where
         let dtype = x.dtype();
         if rows == 0
             || rows > crate::decode_max_rows()
+            || !decode::rows_fit(&prim(x.clone()), rows)
             || [&gate, &up, &down].iter().any(|w| w.dtype() != dtype)
             || !use_kernel("mlp")
         {
@@ -425,7 +429,7 @@ where
             || heads % kv_heads != 0
             || heads > 65535
             || batch > 65535
-            || head_dim > 1024
+            || !decode::attention_fits(&prim(q.clone()), head_dim)
             || k.dtype() != q.dtype()
             || v.dtype() != q.dtype()
             || !use_kernel("decode_attention")
@@ -456,7 +460,11 @@ where
         bias: Option<Tensor<Self, 1>>,
     ) -> Tensor<Self, 2> {
         let [rows, _] = x.dims();
-        if rows == 0 || rows > crate::decode_max_rows() || !use_kernel("linear") {
+        if rows == 0
+            || rows > crate::decode_max_rows()
+            || !decode::rows_fit(&prim(x.clone()), rows)
+            || !use_kernel("linear")
+        {
             let weight_t = crate::cast_to(weight, x.dtype()).transpose();
             return match matmul::routine_matmul(&x, &weight_t) {
                 Some(y) => match bias {
@@ -472,7 +480,11 @@ where
 
     fn linear_f32(x: Tensor<Self, 2>, weight: Tensor<Self, 2>) -> Tensor<Self, 2> {
         let [rows, _] = x.dims();
-        if rows == 0 || rows > crate::decode_max_rows() || !use_kernel("linear") {
+        if rows == 0
+            || rows > crate::decode_max_rows()
+            || !decode::rows_fit(&prim(x.clone()), rows)
+            || !use_kernel("linear")
+        {
             return <Self as JambaBackend>::linear(crate::cast_to(x, DType::F32), weight, None);
         }
         decode::gemv(x, weight, None, DType::F32)
@@ -492,6 +504,7 @@ where
         let dtype = x.dtype();
         if rows == 0
             || rows > crate::decode_max_rows()
+            || !decode::rows_fit(&prim(x.clone()), rows)
             || gate_up.dtype() != dtype
             || down.dtype() != dtype
             || !use_kernel("moe")
@@ -516,7 +529,10 @@ where
             return crate::reference::moe_grouped(input);
         }
         let [tokens, _] = input.x.dims();
-        if tokens <= crate::decode_max_rows() && use_kernel("moe") {
+        if tokens <= crate::decode_max_rows()
+            && decode::rows_fit(&prim(input.x.clone()), tokens)
+            && use_kernel("moe")
+        {
             // Decoding: the dense routing matrix and the kernels that read only the routed
             // experts' weights.
             let dense = moe::dense_routing(&input);
