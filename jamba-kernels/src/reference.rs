@@ -233,8 +233,9 @@ pub fn add_rms_norm<B: Backend>(
     (sum, normed)
 }
 
-/// The RMSNorm of consecutive column segments of `x`, segment `i` as wide as `weights[i]`.
-pub fn rms_norms<B: Backend>(
+/// The RMSNorm of consecutive column segments of `x`, segment `i` as wide as `weights[i]`:
+/// one [`JambaBackend::rms_norm`] per segment (a kernel on backends that have one).
+pub fn rms_norms<B: JambaBackend>(
     x: Tensor<B, 2>,
     weights: Vec<Tensor<B, 1>>,
     eps: f64,
@@ -244,7 +245,7 @@ pub fn rms_norms<B: Backend>(
         .into_iter()
         .map(|w| {
             let width = w.dims()[0];
-            let out = rms_norm(x.clone().narrow(1, start, width), w, eps);
+            let out = B::rms_norm(x.clone().narrow(1, start, width), w, eps);
             start += width;
             out
         })

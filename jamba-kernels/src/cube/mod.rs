@@ -371,17 +371,8 @@ where
         }
         if x.dims()[0] > crate::decode_max_rows() {
             // Many rows (prefill, training): the launches count little, and each segment's
-            // kernel gets cubes as wide as the segment.
-            let mut start = 0;
-            return weights
-                .into_iter()
-                .map(|w| {
-                    let width = w.dims()[0];
-                    let out = rms_norm(x.clone().narrow(1, start, width), w, eps);
-                    start += width;
-                    out
-                })
-                .collect();
+            // norm kernel gets cubes as wide as the segment.
+            return crate::reference::rms_norms(x, weights, eps);
         }
         decode::rms_norms(x, weights, eps)
     }
