@@ -67,6 +67,11 @@ struct Args {
     /// the rest of the process fails with it).
     #[arg(long)]
     matmul_tma: bool,
+    /// Time what a launch costs the host: 1000 operations in a row on tiny tensors (an
+    /// element-wise add, and the decoding product `JambaBackend::linear` at 1x64x64), the time
+    /// to issue them and the time until the device has run them, per operation.
+    #[arg(long)]
+    launch_overhead: bool,
     /// Skip the model (kernel checks and scan timings only).
     #[arg(long)]
     no_model: bool,
@@ -121,6 +126,9 @@ where
     };
     if args.check_kernels {
         kernel_check::run::<B>(device);
+    }
+    if args.launch_overhead {
+        launch_overhead::<B>(device);
     }
     for spec in &args.scan {
         let dims: Vec<usize> = spec
@@ -245,6 +253,43 @@ where
             prefill,
             cache.bytes() as f64 / (1 << 20) as f64,
             median(issue) * 1e3
+        );
+    }
+}
+
+/// Host and device time per operation of 1000 dependent tiny operations (median of 5 runs
+/// after one): the floor a decoding step's launches stand on.
+fn launch_overhead<B: JambaBackend>(device: &B::Device) {
+    const N: usize = 1000;
+    let x = Tensor::<B, 2>::random([1, 64], Distribution::Normal(0.0, 1.0), device);
+    // Scaled so that the chained products stay finite.
+    let w = Tensor::<B, 2>::random([64, 64], Distribution::Normal(0.0, 0.125), device);
+    let ops: [(&str, &dyn Fn(Tensor<B, 2>) -> Tensor<B, 2>); 2] = [
+        ("element-wise add (x + 1)", &|y| y.add_scalar(1.0)),
+        ("decoding product 1x64x64 (`linear`)", &|y| {
+            <B as JambaBackend>::linear(y, w.clone(), None)
+        }),
+    ];
+    for (name, op) in ops {
+        let (mut host, mut total) = (Vec::new(), Vec::new());
+        for rep in 0..6 {
+            B::sync(device).unwrap();
+            let t = Instant::now();
+            let mut y = x.clone();
+            for _ in 0..N {
+                y = op(y);
+            }
+            let issued = t.elapsed().as_secs_f64();
+            let _ = y.into_data();
+            if rep > 0 {
+                host.push(issued);
+                total.push(t.elapsed().as_secs_f64());
+            }
+        }
+        println!(
+            "| launch overhead: {name}, {N} in a row | host {:.1} us per operation | {:.1} us per operation until the device has run them |",
+            median(host) * 1e6 / N as f64,
+            median(total) * 1e6 / N as f64
         );
     }
 }
@@ -514,7 +559,7 @@ mod kernel_check {
     use super::*;
     use burn::backend::NdArray;
     use burn::tensor::{backend::Backend, TensorData};
-    use jamba_kernels::{reference, CausalConv1dInput};
+    use jamba_kernels::{reference, CausalConv1dInput, MambaStep};
 
     type Ref = NdArray<f32>;
 
@@ -1081,6 +1126,85 @@ mod kernel_check {
                         tol,
                     );
                 }
+            }
+        }
+        // The fused Mamba step at the "block" shape (d_inner 4096, dt_rank 128, d_state 16) and an
+        // odd one: f32 against the reference on ndarray; bf16 against the composition of this
+        // backend's own operations (norms, product, state update), which round where it does.
+        for (b, di, r, n) in [(1, 4096, 128, 16), (3, 70, 5, 64)] {
+            let normal = |len, mean, std| host(len, Distribution::Normal(mean, std));
+            let x = normal(b * di, 0.0, 1.0);
+            let z = normal(b * di, 0.0, 1.0);
+            let params = normal(b * (r + 2 * n), 0.2, 1.5);
+            let norms = [
+                normal(r, 1.0, 0.3),
+                normal(n, 1.0, 0.3),
+                normal(n, 1.0, 0.3),
+            ];
+            let dt_proj = normal(di * r, 0.0, 1.0 / (r as f64).sqrt());
+            let a = host(di * n, Distribution::Uniform(-4.0, -0.1));
+            let d = normal(di, 1.0, 0.5);
+            let bias = normal(di, -1.0, 1.0);
+            let state = normal(b * di * n, 0.0, 1.0);
+            fn step<C: JambaBackend>(
+                dev: &C::Device,
+                v: [&[f32]; 11],
+                [b, di, r, n]: [usize; 4],
+                dtype: DType,
+            ) -> MambaStep<C> {
+                let t = |v: &[f32]| {
+                    Tensor::<C, 1>::from_data(TensorData::new(v.to_vec(), [v.len()]), dev)
+                };
+                MambaStep {
+                    state: t(v[9]).reshape([b, di, n]),
+                    x: t(v[0]).reshape([b, di]).cast(dtype),
+                    z: Some(t(v[1]).reshape([b, di]).cast(dtype)),
+                    params: t(v[2]).reshape([b, r + 2 * n]).cast(dtype),
+                    norms: [3, 4, 5].map(|i| t(v[i]).cast(dtype)),
+                    eps: 1e-6,
+                    dt_proj: t(v[6]).reshape([di, r]).cast(dtype),
+                    a: t(v[7]).reshape([di, n]),
+                    d: t(v[8]),
+                    delta_bias: Some(t(v[10])),
+                    delta_softplus: true,
+                }
+            }
+            let v = [
+                &x[..],
+                &z,
+                &params,
+                &norms[0],
+                &norms[1],
+                &norms[2],
+                &dt_proj,
+                &a,
+                &d,
+                &state,
+                &bias,
+            ];
+            let shape = [b, di, r, n];
+            for &(dtype, tol) in dtypes {
+                let (wy, ws) = if dtype == DType::F32 {
+                    let (y, s) = reference::mamba_step::<Ref>(step(&rdev, v, shape, dtype));
+                    (vals(y), vals(s))
+                } else {
+                    let (y, s) = reference::mamba_step::<B>(step(dev, v, shape, dtype));
+                    (vals(y), vals(s))
+                };
+                let (y, s) = B::mamba_step(step(dev, v, shape, dtype));
+                // bf16: a dt rounded one step the other way moves a channel's output by up to
+                // about 2^-8 of its scale, through the softplus and the exponentials.
+                let tol = if dtype == DType::F32 { tol } else { 2e-2 };
+                report(
+                    format!("mamba step {shape:?} {dtype:?} y"),
+                    rel(&vals(y), &wy),
+                    tol,
+                );
+                report(
+                    format!("mamba step {shape:?} {dtype:?} state"),
+                    rel(&vals(s), &ws),
+                    tol,
+                );
             }
         }
         // Decoding attention at the "block" shape (16 heads of 128 over 4 KV heads) and an odd one.

@@ -7,7 +7,8 @@
 # SCAN_KERNELS times the other scan kernels (JAMBA_SCAN_FWD, JAMBA_SCAN_BWD), SCAN_BLOCKS other cube
 # sizes of the chunked ones, SCAN_PROFILE=1 profiles those under ncu.
 # DECODE_PROFILE=1 gives the GPU time and launches per decode step under ncu (scripts/ncu_per_step.py).
-# SCAN=0, SCAN_KERNELS=0, SCAN_BLOCKS=0, ATTENTION=0, TRAIN=0, MOE=0, MATMUL=0, UNFUSED_DECODE=0 skip those parts. Usage: scripts/device_kernels.sh BIN_DIR OUT_DIR
+# LAUNCH=1 (default) times what a launch costs the host (bench --launch-overhead).
+# SCAN=0, SCAN_KERNELS=0, SCAN_BLOCKS=0, ATTENTION=0, TRAIN=0, MOE=0, MATMUL=0, UNFUSED_DECODE=0, LAUNCH=0 skip those parts. Usage: scripts/device_kernels.sh BIN_DIR OUT_DIR
 set -uo pipefail
 bin=$1; out=$2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -86,6 +87,13 @@ JAMBA_MOE_PER_EXPERT_PAIRS=100000000 "$bin/bench" --backend cuda-unfused --dtype
 JAMBA_MOE_PER_EXPERT_PAIRS=100000000 JAMBA_REFERENCE=moe_mma "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 512,4096
 echo "== same, the per-expert matmuls at every size"
 JAMBA_MOE_PER_EXPERT_PAIRS=0 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 512
+fi
+if [ "${LAUNCH:-1}" = 1 ]; then
+echo "== launch overhead: 1000 tiny operations in a row, the host's time to issue each and the time until the device has run it"
+for be in cuda-unfused cuda; do
+  echo "-- $be"
+  "$bin/bench" --backend $be --no-model --launch-overhead 2>&1 | grep "launch overhead"
+done
 fi
 echo "== block model, bf16"
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > /tmp/mem-model.log &

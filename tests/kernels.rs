@@ -19,7 +19,8 @@ use burn::tensor::Int;
 use burn::tensor::{backend::Backend, DType, Distribution, Tensor, TensorData};
 use common::{assert_close, to_f32_vec};
 use jamba_kernels::{
-    reference, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MoeInput, SelectiveStateUpdate,
+    reference, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MambaStep, MoeInput,
+    SelectiveStateUpdate,
 };
 use scan::{check_scan_forward, check_scan_grads, data, random, scan_cases, transpose, ScanCase};
 
@@ -551,6 +552,116 @@ fn fused_norms_and_mlp_match_reference() {
     }
 }
 
+/// Host copies of one random [`MambaStep`].
+struct MambaStepCase {
+    /// (batch, d_inner, dt_rank, d_state)
+    shape: [usize; 4],
+    x: Vec<f32>,
+    /// `[batch, 2 d_inner]`: `z` is read as the second half of each row (a strided view, as
+    /// the model's `in_proj` output gives it).
+    xz: Vec<f32>,
+    params: Vec<f32>,
+    norms: [Vec<f32>; 3],
+    dt_proj: Vec<f32>,
+    a: Vec<f32>,
+    d: Vec<f32>,
+    bias: Option<Vec<f32>>,
+    state: Vec<f32>,
+    gated: bool,
+}
+
+impl MambaStepCase {
+    fn new([b, di, r, n]: [usize; 4], gated: bool, biased: bool) -> Self {
+        let normal = |len, mean, std| random(len, Distribution::Normal(mean, std));
+        Self {
+            shape: [b, di, r, n],
+            x: normal(b * di, 0.0, 1.0),
+            xz: normal(b * 2 * di, 0.0, 1.0),
+            params: normal(b * (r + 2 * n), 0.2, 1.5),
+            norms: [
+                normal(r, 1.0, 0.3),
+                normal(n, 1.0, 0.3),
+                normal(n, 1.0, 0.3),
+            ],
+            // dt near the softplus knee, with `1 / sqrt(r)` keeping the sum's scale.
+            dt_proj: normal(di * r, 0.0, 1.0 / (r as f64).sqrt()),
+            a: random(di * n, Distribution::Uniform(-4.0, -0.1)),
+            d: normal(di, 1.0, 0.5),
+            bias: biased.then(|| normal(di, -1.0, 1.0)),
+            state: normal(b * di * n, 0.0, 1.0),
+            gated,
+        }
+    }
+
+    /// Runs the step with a second reference to the state alive; returns y, the new state, and
+    /// the shared state's values afterwards.
+    fn run<B: JambaBackend>(&self, dtype: DType) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let dev = Default::default();
+        let [b, di, r, n] = self.shape;
+        let t2 = |v: &[f32], s: [usize; 2]| {
+            Tensor::<B, 2>::from_data(TensorData::new(v.to_vec(), s), &dev)
+        };
+        let t1 =
+            |v: &[f32]| Tensor::<B, 1>::from_data(TensorData::new(v.to_vec(), [v.len()]), &dev);
+        let state =
+            Tensor::<B, 3>::from_data(TensorData::new(self.state.clone(), [b, di, n]), &dev);
+        let z = t2(&self.xz, [b, 2 * di]).cast(dtype).narrow(1, di, di);
+        let (y, next) = B::mamba_step(MambaStep {
+            state: state.clone(),
+            x: t2(&self.x, [b, di]).cast(dtype),
+            z: self.gated.then_some(z),
+            params: t2(&self.params, [b, r + 2 * n]).cast(dtype),
+            norms: [0, 1, 2].map(|i| t1(&self.norms[i]).cast(dtype)),
+            eps: 1e-6,
+            dt_proj: t2(&self.dt_proj, [di, r]).cast(dtype),
+            a: t2(&self.a, [di, n]),
+            d: t1(&self.d),
+            delta_bias: self.bias.as_deref().map(t1),
+            delta_softplus: true,
+        });
+        assert_eq!(y.dtype(), dtype, "y takes x's dtype");
+        (to_f32_vec(y), to_f32_vec(next), to_f32_vec(state))
+    }
+}
+
+#[test]
+fn mamba_step_matches_reference() {
+    no_overrides();
+    // (batch, d_inner, dt_rank, d_state): one channel short of a cube and an odd dt_rank (read
+    // one element at a time), batch 3 with dt_rank a multiple of the vector, d_state 1 and 64.
+    for (shape, gated, biased) in [
+        ([1, 63, 5, 16], true, true),
+        ([3, 130, 16, 4], true, false),
+        ([2, 70, 8, 64], false, true),
+        ([1, 9, 12, 1], false, false),
+    ] {
+        let case = MambaStepCase::new(shape, gated, biased);
+        let [b, di, _, n] = shape;
+        let (want_y, want_state, _) = case.run::<Ref>(DType::F32);
+        let (want_y, want_state) = (
+            TensorData::new(want_y, [b, di]),
+            TensorData::new(want_state, [b, di, n]),
+        );
+        for (label, (y, state, kept)) in [
+            ("cube", case.run::<Cube>(DType::F32)),
+            ("fusion", case.run::<Wgpu>(DType::F32)),
+        ] {
+            let name = format!("{label} mamba_step {shape:?} gated={gated} bias={biased}");
+            // f32: the same operations as the reference, summed in another order.
+            assert_close(&format!("{name} y"), &y, &want_y, 1e-4);
+            assert_close(&format!("{name} state"), &state, &want_state, 1e-4);
+            assert_eq!(kept, case.state, "{name}: a shared state was modified");
+        }
+        // f16 activations and weights: the kernel rounds the norms and dt to f16 where the
+        // separate operations do; against the f32 reference that is 2^-11 relative per value,
+        // amplified at most a few times through the softplus, the exponential and the sums.
+        let (y, state, _) = case.run::<Wgpu>(DType::F16);
+        let name = format!("f16 mamba_step {shape:?}");
+        assert_close(&format!("{name} y"), &y, &want_y, 1e-2);
+        assert_close(&format!("{name} state"), &state, &want_state, 1e-2);
+    }
+}
+
 #[test]
 fn decode_attention_matches_reference() {
     no_overrides();
@@ -968,6 +1079,18 @@ fn grouped_experts_match_reference() {
         let ours = Wgpu::moe_grouped(case.input::<Wgpu>(DType::F16));
         assert_eq!(ours.dtype(), DType::F16);
         assert_close(&format!("f16 moe {name}"), &to_f32_vec(ours), &want, 1e-2);
+        // The router's weights as the model passes them: f32 beside f16 activations, rounded
+        // to f16 where they are used, so the same result as f16 weights.
+        let ours = Wgpu::moe_grouped(MoeInput {
+            weights: case.input::<Wgpu>(DType::F32).weights,
+            ..case.input::<Wgpu>(DType::F16)
+        });
+        assert_close(
+            &format!("f16 moe {name}, f32 weights"),
+            &to_f32_vec(ours),
+            &want,
+            1e-2,
+        );
     }
 }
 

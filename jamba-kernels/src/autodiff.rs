@@ -14,8 +14,8 @@ use burn::backend::autodiff::{
 use burn::tensor::{ops::FloatTensor, DType, Int, Tensor, TensorPrimitive};
 
 use crate::{
-    reference, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MoeInput, SelectiveScanInput,
-    SelectiveScanOutput, SelectiveStateUpdate,
+    reference, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MambaStep, MoeInput,
+    SelectiveScanInput, SelectiveScanOutput, SelectiveStateUpdate,
 };
 
 type AdTensor<B, C> = FloatTensor<Autodiff<B, C>>;
@@ -412,6 +412,45 @@ impl<B: JambaBackend, C: CheckpointStrategy> JambaBackend for Autodiff<B, C> {
             d: to_inner::<B, C, 1>(&ad(input.d)),
             z: input.z.map(i),
             delta_bias: input.delta_bias.map(|t| to_inner::<B, C, 1>(&ad(t))),
+            delta_softplus: input.delta_softplus,
+        });
+        (untracked(y), untracked(state))
+    }
+
+    fn mamba_step(input: MambaStep<Self>) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
+        // Decoding is inference: run the inner kernel when nothing is tracked.
+        fn tracked<B: JambaBackend, C: CheckpointStrategy, const D: usize>(
+            t: &Tensor<Autodiff<B, C>, D>,
+        ) -> bool {
+            ad(t.clone()).is_tracked()
+        }
+        let any = tracked(&input.state)
+            || [&input.x, &input.params, &input.dt_proj, &input.a]
+                .into_iter()
+                .chain(input.z.iter())
+                .any(tracked)
+            || input
+                .norms
+                .iter()
+                .chain([&input.d])
+                .chain(input.delta_bias.iter())
+                .any(tracked);
+        if any || !B::KERNELS {
+            return reference::mamba_step::<Self>(input);
+        }
+        let i2 = |t: Tensor<Self, 2>| to_inner::<B, C, 2>(&ad(t));
+        let i1 = |t: Tensor<Self, 1>| to_inner::<B, C, 1>(&ad(t));
+        let (y, state) = B::mamba_step(MambaStep {
+            state: to_inner::<B, C, 3>(&ad(input.state)),
+            x: i2(input.x),
+            z: input.z.map(i2),
+            params: i2(input.params),
+            norms: input.norms.map(i1),
+            eps: input.eps,
+            dt_proj: i2(input.dt_proj),
+            a: i2(input.a),
+            d: i1(input.d),
+            delta_bias: input.delta_bias.map(i1),
             delta_softplus: input.delta_softplus,
         });
         (untracked(y), untracked(state))

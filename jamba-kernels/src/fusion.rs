@@ -16,8 +16,8 @@ use burn_fusion::{
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
 use crate::{
-    CausalConv1dGrads, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MoeGrads, MoeInput,
-    SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput, SelectiveStateUpdate,
+    CausalConv1dGrads, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MambaStep, MoeGrads,
+    MoeInput, SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput, SelectiveStateUpdate,
 };
 
 /// A tensor of the inner backend as a custom operation passes it: float or int (by the dtype of
@@ -795,6 +795,65 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
                     c,
                     d,
                     z,
+                    delta_bias,
+                    delta_softplus: softplus,
+                });
+                vec![raw(y), raw(state)]
+            }),
+        );
+        let mut outs = outs.into_iter();
+        (fwrap(outs.next().unwrap()), fwrap(outs.next().unwrap()))
+    }
+
+    fn mamba_step(input: MambaStep<Self>) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
+        if !B::KERNELS {
+            return crate::reference::mamba_step::<Self>(input);
+        }
+        let y_shape = input.x.dims().to_vec();
+        let y_dtype = input.x.dtype();
+        let state_shape = input.state.dims().to_vec();
+        let flags = [input.z.is_some(), input.delta_bias.is_some()];
+        let (eps, softplus) = (input.eps, input.delta_softplus);
+        let [dt_norm, b_norm, c_norm] = input.norms;
+        let mut tensors = vec![
+            fprim(input.state),
+            fprim(input.x),
+            fprim(input.params),
+            fprim(dt_norm),
+            fprim(b_norm),
+            fprim(c_norm),
+            fprim(input.dt_proj),
+            fprim(input.a),
+            fprim(input.d),
+        ];
+        tensors.extend(input.z.map(fprim));
+        tensors.extend(input.delta_bias.map(fprim));
+        let outs = register::<B>(
+            "jamba_mamba_step",
+            tensors,
+            vec![(y_shape, y_dtype), (state_shape, DType::F32)],
+            Arc::new(move |prims| {
+                let mut it = prims.into_iter();
+                let mut next = || it.next().unwrap();
+                let state = inner(next());
+                let x = inner(next());
+                let params = inner(next());
+                let norms = [inner(next()), inner(next()), inner(next())];
+                let dt_proj = inner(next());
+                let a = inner(next());
+                let d = inner(next());
+                let z = flags[0].then(|| inner(next()));
+                let delta_bias = flags[1].then(|| inner(next()));
+                let (y, state) = B::mamba_step(MambaStep {
+                    state,
+                    x,
+                    z,
+                    params,
+                    norms,
+                    eps,
+                    dt_proj,
+                    a,
+                    d,
                     delta_bias,
                     delta_softplus: softplus,
                 });

@@ -120,6 +120,30 @@ pub struct SelectiveStateUpdate<B: Backend> {
     pub delta_softplus: bool,
 }
 
+/// One decoding position of the Mamba mixer from `x_proj`'s output to the gated output: Jamba's
+/// dt, B and C RMSNorms, `dt_proj`, and the state update of [`SelectiveStateUpdate`], which
+/// backends with kernels run as one kernel (three launches fewer per layer and step).
+///
+/// Shapes: `params` `[batch, dt_rank + 2 d_state]`, `x_proj`'s output `[dt | B | C]`;
+/// `norms` the dt, B and C norm weights `[dt_rank]`, `[d_state]`, `[d_state]`; `dt_proj`
+/// `[d_inner, dt_rank]` (its bias is `delta_bias`); the rest as in [`SelectiveStateUpdate`].
+/// The norms' outputs and `dt` are rounded to the norm weights' dtype, as the separate
+/// operations round them.
+#[derive(Debug, Clone)]
+pub struct MambaStep<B: Backend> {
+    pub state: Tensor<B, 3>,
+    pub x: Tensor<B, 2>,
+    pub z: Option<Tensor<B, 2>>,
+    pub params: Tensor<B, 2>,
+    pub norms: [Tensor<B, 1>; 3],
+    pub eps: f64,
+    pub dt_proj: Tensor<B, 2>,
+    pub a: Tensor<B, 2>,
+    pub d: Tensor<B, 1>,
+    pub delta_bias: Option<Tensor<B, 1>>,
+    pub delta_softplus: bool,
+}
+
 /// One decoding position of the causal conv1d (`causal_conv1d_update`): `state`
 /// `[batch, channels, width - 1]` f32 holds the preceding inputs and is returned shifted to end
 /// with `x` `[batch, channels]`.
@@ -137,6 +161,8 @@ pub struct CausalConv1dUpdate<B: Backend> {
 /// Shapes: `x`: `[tokens, hidden]`; `gate_up`: `[experts, 2 * inter, hidden]` (rows `[0, inter)`
 /// gate, `[inter, 2 * inter)` up); `down`: `[experts, hidden, inter]`; `chosen`, `weights`:
 /// `[tokens, top_k]`, the layer's expert index and routing weight of each (token, slot) pair.
+/// The weights may be f32 (the router's) whatever the activations' dtype: they are rounded to
+/// `x`'s dtype where they are used, as transformers rounds them.
 /// The experts held here are `first..first + experts`; pairs routed elsewhere are skipped
 /// (expert parallelism).
 #[derive(Debug, Clone)]
@@ -367,6 +393,12 @@ pub trait JambaBackend: Backend {
         input: SelectiveStateUpdate<Self>,
     ) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
         reference::selective_state_update(input)
+    }
+
+    /// One decoding position of the Mamba mixer from `x_proj`'s output (see [`MambaStep`]):
+    /// returns `y` `[batch, d_inner]` and the new state.
+    fn mamba_step(input: MambaStep<Self>) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
+        reference::mamba_step::<Self>(input)
     }
 
     /// One decoding position of the conv: returns `y` `[batch, channels]` and the new state.

@@ -7,8 +7,8 @@
 use burn::tensor::{activation, backend::Backend, Bool, DType, Int, Tensor};
 
 use crate::{
-    CausalConv1dInput, CausalConv1dUpdate, JambaBackend, SelectiveScanInput, SelectiveScanOutput,
-    SelectiveStateUpdate,
+    CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MambaStep, SelectiveScanInput,
+    SelectiveScanOutput, SelectiveStateUpdate,
 };
 
 /// Positions whose `[batch, d_inner, chunk, d_state]` discretised terms are built at once.
@@ -262,6 +262,40 @@ pub fn swiglu_mlp<B: JambaBackend>(
     let g = activation::silu(<B as JambaBackend>::linear(x.clone(), gate, None));
     let act = g * <B as JambaBackend>::linear(x, up, None);
     <B as JambaBackend>::linear(act, down, None)
+}
+
+/// [`MambaStep`] through `B`'s operations: [`JambaBackend::rms_norms`],
+/// [`JambaBackend::linear`] and [`JambaBackend::selective_state_update`].
+pub fn mamba_step<B: JambaBackend>(input: MambaStep<B>) -> (Tensor<B, 2>, Tensor<B, 3>) {
+    let MambaStep {
+        state,
+        x,
+        z,
+        params,
+        norms,
+        eps,
+        dt_proj,
+        a,
+        d,
+        delta_bias,
+        delta_softplus,
+    } = input;
+    let mut normed = B::rms_norms(params, norms.to_vec(), eps).into_iter();
+    let mut next = || normed.next().expect("three norms");
+    let (dt, b, c) = (next(), next(), next());
+    let delta = <B as JambaBackend>::linear(dt, dt_proj, None);
+    B::selective_state_update(SelectiveStateUpdate {
+        state,
+        x,
+        delta,
+        a,
+        b,
+        c,
+        d,
+        z,
+        delta_bias,
+        delta_softplus,
+    })
 }
 
 /// Attention of one query per head over every cached key (decoding), KV heads shared by

@@ -13,7 +13,7 @@
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, DType, Tensor};
 use jamba_kernels::{
-    CausalConv1dInput, CausalConv1dUpdate, JambaBackend, SelectiveScanInput, SelectiveStateUpdate,
+    CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MambaStep, SelectiveScanInput,
 };
 
 use crate::config::JambaConfig;
@@ -244,19 +244,23 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
             None => x,
         };
 
+        // The norms, dt_proj and the state update: one kernel where the backend has it.
         let ssm_params = self.x_proj.forward(x.clone()); // [batch, r + 2n]
-        let [dt, b, c] = self.ssm_norms(ssm_params);
-        let dt = project(dt, self.dt_proj.weight.val());
         let ssm_state = std::mem::replace(&mut state.ssm, placeholder());
-        let (y, ssm_state) = B::selective_state_update(SelectiveStateUpdate {
+        let (y, ssm_state) = B::mamba_step(MambaStep {
             state: ssm_state,
             x,
-            delta: dt,
-            a: constants.a,
-            b,
-            c,
-            d: constants.d,
             z: Some(z),
+            params: ssm_params,
+            norms: [
+                self.dt_layernorm.weight.val(),
+                self.b_layernorm.weight.val(),
+                self.c_layernorm.weight.val(),
+            ],
+            eps: self.dt_layernorm.eps,
+            dt_proj: self.dt_proj.weight.val(),
+            a: constants.a,
+            d: constants.d,
             delta_bias: constants.delta_bias,
             delta_softplus: true,
         });

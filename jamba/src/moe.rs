@@ -216,8 +216,9 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
         let device = x.device();
         // Routing in f32: a near-tie between experts must not flip with the logits' rounding.
         let router_logits = B::linear_f32(x.clone(), self.router.weight.val());
-        let (weights, chosen) = B::moe_route(router_logits.clone(), self.top_k); // [tokens, k]
-        let weights = weights.cast(x.dtype());
+        // [tokens, k]; the weights stay f32 here: the experts round them to the activations'
+        // dtype (transformers' `routing_weights.to(hidden_states.dtype)`) where they use them.
+        let (weights, chosen) = B::moe_route(router_logits.clone(), self.top_k);
         let mut out: Option<Tensor<B, 2>> = None;
         let mut add = |part: Tensor<B, 2>| {
             let part = transfer(part, &device);
@@ -257,7 +258,7 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
         for (pair, &e) in chosen_host.iter().enumerate() {
             rows[e as usize].push(pair as i64);
         }
-        let flat_weights = weights.reshape([tokens * self.top_k, 1]);
+        let flat_weights = weights.cast(x.dtype()).reshape([tokens * self.top_k, 1]);
         for group in &self.experts {
             let r = group.range();
             if rows[r.clone()].iter().all(Vec::is_empty) {

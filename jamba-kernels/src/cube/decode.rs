@@ -24,6 +24,7 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 
+use super::kernels::{sigmoid_f32, softplus_f32};
 use super::{dummy_of, prim};
 
 /// Vectors a unit loads before it uses them (independent loads in flight per unit).
@@ -210,34 +211,63 @@ pub fn gemv_kernel<A: Float, W: Float, O: Float, N: Size>(
     }
 }
 
+/// Row `m`'s routing weight for expert `e` (of the experts held here, the layer's `first + e`):
+/// `weights[m, e]` of a dense `[rows, experts]` matrix, or with `pairs` the weight of the slot
+/// `j` with `chosen[m, j] = first + e` of the router's `[rows, top_k]` pairs (0 when none).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn routing_weight<W: Float, I: Numeric>(
+    weights: &Tensor<W>,
+    chosen: &Tensor<I>,
+    m: usize,
+    e: usize,
+    first: usize,
+    #[comptime] pairs: bool,
+) -> f32 {
+    let mut w = 0.0f32;
+    if pairs {
+        let target = i64::cast_from(e + first);
+        for j in 0..chosen.shape(1) {
+            if i64::cast_from(chosen[m * chosen.stride(0) + j * chosen.stride(1)]) == target {
+                w += f32::cast_from(weights[m * weights.stride(0) + j * weights.stride(1)]);
+            }
+        }
+    } else {
+        w = f32::cast_from(weights[m * weights.stride(0) + e * weights.stride(1)]);
+    }
+    w
+}
+
 /// First half of SwiGLU experts for few rows: `act[e, m, i] = silu(x[m] . gate[e, i]) *
-/// (x[m] . up[e, up_row + i])` where row `m` is routed to expert `e` (`weights[m, e] != 0`) or
+/// (x[m] . up[e, up_row + i])` where row `m` is routed to expert `e` (see [`routing_weight`]) or
 /// without `routed` for every row (a dense MLP: one expert). With `routed`, the experts no row
 /// routes to are not read. Cube `(x, y, z)` = (block of columns `i` over x and y, expert).
 /// `gate` and `up` may be
 /// one tensor (the experts' `gate_up`, `up_row` = intermediate size).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn swiglu_rows_kernel<F: Float, N: Size>(
+pub fn swiglu_rows_kernel<F: Float, W: Float, I: Numeric, N: Size>(
     x: &Tensor<Vector<F, N>>,
     gate: &Tensor<Vector<F, N>>,
     up: &Tensor<Vector<F, N>>,
-    weights: &Tensor<F>,
+    weights: &Tensor<W>,
+    chosen: &Tensor<I>,
     act: &mut Tensor<F>,
     up_row: usize,
+    first: usize,
     #[comptime] rows: usize,
     #[comptime] units: usize,
     #[comptime] split: usize,
     #[comptime] routed: bool,
-    #[define(F)] _dtype: StorageType,
+    #[comptime] pairs: bool,
+    #[define(F, W, I)] _dtypes: [StorageType; 3],
 ) {
     let e = CUBE_POS_Z as usize;
     if routed {
         let mut used = false;
         #[unroll]
         for m in 0..rows {
-            used = used
-                || f32::cast_from(weights[m * weights.stride(0) + e * weights.stride(1)]) != 0.0;
+            used = used || routing_weight(weights, chosen, m, e, first, pairs) != 0.0;
         }
         if !used {
             terminate!();
@@ -304,16 +334,19 @@ pub fn swiglu_rows_kernel<F: Float, N: Size>(
 /// row `m` is routed to (with `routed`; without, the weight is 1 and every expert counts).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
-pub fn down_rows_kernel<F: Float, N: Size>(
+pub fn down_rows_kernel<F: Float, W: Float, I: Numeric, N: Size>(
     act: &Tensor<Vector<F, N>>,
     down: &Tensor<Vector<F, N>>,
-    weights: &Tensor<F>,
+    weights: &Tensor<W>,
+    chosen: &Tensor<I>,
     out: &mut Tensor<F>,
+    first: usize,
     #[comptime] rows: usize,
     #[comptime] units: usize,
     #[comptime] split: usize,
     #[comptime] routed: bool,
-    #[define(F)] _dtype: StorageType,
+    #[comptime] pairs: bool,
+    #[define(F, W, I)] _dtypes: [StorageType; 3],
 ) {
     let n = column_of(flat_cube(), units, split);
     let part = part_of(split);
@@ -339,7 +372,10 @@ pub fn down_rows_kernel<F: Float, N: Size>(
         for m in 0..rows {
             wm[m] = 1.0;
             if routed {
-                wm[m] = f32::cast_from(weights[m * weights.stride(0) + e * weights.stride(1)]);
+                // Rounded to the activations' dtype, as transformers rounds the router's weights.
+                wm[m] = f32::cast_from(F::cast_from(routing_weight(
+                    weights, chosen, m, e, first, pairs,
+                )));
                 used = used || wm[m] != 0.0;
             }
             acc_e[m] = 0.0;
@@ -489,6 +525,118 @@ pub fn add_rms_norm_kernel<H: Float, W: Float>(
         out[row * out.stride(0) + i * out.stride(1)] =
             W::cast_from(v * inv) * weight[i * weight.stride(0)];
         i += units;
+    }
+}
+
+/// One decoding position of the Mamba mixer from `x_proj`'s output ([`crate::MambaStep`]):
+/// cube `(x, y)` = (block of `units` channels, batch row). Every cube first normalises its
+/// row's `[dt | B | C]` into shared memory (the row is `dt_rank + 2 d_state` wide, a few
+/// hundred values: recomputing it per cube is cheaper than a launch), then each unit takes one
+/// channel: `dt = dt_proj[channel] . dt_normed` (a row of `dt_rank` read in vectors), the
+/// softplus, the state update and the gate, as [`super::kernels::scan_step_kernel`].
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn mamba_step_kernel<F: Float, W: Float, N: Size>(
+    x: &Tensor<F>,
+    z: &Tensor<F>,
+    params: &Tensor<F>,
+    dt_norm: &Tensor<W>,
+    b_norm: &Tensor<W>,
+    c_norm: &Tensor<W>,
+    dt_proj: &Tensor<Vector<W, N>>,
+    a: &Tensor<f32>,
+    d_skip: &Tensor<f32>,
+    delta_bias: &Tensor<f32>,
+    state: &mut Tensor<f32>,
+    y: &mut Tensor<F>,
+    eps: f32,
+    #[comptime] dt_rank: usize,
+    #[comptime] n_state: usize,
+    #[comptime] units: usize,
+    #[comptime] has_z: bool,
+    #[comptime] has_bias: bool,
+    #[comptime] softplus: bool,
+    #[define(F, W)] _dtypes: [StorageType; 2],
+) {
+    let bi = CUBE_POS_Y as usize;
+    let tid = UNIT_POS_X as usize;
+    let width = dt_rank + 2 * n_state;
+    // The row, then its three norms, in f32.
+    let mut normed = SharedMemory::<f32>::new(width);
+    let mut sq_dt = 0.0f32;
+    let mut sq_b = 0.0f32;
+    let mut sq_c = 0.0f32;
+    let mut i = tid;
+    while i < width {
+        let v = f32::cast_from(params[bi * params.stride(0) + i * params.stride(1)]);
+        normed[i] = v;
+        if i < dt_rank {
+            sq_dt += v * v;
+        } else if i < dt_rank + n_state {
+            sq_b += v * v;
+        } else {
+            sq_c += v * v;
+        }
+        i += units;
+    }
+    let inv_dt = 1.0f32 / (cube_sum(sq_dt, units) / f32::cast_from(dt_rank as u32) + eps).sqrt();
+    let inv_b = 1.0f32 / (cube_sum(sq_b, units) / f32::cast_from(n_state as u32) + eps).sqrt();
+    let inv_c = 1.0f32 / (cube_sum(sq_c, units) / f32::cast_from(n_state as u32) + eps).sqrt();
+    // Each unit rescales the values it wrote (rounded as the norms' outputs are).
+    let mut i = tid;
+    while i < width {
+        let v = normed[i];
+        if i < dt_rank {
+            normed[i] = f32::cast_from(W::cast_from(v * inv_dt) * dt_norm[i * dt_norm.stride(0)]);
+        } else if i < dt_rank + n_state {
+            let j = i - dt_rank;
+            normed[i] = f32::cast_from(W::cast_from(v * inv_b) * b_norm[j * b_norm.stride(0)]);
+        } else {
+            let j = i - dt_rank - n_state;
+            normed[i] = f32::cast_from(W::cast_from(v * inv_c) * c_norm[j * c_norm.stride(0)]);
+        }
+        i += units;
+    }
+    sync_cube();
+
+    let dim = x.shape(1);
+    let di = CUBE_POS_X as usize * units + tid;
+    if di < dim {
+        let vs = N::value();
+        let base = di * dt_proj.stride(0) / vs;
+        let mut acc = 0.0f32;
+        for j in 0..dt_rank / vs {
+            let w = dt_proj[base + j * dt_proj.stride(1)];
+            #[unroll]
+            for e in 0..vs {
+                acc += f32::cast_from(w[e]) * normed[j * vs + e];
+            }
+        }
+        // dt_proj's output in the weights' dtype, then the bias and the softplus in f32.
+        let mut dtv = f32::cast_from(W::cast_from(acc));
+        if has_bias {
+            dtv += delta_bias[di * delta_bias.stride(0)];
+        }
+        if softplus {
+            dtv = softplus_f32(dtv);
+        }
+        let uv = f32::cast_from(x[bi * x.stride(0) + di * x.stride(1)]);
+        let du = dtv * uv;
+        let mut out = 0.0f32;
+        #[unroll(n_state <= 64)]
+        for n in 0..n_state {
+            let s = bi * state.stride(0) + di * state.stride(1) + n * state.stride(2);
+            let decay = (dtv * a[di * a.stride(0) + n * a.stride(1)]).exp();
+            let hn = decay * state[s] + du * normed[dt_rank + n];
+            state[s] = hn;
+            out += hn * normed[dt_rank + n_state + n];
+        }
+        out += d_skip[di * d_skip.stride(0)] * uv;
+        if has_z {
+            let zv = f32::cast_from(z[bi * z.stride(0) + di * z.stride(1)]);
+            out *= zv * sigmoid_f32(zv);
+        }
+        y[bi * y.stride(0) + di * y.stride(1)] = F::cast_from(out);
     }
 }
 
@@ -716,17 +864,31 @@ where
     out
 }
 
-/// SwiGLU experts (or one dense MLP) for few rows: `sum_e weights[:, e] *
-/// down_e(silu(gate_e x) * up_e x)`, with `gate` and `up` `[experts, inter, hidden]` views
-/// (rows `up_row..` of `up`), `down` `[experts, hidden, inter]`, and `weights` `[rows,
-/// experts]` in `x`'s dtype (`None`: weight 1 and every expert).
+/// How [`swiglu_rows`] weighs its experts' outputs.
+pub(crate) enum Routing<B: burn::tensor::backend::Backend> {
+    /// Every row through every expert, weight 1 (a dense MLP as one expert).
+    All,
+    /// `[rows, experts]` weights in the activations' dtype, zero where a row is not routed.
+    Dense(BTensor<B, 2>),
+    /// The router's pairs, `chosen` and `weights` `[rows, top_k]` (weights of any float
+    /// dtype, rounded to the activations'), expert indices counted from `first`.
+    Pairs {
+        chosen: BTensor<B, 2, burn::tensor::Int>,
+        weights: BTensor<B, 2>,
+        first: usize,
+    },
+}
+
+/// SwiGLU experts (or one dense MLP) for few rows: `sum_e w[:, e] * down_e(silu(gate_e x) *
+/// up_e x)`, with `gate` and `up` `[experts, inter, hidden]` views (rows `up_row..` of `up`),
+/// `down` `[experts, hidden, inter]`, and the weights `w` of `routing`.
 pub(crate) fn swiglu_rows<R, F, I, BT>(
     x: BTensor<Cube<R, F, I, BT>, 2>,
     gate: BTensor<Cube<R, F, I, BT>, 3>,
     up: BTensor<Cube<R, F, I, BT>, 3>,
     up_row: usize,
     down: BTensor<Cube<R, F, I, BT>, 3>,
-    weights: Option<BTensor<Cube<R, F, I, BT>, 2>>,
+    routing: Routing<Cube<R, F, I, BT>>,
 ) -> BTensor<Cube<R, F, I, BT>, 2>
 where
     R: CubeRuntime,
@@ -738,8 +900,24 @@ where
     let [experts, out_dim, inter] = down.dims();
     let dtype = x.dtype();
     let device = x.device();
-    let routed = weights.is_some();
-    let weights = weights.unwrap_or_else(|| dummy_of::<Cube<R, F, I, BT>, 2>(&device, dtype));
+    let (routed, pairs) = match &routing {
+        Routing::All => (false, false),
+        Routing::Dense(_) => (true, false),
+        Routing::Pairs { .. } => (true, true),
+    };
+    let no_pairs = || BTensor::<Cube<R, F, I, BT>, 2, burn::tensor::Int>::empty([1, 1], &device);
+    let (weights, chosen, first) = match routing {
+        Routing::All => (dummy_of(&device, dtype), no_pairs(), 0),
+        Routing::Dense(w) => (w, no_pairs(), 0),
+        Routing::Pairs {
+            chosen,
+            weights,
+            first,
+        } => (weights, chosen, first),
+    };
+    let (weights, chosen): (CubeTensor<R>, CubeTensor<R>) =
+        (prim(weights), chosen.into_primitive());
+    let dtypes = [dtype.into(), weights.dtype.into(), chosen.dtype.into()];
     let act = BTensor::<Cube<R, F, I, BT>, 3>::empty([experts, rows, inter], (&device, dtype));
     let out = BTensor::<Cube<R, F, I, BT>, 2>::empty([rows, out_dim], (&device, dtype));
     let (x, gate, up, down) = (prim(x), prim(gate), prim(up), prim(down));
@@ -758,14 +936,17 @@ where
             x.into_tensor_arg(),
             gate.into_tensor_arg(),
             up.into_tensor_arg(),
-            prim(weights.clone()).into_tensor_arg(),
+            weights.clone().into_tensor_arg(),
+            chosen.clone().into_tensor_arg(),
             act_p.clone().into_tensor_arg(),
             up_row,
+            first,
             rows,
             GEMV_UNITS,
             split,
             routed,
-            dtype.into(),
+            pairs,
+            dtypes,
         );
         down_rows_kernel::launch_unchecked::<R>(
             &client,
@@ -774,13 +955,16 @@ where
             vs_down,
             act_p.into_tensor_arg(),
             down.into_tensor_arg(),
-            prim(weights).into_tensor_arg(),
+            weights.into_tensor_arg(),
+            chosen.into_tensor_arg(),
             prim(out.clone()).into_tensor_arg(),
+            first,
             rows,
             GEMV_UNITS,
             split_down,
             routed,
-            dtype.into(),
+            pairs,
+            dtypes,
         );
     }
     out
@@ -914,6 +1098,72 @@ where
         );
     }
     outs
+}
+
+/// Units per cube of [`mamba_step_kernel`]: one unit per channel, small cubes so that a batch
+/// row's few thousand channels spread over many compute units (as the scan's decoding step).
+const MAMBA_STEP_UNITS: usize = 64;
+
+/// The widest `x_proj` output row [`mamba_step`] takes (its f32 copy is in shared memory).
+pub(crate) const MAMBA_STEP_MAX_WIDTH: usize = 4096;
+
+/// See [`crate::JambaBackend::mamba_step`]; the caller checked the shapes and dtypes (`x`, `z`
+/// and `params` of one dtype, the norms and `dt_proj` of one dtype, `a`, `d` and the bias f32).
+pub(crate) fn mamba_step<R, F, I, BT>(
+    input: crate::MambaStep<Cube<R, F, I, BT>>,
+) -> (BTensor<Cube<R, F, I, BT>, 2>, BTensor<Cube<R, F, I, BT>, 3>)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [batch, d_inner] = input.x.dims();
+    let [_, dt_rank] = input.dt_proj.dims();
+    let n_state = input.a.dims()[1];
+    let (dtype, w_dtype) = (input.x.dtype(), input.dt_proj.dtype());
+    let device = input.x.device();
+    let state = super::writable_f32(prim(input.state));
+    let y = BTensor::<Cube<R, F, I, BT>, 2>::empty([batch, d_inner], (&device, dtype));
+    let client = state.client.clone();
+    let dt_proj = prim(input.dt_proj);
+    let vs = vector_width(&[&dt_proj]);
+    let units = cube_units(&client, MAMBA_STEP_UNITS);
+    let [dt_norm, b_norm, c_norm] = input.norms.map(prim);
+    let (has_z, has_bias) = (input.z.is_some(), input.delta_bias.is_some());
+    let z = input.z.unwrap_or_else(|| dummy_of(&device, dtype));
+    let delta_bias = input
+        .delta_bias
+        .unwrap_or_else(|| dummy_of(&device, DType::F32));
+    unsafe {
+        mamba_step_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(d_inner.div_ceil(units) as u32, batch as u32, 1),
+            CubeDim::new_1d(units as u32),
+            vs,
+            prim(input.x).into_tensor_arg(),
+            prim(z).into_tensor_arg(),
+            prim(input.params).into_tensor_arg(),
+            dt_norm.into_tensor_arg(),
+            b_norm.into_tensor_arg(),
+            c_norm.into_tensor_arg(),
+            dt_proj.into_tensor_arg(),
+            prim(input.a).into_tensor_arg(),
+            prim(input.d).into_tensor_arg(),
+            prim(delta_bias).into_tensor_arg(),
+            state.clone().into_tensor_arg(),
+            prim(y.clone()).into_tensor_arg(),
+            input.eps as f32,
+            dt_rank,
+            n_state,
+            units,
+            has_z,
+            has_bias,
+            input.delta_softplus,
+            [dtype.into(), w_dtype.into()],
+        );
+    }
+    (y, super::wrap(state))
 }
 
 /// Units per cube of decoding attention.

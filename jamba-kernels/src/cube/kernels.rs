@@ -32,7 +32,7 @@ use cubecl::prelude::*;
 
 /// `softplus` with PyTorch's threshold (20).
 #[cube]
-fn softplus_f32(x: f32) -> f32 {
+pub(crate) fn softplus_f32(x: f32) -> f32 {
     let mut out = x;
     if x <= 20.0 {
         out = x.exp().log1p();
@@ -63,7 +63,7 @@ fn softplus_grad_from_output(s: f32) -> f32 {
 }
 
 #[cube]
-fn sigmoid_f32(x: f32) -> f32 {
+pub(crate) fn sigmoid_f32(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
 }
 

@@ -18,8 +18,8 @@ use burn_cubecl::{
 
 use crate::{
     scan_chunk_len, CausalConv1dGrads, CausalConv1dInput, CausalConv1dUpdate, JambaBackend,
-    MoeGrads, MoeInput, ScanBackward, ScanForward, SelectiveScanGrads, SelectiveScanInput,
-    SelectiveScanOutput, SelectiveStateUpdate,
+    MambaStep, MoeGrads, MoeInput, ScanBackward, ScanForward, SelectiveScanGrads,
+    SelectiveScanInput, SelectiveScanOutput, SelectiveStateUpdate,
 };
 
 /// Channels per cube of the scan kernels.
@@ -332,6 +332,47 @@ where
         scan_step(input)
     }
 
+    fn mamba_step(input: MambaStep<Self>) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
+        let [batch, d_inner] = input.x.dims();
+        let [rows, width] = input.params.dims();
+        let [proj_rows, dt_rank] = input.dt_proj.dims();
+        let [a_rows, n_state] = input.a.dims();
+        let (dtype, w_dtype) = (input.x.dtype(), input.dt_proj.dtype());
+        let norm_widths = input.norms.each_ref().map(|n| n.dims()[0]);
+        let fits = batch > 0
+            && batch <= 65535
+            && rows == batch
+            && proj_rows == d_inner
+            && a_rows == d_inner
+            && n_state > 0
+            && dt_rank > 0
+            && norm_widths == [dt_rank, n_state, n_state]
+            && width == dt_rank + 2 * n_state
+            && width <= decode::MAMBA_STEP_MAX_WIDTH
+            && input.state.dims() == [batch, d_inner, n_state]
+            && input.d.dims() == [d_inner]
+            && input
+                .delta_bias
+                .as_ref()
+                .is_none_or(|b| b.dims() == [d_inner])
+            && input.params.dtype() == dtype
+            && input
+                .z
+                .as_ref()
+                .is_none_or(|z| z.dims() == [batch, d_inner] && z.dtype() == dtype)
+            && input.norms.iter().all(|n| n.dtype() == w_dtype);
+        if !fits || !use_kernel("step") {
+            return crate::reference::mamba_step::<Self>(input);
+        }
+        let f32 = |t: Tensor<Self, 1>| crate::cast_to(t, DType::F32);
+        decode::mamba_step(MambaStep {
+            a: crate::cast_to(input.a, DType::F32),
+            d: f32(input.d),
+            delta_bias: input.delta_bias.map(f32),
+            ..input
+        })
+    }
+
     fn rms_norm(x: Tensor<Self, 2>, weight: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
         if !use_kernel("rms_norm") {
             return crate::reference::rms_norm(x, weight, eps);
@@ -399,7 +440,7 @@ where
             up.unsqueeze_dim(0),
             0,
             down.unsqueeze_dim(0),
-            None,
+            decode::Routing::All,
         )
     }
 
@@ -502,7 +543,12 @@ where
         {
             return crate::reference::moe_experts(x, gate_up, down, weights);
         }
-        moe_decode(x, gate_up, down, weights.cast(dtype))
+        moe_decode(
+            x,
+            gate_up,
+            down,
+            decode::Routing::Dense(weights.cast(dtype)),
+        )
     }
 
     const GROUPED_MOE: bool = true;
@@ -524,10 +570,14 @@ where
             && decode::rows_fit(&prim(input.x.clone()), tokens)
             && use_kernel("moe")
         {
-            // Decoding: the dense routing matrix and the kernels that read only the routed
-            // experts' weights.
-            let dense = moe::dense_routing(&input);
-            return moe_decode(input.x, input.gate_up, input.down, dense);
+            // Decoding: the kernels that read only the routed experts' weights, straight from
+            // the router's pairs.
+            let routing = decode::Routing::Pairs {
+                chosen: input.chosen,
+                weights: input.weights,
+                first: input.first,
+            };
+            return moe_decode(input.x, input.gate_up, input.down, routing);
         }
         if !use_kernel("moe_grouped") {
             return crate::reference::moe_grouped(input);
@@ -1277,7 +1327,7 @@ fn moe_decode<R, F, I, BT>(
     x: Tensor<Cube<R, F, I, BT>, 2>,
     gate_up: Tensor<Cube<R, F, I, BT>, 3>,
     down: Tensor<Cube<R, F, I, BT>, 3>,
-    weights: Tensor<Cube<R, F, I, BT>, 2>,
+    routing: decode::Routing<Cube<R, F, I, BT>>,
 ) -> Tensor<Cube<R, F, I, BT>, 2>
 where
     R: CubeRuntime,
@@ -1286,7 +1336,7 @@ where
     BT: BoolElement,
 {
     let [_, two_i, _] = gate_up.dims();
-    decode::swiglu_rows(x, gate_up.clone(), gate_up, two_i / 2, down, Some(weights))
+    decode::swiglu_rows(x, gate_up.clone(), gate_up, two_i / 2, down, routing)
 }
 
 /// Causal flash attention (cubek's kernels, as Burn's `attention` runs them under autotune):

@@ -674,38 +674,3 @@ where
     }
     (weights, chosen)
 }
-
-/// `[tokens, experts]` in the activations' dtype: each pair's routing weight at its (local)
-/// expert's column, zero elsewhere.
-pub(super) fn dense_routing<R, F, I, BT>(
-    input: &MoeInput<Cube<R, F, I, BT>>,
-) -> Tensor<Cube<R, F, I, BT>, 2>
-where
-    R: CubeRuntime,
-    F: FloatElement,
-    I: IntElement,
-    BT: BoolElement,
-{
-    let [tokens, _] = input.x.dims();
-    let experts = input.gate_up.dims()[0];
-    let dtype = input.x.dtype();
-    let dense =
-        Tensor::<Cube<R, F, I, BT>, 2>::empty([tokens, experts], (&input.x.device(), dtype));
-    let chosen: CubeTensor<R> = input.chosen.clone().into_primitive();
-    let client = chosen.client.clone();
-    let int_dtype = chosen.dtype;
-    let (count, dim) = elemwise_launch(tokens * experts);
-    unsafe {
-        k::dense_routing_kernel::launch_unchecked::<R>(
-            &client,
-            count,
-            dim,
-            chosen.into_tensor_arg(),
-            prim(input.weights.clone().cast(dtype)).into_tensor_arg(),
-            prim(dense.clone()).into_tensor_arg(),
-            input.first,
-            [dtype.into(), int_dtype.into()],
-        );
-    }
-    dense
-}

@@ -899,30 +899,3 @@ pub fn route_topk_kernel<I: Numeric>(
         prev_idx = best_idx;
     }
 }
-
-/// The decoding kernels' dense routing matrix: `dense[t, e] = sum_j weights[t, j]` over the
-/// slots `j` routed to expert `first + e`.
-#[cube(launch_unchecked)]
-pub fn dense_routing_kernel<F: Float, I: Numeric>(
-    chosen: &Tensor<I>,
-    weights: &Tensor<F>,
-    dense: &mut Tensor<F>,
-    first: usize,
-    #[define(F, I)] _dtypes: [StorageType; 2],
-) {
-    let idx = flat_pos();
-    let experts = dense.shape(1);
-    let t = idx / experts;
-    if t >= dense.shape(0) {
-        terminate!();
-    }
-    let e = idx % experts;
-    let target = i64::cast_from(e + first);
-    let mut acc = 0.0f32;
-    for j in 0..chosen.shape(1) {
-        if i64::cast_from(chosen[t * chosen.stride(0) + j * chosen.stride(1)]) == target {
-            acc += f32::cast_from(weights[t * weights.stride(0) + j * weights.stride(1)]);
-        }
-    }
-    dense[t * dense.stride(0) + e * dense.stride(1)] = F::cast_from(acc);
-}
