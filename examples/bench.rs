@@ -559,7 +559,7 @@ mod kernel_check {
     use super::*;
     use burn::backend::NdArray;
     use burn::tensor::{backend::Backend, TensorData};
-    use jamba_kernels::{reference, CausalConv1dInput, MambaStep};
+    use jamba_kernels::{reference, CausalConv1dInput, MambaInProjStep, MambaStep};
 
     type Ref = NdArray<f32>;
 
@@ -1204,6 +1204,103 @@ mod kernel_check {
                     format!("mamba step {shape:?} {dtype:?} state"),
                     rel(&vals(s), &ws),
                     tol,
+                );
+            }
+        }
+        // in_proj with the conv's step, and the router, at the "block" shapes (hidden 2048,
+        // d_inner 4096, conv width 4; 16 experts, top-2): f32 against the reference on ndarray,
+        // bf16 against the composition of this backend's own operations.
+        for rows in [1, 8] {
+            let (h, di, k) = (2048, 4096, 4);
+            let x = host(rows * h, Distribution::Normal(0.0, 1.0));
+            let w = host(2 * di * h, Distribution::Normal(0.0, 0.02));
+            let state = host(rows * di * (k - 1), Distribution::Normal(0.0, 1.0));
+            let cw = host(di * k, Distribution::Normal(0.0, 0.5));
+            let cb = host(di, Distribution::Normal(0.0, 0.5));
+            fn in_proj<C: JambaBackend>(
+                dev: &C::Device,
+                v: [&[f32]; 5],
+                [rows, h, di, k]: [usize; 4],
+                dtype: DType,
+            ) -> MambaInProjStep<C> {
+                let t = |v: &[f32]| {
+                    Tensor::<C, 1>::from_data(TensorData::new(v.to_vec(), [v.len()]), dev)
+                };
+                MambaInProjStep {
+                    x: t(v[0]).reshape([rows, h]).cast(dtype),
+                    weight: t(v[1]).reshape([2 * di, h]).cast(dtype),
+                    bias: None,
+                    conv_state: t(v[2]).reshape([rows, di, k - 1]),
+                    conv_weight: t(v[3]).reshape([di, k]),
+                    conv_bias: Some(t(v[4])),
+                }
+            }
+            let v = [&x[..], &w, &state, &cw, &cb];
+            let shape = [rows, h, di, k];
+            for &(dtype, tol) in dtypes {
+                let want: Vec<Vec<f32>> = if dtype == DType::F32 {
+                    let (x, z, s) =
+                        reference::mamba_in_proj_step::<Ref>(in_proj(&rdev, v, shape, dtype));
+                    vec![vals(x), vals(z), vals(s)]
+                } else {
+                    let (x, z, s) =
+                        reference::mamba_in_proj_step::<B>(in_proj(dev, v, shape, dtype));
+                    vec![vals(x), vals(z), vals(s)]
+                };
+                let (gx, gz, gs) = B::mamba_in_proj_step(in_proj(dev, v, shape, dtype));
+                for (name, got, want) in [("x", gx, &want[0]), ("z", gz, &want[1])] {
+                    report(
+                        format!("mamba in_proj step {shape:?} {dtype:?} {name}"),
+                        rel(&vals(got), want),
+                        tol,
+                    );
+                }
+                report(
+                    format!("mamba in_proj step {shape:?} {dtype:?} conv state"),
+                    rel(&vals(gs), &want[2]),
+                    tol,
+                );
+            }
+            let e = 16;
+            let rw = host(e * h, Distribution::Normal(0.0, 0.02));
+            for &(dtype, tol) in dtypes {
+                let (wl, ww, wc) = if dtype == DType::F32 {
+                    let (l, w, c) =
+                        reference::moe_router::<Ref>(r2(&x, [rows, h]), r2(&rw, [e, h]), 2);
+                    (
+                        vals(l),
+                        vals(w),
+                        c.into_data().convert::<i64>().to_vec::<i64>().unwrap(),
+                    )
+                } else {
+                    let (l, w, c) = reference::moe_router::<B>(
+                        t2(&x, [rows, h], dtype),
+                        t2(&rw, [e, h], dtype),
+                        2,
+                    );
+                    (
+                        vals(l),
+                        vals(w),
+                        c.into_data().convert::<i64>().to_vec::<i64>().unwrap(),
+                    )
+                };
+                let (l, w, c) = B::moe_router(t2(&x, [rows, h], dtype), t2(&rw, [e, h], dtype), 2);
+                let c = c.into_data().convert::<i64>().to_vec::<i64>().unwrap();
+                report(
+                    format!("moe router {rows}x{h}x{e} {dtype:?} logits"),
+                    rel(&vals(l), &wl),
+                    tol,
+                );
+                report(
+                    format!("moe router {rows}x{h}x{e} {dtype:?} weights"),
+                    rel(&vals(w), &ww),
+                    tol,
+                );
+                // The experts chosen: 0 when the same, 1 otherwise.
+                report(
+                    format!("moe router {rows}x{h}x{e} {dtype:?} experts"),
+                    f32::from(u8::from(c != wc)),
+                    0.0,
                 );
             }
         }

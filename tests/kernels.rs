@@ -19,8 +19,8 @@ use burn::tensor::Int;
 use burn::tensor::{backend::Backend, DType, Distribution, Tensor, TensorData};
 use common::{assert_close, to_f32_vec};
 use jamba_kernels::{
-    reference, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MambaStep, MoeInput,
-    SelectiveStateUpdate,
+    reference, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MambaInProjStep, MambaStep,
+    MoeInput, SelectiveStateUpdate,
 };
 use scan::{check_scan_forward, check_scan_grads, data, random, scan_cases, transpose, ScanCase};
 
@@ -549,6 +549,152 @@ fn fused_norms_and_mlp_match_reference() {
             &want,
             1e-4,
         );
+    }
+}
+
+#[test]
+fn mamba_in_proj_step_matches_reference() {
+    no_overrides();
+    // (rows, hidden, d_inner, conv width): one row with every bias, batch 3 with a channel
+    // count that is not a multiple of anything, the decoding limit of 8 rows with width 2 (a
+    // state of one input), an odd hidden size (read one element at a time).
+    for (rows, h, di, k, bias, conv_bias) in [
+        (1, 64, 63, 4, true, true),
+        (3, 40, 130, 4, false, true),
+        (8, 24, 9, 2, true, false),
+        (2, 37, 70, 3, false, false),
+    ] {
+        let x = random(rows * h, Distribution::Normal(0.0, 1.0));
+        let w = random(2 * di * h, Distribution::Normal(0.0, 0.3));
+        let b = random(2 * di, Distribution::Normal(0.0, 0.5));
+        let state = random(rows * di * (k - 1), Distribution::Normal(0.0, 1.0));
+        let cw = random(di * k, Distribution::Normal(0.0, 0.5));
+        let cb = random(di, Distribution::Normal(0.0, 0.5));
+        type Out = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+        let run = |backend: &str, dtype: DType| -> Out {
+            fn on<B: JambaBackend>(
+                v: [&[f32]; 6],
+                [rows, h, di, k]: [usize; 4],
+                [bias, conv_bias]: [bool; 2],
+                dtype: DType,
+            ) -> Out {
+                let dev = Default::default();
+                let t = |v: &[f32]| {
+                    Tensor::<B, 1>::from_data(TensorData::new(v.to_vec(), [v.len()]), &dev)
+                };
+                let state = t(v[3]).reshape([rows, di, k - 1]);
+                let (x, z, next) = B::mamba_in_proj_step(MambaInProjStep {
+                    x: t(v[0]).reshape([rows, h]).cast(dtype),
+                    weight: t(v[1]).reshape([2 * di, h]).cast(dtype),
+                    bias: bias.then(|| t(v[2]).cast(dtype)),
+                    conv_state: state.clone(),
+                    conv_weight: t(v[4]).reshape([di, k]),
+                    conv_bias: conv_bias.then(|| t(v[5])),
+                });
+                assert_eq!((x.dtype(), z.dtype()), (dtype, dtype));
+                let v = (to_f32_vec(x), to_f32_vec(z), to_f32_vec(next));
+                (v.0, v.1, v.2, to_f32_vec(state))
+            }
+            let v = [&x[..], &w, &b, &state, &cw, &cb];
+            let (s, f) = ([rows, h, di, k], [bias, conv_bias]);
+            match backend {
+                "ref" => on::<Ref>(v, s, f, dtype),
+                "cube" => on::<Cube>(v, s, f, dtype),
+                _ => on::<Wgpu>(v, s, f, dtype),
+            }
+        };
+        let (wx, wz, ws, _) = run("ref", DType::F32);
+        let (wx, wz, ws) = (
+            TensorData::new(wx, [rows, di]),
+            TensorData::new(wz, [rows, di]),
+            TensorData::new(ws, [rows, di, k - 1]),
+        );
+        let shape = [rows, h, di, k];
+        for label in ["cube", "fusion"] {
+            let (x, z, next, kept) = run(label, DType::F32);
+            let name = format!("{label} mamba_in_proj_step {shape:?}");
+            // f32: the product summed in another order, then the same conv.
+            assert_close(&format!("{name} x"), &x, &wx, 1e-4);
+            assert_close(&format!("{name} z"), &z, &wz, 1e-4);
+            // The state holds in_proj's outputs, shifted: the same values.
+            assert_close(&format!("{name} state"), &next, &ws, 1e-4);
+            assert_eq!(kept, state, "{name}: a shared conv state was modified");
+        }
+        // f16 inputs and weights: the reference takes them unrounded, so the difference is
+        // the f16 rounding of the inputs, the product and the outputs (2^-11 relative each).
+        let (x, z, next, _) = run("fusion", DType::F16);
+        let name = format!("f16 mamba_in_proj_step {shape:?}");
+        assert_close(&format!("{name} x"), &x, &wx, 1e-2);
+        assert_close(&format!("{name} z"), &z, &wz, 1e-2);
+        assert_close(&format!("{name} state"), &next, &ws, 1e-2);
+    }
+}
+
+#[test]
+fn moe_router_matches_reference() {
+    no_overrides();
+    // (tokens, hidden, experts, top_k): Jamba's 16 experts and top-2 for one token; an odd
+    // hidden size (short vectors) with top-1; more experts than lavapipe's cube has planes
+    // (a plane takes two); every expert chosen.
+    for (tokens, h, e, k) in [
+        (1, 64, 16, 2),
+        (3, 130, 5, 1),
+        (8, 40, 33, 4),
+        (2, 24, 3, 3),
+    ] {
+        let x = random(tokens * h, Distribution::Normal(0.0, 1.0));
+        let w = random(e * h, Distribution::Normal(0.0, 0.5));
+        type Out = (Vec<f32>, Vec<f32>, Vec<i64>);
+        fn run<B: JambaBackend>(x: &[f32], w: &[f32], s: [usize; 4], dtype: DType) -> Out {
+            let dev = Default::default();
+            let [tokens, h, e, k] = s;
+            let t = |v: &[f32], shape: [usize; 2]| {
+                Tensor::<B, 2>::from_data(TensorData::new(v.to_vec(), shape), &dev).cast(dtype)
+            };
+            let (logits, weights, chosen) = B::moe_router(t(x, [tokens, h]), t(w, [e, h]), k);
+            assert_eq!(logits.dtype(), DType::F32, "the logits are f32");
+            assert_eq!(weights.dims(), [tokens, k]);
+            let chosen = chosen.into_data().convert::<i64>().to_vec().unwrap();
+            (to_f32_vec(logits), to_f32_vec(weights), chosen)
+        }
+        let s = [tokens, h, e, k];
+        let (wl, ww, wc) = run::<Ref>(&x, &w, s, DType::F32);
+        let (wl, ww) = (
+            TensorData::new(wl, [tokens, e]),
+            TensorData::new(ww, [tokens, k]),
+        );
+        for (label, (l, wt, c)) in [
+            ("cube", run::<Cube>(&x, &w, s, DType::F32)),
+            ("fusion", run::<Wgpu>(&x, &w, s, DType::F32)),
+        ] {
+            let name = format!("{label} moe_router {s:?}");
+            // f32 dot products of at most 130 terms in another order.
+            assert_close(&format!("{name} logits"), &l, &wl, 1e-5);
+            assert_close(&format!("{name} weights"), &wt, &ww, 1e-5);
+            // Random logits have no near-ties: the same experts in the same order.
+            assert_eq!(c, wc, "{name}: chosen experts");
+        }
+        // f16 activations and weights read as they are: against the reference on the rounded
+        // values, the same f32 sums.
+        let round = |v: &[f32]| -> Vec<f32> {
+            v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect()
+        };
+        let (rl, rw, rc) = run::<Ref>(&round(&x), &round(&w), s, DType::F32);
+        let (l, wt, c) = run::<Wgpu>(&x, &w, s, DType::F16);
+        let name = format!("f16 moe_router {s:?}");
+        assert_close(
+            &format!("{name} logits"),
+            &l,
+            &TensorData::new(rl, [tokens, e]),
+            1e-5,
+        );
+        assert_close(
+            &format!("{name} weights"),
+            &wt,
+            &TensorData::new(rw, [tokens, k]),
+            1e-5,
+        );
+        assert_eq!(c, rc, "{name}: chosen experts");
     }
 }
 

@@ -14,8 +14,8 @@ use burn::backend::autodiff::{
 use burn::tensor::{ops::FloatTensor, DType, Int, Tensor, TensorPrimitive};
 
 use crate::{
-    reference, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MambaStep, MoeInput,
-    SelectiveScanInput, SelectiveScanOutput, SelectiveStateUpdate,
+    reference, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MambaInProjStep, MambaStep,
+    MoeInput, SelectiveScanInput, SelectiveScanOutput, SelectiveStateUpdate,
 };
 
 type AdTensor<B, C> = FloatTensor<Autodiff<B, C>>;
@@ -415,6 +415,37 @@ impl<B: JambaBackend, C: CheckpointStrategy> JambaBackend for Autodiff<B, C> {
             delta_softplus: input.delta_softplus,
         });
         (untracked(y), untracked(state))
+    }
+
+    fn mamba_in_proj_step(
+        input: MambaInProjStep<Self>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 3>) {
+        // Decoding is inference: run the inner kernel when nothing is tracked.
+        let tracked2 = |t: &Tensor<Self, 2>| ad(t.clone()).is_tracked();
+        let tracked1 = |t: &Tensor<Self, 1>| ad(t.clone()).is_tracked();
+        let any = ad(input.conv_state.clone()).is_tracked()
+            || [&input.x, &input.weight, &input.conv_weight]
+                .into_iter()
+                .any(tracked2)
+            || input
+                .bias
+                .iter()
+                .chain(input.conv_bias.iter())
+                .any(tracked1);
+        if any || !B::KERNELS {
+            return reference::mamba_in_proj_step::<Self>(input);
+        }
+        let i2 = |t: Tensor<Self, 2>| to_inner::<B, C, 2>(&ad(t));
+        let i1 = |t: Tensor<Self, 1>| to_inner::<B, C, 1>(&ad(t));
+        let (x, z, state) = B::mamba_in_proj_step(MambaInProjStep {
+            x: i2(input.x),
+            weight: i2(input.weight),
+            bias: input.bias.map(i1),
+            conv_state: to_inner::<B, C, 3>(&ad(input.conv_state)),
+            conv_weight: i2(input.conv_weight),
+            conv_bias: input.conv_bias.map(i1),
+        });
+        (untracked(x), untracked(z), untracked(state))
     }
 
     fn mamba_step(input: MambaStep<Self>) -> (Tensor<Self, 2>, Tensor<Self, 3>) {

@@ -16,8 +16,9 @@ use burn_fusion::{
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
 use crate::{
-    CausalConv1dGrads, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MambaStep, MoeGrads,
-    MoeInput, SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput, SelectiveStateUpdate,
+    CausalConv1dGrads, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MambaInProjStep,
+    MambaStep, MoeGrads, MoeInput, SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput,
+    SelectiveStateUpdate,
 };
 
 /// A tensor of the inner backend as a custom operation passes it: float or int (by the dtype of
@@ -544,6 +545,44 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
         (weights, chosen)
     }
 
+    fn moe_router(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        top_k: usize,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 2, Int>) {
+        if !B::KERNELS {
+            return crate::reference::moe_router::<Self>(x, weight, top_k);
+        }
+        let [tokens, _] = x.dims();
+        let [experts, _] = weight.dims();
+        let int_dtype = <B::IntElem as burn::tensor::Element>::dtype();
+        let outs = register::<B>(
+            "jamba_moe_router",
+            vec![fprim(x), fprim(weight)],
+            vec![
+                (vec![tokens, experts], DType::F32),
+                (vec![tokens, top_k], DType::F32),
+                (vec![tokens, top_k], int_dtype),
+            ],
+            Arc::new(move |prims| {
+                let mut it = prims.into_iter();
+                let x = inner(it.next().unwrap());
+                let weight = inner(it.next().unwrap());
+                let (logits, weights, chosen) = B::moe_router(x, weight, top_k);
+                vec![
+                    raw(logits.cast(DType::F32)),
+                    raw(weights.cast(DType::F32)),
+                    Prim::Int(chosen.into_primitive()),
+                ]
+            }),
+        );
+        let mut it = outs.into_iter();
+        let logits = fwrap(it.next().unwrap());
+        let weights = fwrap(it.next().unwrap());
+        let chosen = Tensor::from_primitive(it.next().unwrap());
+        (logits, weights, chosen)
+    }
+
     fn moe_grouped(input: MoeInput<Self>) -> Tensor<Self, 2> {
         if !B::GROUPED_MOE {
             return crate::reference::moe_grouped(input);
@@ -803,6 +842,61 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
         );
         let mut outs = outs.into_iter();
         (fwrap(outs.next().unwrap()), fwrap(outs.next().unwrap()))
+    }
+
+    fn mamba_in_proj_step(
+        input: MambaInProjStep<Self>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 3>) {
+        if !B::KERNELS {
+            return crate::reference::mamba_in_proj_step::<Self>(input);
+        }
+        let [rows, _] = input.x.dims();
+        let d_inner = input.conv_weight.dims()[0];
+        let dtype = input.x.dtype();
+        let state_shape = input.conv_state.dims().to_vec();
+        let flags = [input.bias.is_some(), input.conv_bias.is_some()];
+        let mut tensors = vec![
+            fprim(input.x),
+            fprim(input.weight),
+            fprim(input.conv_state),
+            fprim(input.conv_weight),
+        ];
+        tensors.extend(input.bias.map(fprim));
+        tensors.extend(input.conv_bias.map(fprim));
+        let outs = register::<B>(
+            "jamba_mamba_in_proj_step",
+            tensors,
+            vec![
+                (vec![rows, d_inner], dtype),
+                (vec![rows, d_inner], dtype),
+                (state_shape, DType::F32),
+            ],
+            Arc::new(move |prims| {
+                let mut it = prims.into_iter();
+                let mut next = || it.next().unwrap();
+                let x = inner(next());
+                let weight = inner(next());
+                let conv_state = inner(next());
+                let conv_weight = inner(next());
+                let bias = flags[0].then(|| inner(next()));
+                let conv_bias = flags[1].then(|| inner(next()));
+                let (x, z, state) = B::mamba_in_proj_step(MambaInProjStep {
+                    x,
+                    weight,
+                    bias,
+                    conv_state,
+                    conv_weight,
+                    conv_bias,
+                });
+                vec![raw(x), raw(z), raw(state)]
+            }),
+        );
+        let mut outs = outs.into_iter();
+        (
+            fwrap(outs.next().unwrap()),
+            fwrap(outs.next().unwrap()),
+            fwrap(outs.next().unwrap()),
+        )
     }
 
     fn mamba_step(input: MambaStep<Self>) -> (Tensor<Self, 2>, Tensor<Self, 3>) {

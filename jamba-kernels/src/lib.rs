@@ -120,6 +120,24 @@ pub struct SelectiveStateUpdate<B: Backend> {
     pub delta_softplus: bool,
 }
 
+/// One decoding position of the Mamba mixer's input side: `xz = x @ weight^T (+ bias)`
+/// (`in_proj`), then the conv's decoding step with SiLU ([`CausalConv1dUpdate`]) on the first
+/// half of `xz`. Backends with kernels run both as one kernel (the conv step is the product's
+/// epilogue: one launch instead of two).
+///
+/// Shapes: `x` `[batch, hidden]`; `weight` `[2 d_inner, hidden]`; `bias` `[2 d_inner]`;
+/// `conv_state` `[batch, d_inner, width - 1]` f32; `conv_weight` `[d_inner, width]`;
+/// `conv_bias` `[d_inner]`.
+#[derive(Debug, Clone)]
+pub struct MambaInProjStep<B: Backend> {
+    pub x: Tensor<B, 2>,
+    pub weight: Tensor<B, 2>,
+    pub bias: Option<Tensor<B, 1>>,
+    pub conv_state: Tensor<B, 3>,
+    pub conv_weight: Tensor<B, 2>,
+    pub conv_bias: Option<Tensor<B, 1>>,
+}
+
 /// One decoding position of the Mamba mixer from `x_proj`'s output to the gated output: Jamba's
 /// dt, B and C RMSNorms, `dt_proj`, and the state update of [`SelectiveStateUpdate`], which
 /// backends with kernels run as one kernel (three launches fewer per layer and step).
@@ -302,6 +320,18 @@ pub trait JambaBackend: Backend {
         reference::moe_route(logits, top_k)
     }
 
+    /// The MoE router on `x` `[tokens, hidden]` with `weight` `[experts, hidden]`: the f32
+    /// logits ([`JambaBackend::linear_f32`]) and their routing ([`JambaBackend::moe_route`]).
+    /// Returns the logits `[tokens, experts]`, the `top_k` weights (f32) and the experts'
+    /// indices. Backends with kernels run one kernel for few tokens (decoding).
+    fn moe_router(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        top_k: usize,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 2, Int>) {
+        reference::moe_router::<Self>(x, weight, top_k)
+    }
+
     /// Whether [`JambaBackend::moe_grouped`] runs on the device (kernels: the routing is sorted
     /// there; at most the experts' row offsets are read back). The model then uses it for every
     /// MoE layer; otherwise it groups the tokens by expert on the host.
@@ -393,6 +423,15 @@ pub trait JambaBackend: Backend {
         input: SelectiveStateUpdate<Self>,
     ) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
         reference::selective_state_update(input)
+    }
+
+    /// One decoding position of `in_proj` and the conv (see [`MambaInProjStep`]): returns the
+    /// conv's output `x` and the gate `z` (`[batch, d_inner]` each, in `x`'s dtype) and the
+    /// conv's new state.
+    fn mamba_in_proj_step(
+        input: MambaInProjStep<Self>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 3>) {
+        reference::mamba_in_proj_step::<Self>(input)
     }
 
     /// One decoding position of the Mamba mixer from `x_proj`'s output (see [`MambaStep`]):

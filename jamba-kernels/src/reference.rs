@@ -7,8 +7,8 @@
 use burn::tensor::{activation, backend::Backend, Bool, DType, Int, Tensor};
 
 use crate::{
-    CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MambaStep, SelectiveScanInput,
-    SelectiveScanOutput, SelectiveStateUpdate,
+    CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MambaInProjStep, MambaStep,
+    SelectiveScanInput, SelectiveScanOutput, SelectiveStateUpdate,
 };
 
 /// Positions whose `[batch, d_inner, chunk, d_state]` discretised terms are built at once.
@@ -167,6 +167,17 @@ pub fn moe_experts<B: Backend>(
     out
 }
 
+/// The router through `B`'s [`JambaBackend::linear_f32`] and [`JambaBackend::moe_route`].
+pub fn moe_router<B: JambaBackend>(
+    x: Tensor<B, 2>,
+    weight: Tensor<B, 2>,
+    top_k: usize,
+) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 2, Int>) {
+    let logits = B::linear_f32(x, weight);
+    let (weights, chosen) = B::moe_route(logits.clone(), top_k);
+    (logits, weights, chosen)
+}
+
 /// Softmax over the experts, then the `top_k` largest probabilities and their indices.
 pub fn moe_route<B: Backend>(
     logits: Tensor<B, 2>,
@@ -262,6 +273,23 @@ pub fn swiglu_mlp<B: JambaBackend>(
     let g = activation::silu(<B as JambaBackend>::linear(x.clone(), gate, None));
     let act = g * <B as JambaBackend>::linear(x, up, None);
     <B as JambaBackend>::linear(act, down, None)
+}
+
+/// [`MambaInProjStep`] through `B`'s [`JambaBackend::linear`] and
+/// [`JambaBackend::causal_conv1d_update`].
+pub fn mamba_in_proj_step<B: JambaBackend>(
+    input: MambaInProjStep<B>,
+) -> (Tensor<B, 2>, Tensor<B, 2>, Tensor<B, 3>) {
+    let d_inner = input.conv_weight.dims()[0];
+    let xz = <B as JambaBackend>::linear(input.x, input.weight, input.bias);
+    let (x, state) = B::causal_conv1d_update(CausalConv1dUpdate {
+        state: input.conv_state,
+        x: xz.clone().narrow(1, 0, d_inner),
+        weight: input.conv_weight,
+        bias: input.conv_bias,
+        silu: true,
+    });
+    (x, xz.narrow(1, d_inner, d_inner), state)
 }
 
 /// [`MambaStep`] through `B`'s operations: [`JambaBackend::rms_norms`],

@@ -85,7 +85,7 @@ impl<B: Backend> KvCache<B> {
         // Moving the buffers out leaves them uniquely owned (unless a fork shares them), so Burn
         // writes in place instead of copying the whole cache.
         let (device, dtype) = (k.device(), k.dtype());
-        let placeholder = || Tensor::zeros([1, 1, 1, 1], (&device, dtype));
+        let placeholder = || Tensor::empty([1, 1, 1, 1], (&device, dtype));
         let keys = std::mem::replace(&mut self.keys, placeholder());
         self.keys = keys.slice_assign(range.clone(), k);
         let values = std::mem::replace(&mut self.values, placeholder());

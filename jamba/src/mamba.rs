@@ -13,7 +13,8 @@
 use burn::module::{Module, Param};
 use burn::tensor::{backend::Backend, DType, Tensor};
 use jamba_kernels::{
-    CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MambaStep, SelectiveScanInput,
+    CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MambaInProjStep, MambaStep,
+    SelectiveScanInput,
 };
 
 use crate::config::JambaConfig;
@@ -210,20 +211,9 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         isolate_padding: bool,
         state: &mut MambaState<B>,
     ) -> Tensor<B, 3> {
-        let [batch, _, _] = hidden.dims();
+        let [batch, _, width] = hidden.dims();
         let di = self.d_inner;
         let device = hidden.device();
-        let hidden = match mask {
-            Some(m) => hidden * m.clone().unsqueeze_dim::<3>(2),
-            None => hidden,
-        };
-        let xz = self.in_proj.forward(hidden).reshape([batch, 2 * di]);
-        let x = xz.clone().narrow(1, 0, di);
-        let z = xz.narrow(1, di, di);
-        let x = match mask {
-            Some(m) if isolate_padding => x * m.clone().expand([batch, di]),
-            _ => x,
-        };
         let constants = state
             .constants
             .get_or_insert_with(|| self.ssm_constants())
@@ -231,17 +221,40 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         // Take the states out so that the kernels hold their only reference.
         let placeholder = || Tensor::<B, 3>::empty([0, 0, 0], (&device, DType::F32));
         let conv_state = std::mem::replace(&mut state.conv, placeholder());
-        let (x, conv_state) = B::causal_conv1d_update(CausalConv1dUpdate {
-            state: conv_state,
-            x,
-            weight: constants.conv_weight,
-            bias: constants.conv_bias,
-            silu: true,
-        });
-        state.conv = conv_state;
-        let x = match mask {
-            Some(m) => x * m.clone().expand([batch, di]),
-            None => x,
+        let (x, z) = match mask {
+            // in_proj and the conv step: one kernel where the backend has it.
+            None => {
+                let (x, z, conv_state) = B::mamba_in_proj_step(MambaInProjStep {
+                    x: hidden.reshape([batch, width]),
+                    weight: self.in_proj.weight.val(),
+                    bias: self.in_proj.bias.as_ref().map(|b| b.val()),
+                    conv_state,
+                    conv_weight: constants.conv_weight,
+                    conv_bias: constants.conv_bias,
+                });
+                state.conv = conv_state;
+                (x, z)
+            }
+            // Padding is zeroed between the two (see `forward`).
+            Some(m) => {
+                let hidden = hidden * m.clone().unsqueeze_dim::<3>(2);
+                let xz = self.in_proj.forward(hidden).reshape([batch, 2 * di]);
+                let x = xz.clone().narrow(1, 0, di);
+                let z = xz.narrow(1, di, di);
+                let x = match isolate_padding {
+                    true => x * m.clone().expand([batch, di]),
+                    false => x,
+                };
+                let (x, conv_state) = B::causal_conv1d_update(CausalConv1dUpdate {
+                    state: conv_state,
+                    x,
+                    weight: constants.conv_weight,
+                    bias: constants.conv_bias,
+                    silu: true,
+                });
+                state.conv = conv_state;
+                (x * m.clone().expand([batch, di]), z)
+            }
         };
 
         // The norms, dt_proj and the state update: one kernel where the backend has it.

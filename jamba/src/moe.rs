@@ -215,10 +215,10 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
         let x = x.reshape([tokens, hidden]);
         let device = x.device();
         // Routing in f32: a near-tie between experts must not flip with the logits' rounding.
-        let router_logits = B::linear_f32(x.clone(), self.router.weight.val());
-        // [tokens, k]; the weights stay f32 here: the experts round them to the activations'
+        // The weights `[tokens, k]` stay f32 here: the experts round them to the activations'
         // dtype (transformers' `routing_weights.to(hidden_states.dtype)`) where they use them.
-        let (weights, chosen) = B::moe_route(router_logits.clone(), self.top_k);
+        let (router_logits, weights, chosen) =
+            B::moe_router(x.clone(), self.router.weight.val(), self.top_k);
         let mut out: Option<Tensor<B, 2>> = None;
         let mut add = |part: Tensor<B, 2>| {
             let part = transfer(part, &device);

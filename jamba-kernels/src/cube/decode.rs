@@ -24,8 +24,9 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 
-use super::kernels::{sigmoid_f32, softplus_f32};
-use super::{dummy_of, prim};
+use super::kernels::{conv_step_at, sigmoid_f32, softplus_f32};
+use super::moe_kernels::softmax_top_k;
+use super::{dummy_of, kept_dummy, kept_dummy_int, prim};
 
 /// Vectors a unit loads before it uses them (independent loads in flight per unit).
 const UNROLL: usize = 4;
@@ -208,6 +209,136 @@ pub fn gemv_kernel<A: Float, W: Float, O: Float, N: Size>(
             }
             out[m * out.stride(0) + n * out.stride(1)] = O::cast_from(v);
         }
+    }
+}
+
+/// Mamba's `in_proj` for few rows with the conv's decoding step as its epilogue
+/// ([`crate::MambaInProjStep`]): the product of [`gemv_kernel`] (`out` `[rows, 2 d_inner]`),
+/// whose columns below `d_inner` (conv channels) go through the conv step and SiLU before they
+/// are written; each channel's state is read and shifted by the unit that writes its column.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn in_proj_conv_kernel<A: Float, W: Float, O: Float, N: Size>(
+    x: &Tensor<Vector<A, N>>,
+    w: &Tensor<Vector<W, N>>,
+    bias: &Tensor<O>,
+    conv_weight: &Tensor<f32>,
+    conv_bias: &Tensor<f32>,
+    conv_state: &mut Tensor<f32>,
+    out: &mut Tensor<O>,
+    #[comptime] rows: usize,
+    #[comptime] units: usize,
+    #[comptime] split: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] width: usize,
+    #[comptime] has_conv_bias: bool,
+    #[define(A, W, O)] _dtypes: [StorageType; 3],
+) {
+    let n = column_of(flat_cube(), units, split);
+    let part = part_of(split);
+    let lane = UNIT_POS_X % PLANE_DIM;
+    let n_len = w.shape(0);
+    let d_inner = conv_weight.shape(0);
+    let vs = x.vector_size();
+    let kv = x.shape(1) / vs;
+    let mut acc = Array::<f32>::new(rows);
+    #[unroll]
+    for m in 0..rows {
+        acc[m] = 0.0;
+    }
+    if n < n_len {
+        let plane = PLANE_DIM as usize;
+        dot_rows(
+            x,
+            0,
+            x.stride(0) / vs,
+            x.stride(1),
+            w,
+            n * w.stride(0) / vs,
+            w.stride(1),
+            part as usize * plane + lane as usize,
+            plane * split,
+            kv,
+            &mut acc,
+            rows,
+        );
+    }
+    reduce_column(&mut acc, part, lane, rows, units, split);
+    if lane == 0 && part == 0 && n < n_len {
+        #[unroll]
+        for m in 0..rows {
+            let mut v = acc[m];
+            if has_bias {
+                v += f32::cast_from(bias[n * bias.stride(0)]);
+            }
+            // in_proj's output in its dtype, as the separate conv step reads it.
+            let xz = O::cast_from(v);
+            let mut y = xz;
+            if n < d_inner {
+                let c = conv_step_at(
+                    conv_weight,
+                    conv_bias,
+                    conv_state,
+                    m,
+                    n,
+                    f32::cast_from(xz),
+                    width,
+                    has_conv_bias,
+                    true,
+                );
+                y = O::cast_from(c);
+            }
+            out[m * out.stride(0) + n * out.stride(1)] = y;
+        }
+    }
+}
+
+/// The MoE router for few tokens ([`crate::JambaBackend::moe_router`]), one cube per token: the
+/// cube's planes take the experts in turn (plane `p` experts `p, p + planes, ...`), each logit
+/// a dot product along the token's row summed over the plane in f32; then the first unit writes
+/// the logits and takes the softmax's top `k` as [`super::moe_kernels::route_topk_kernel`].
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn router_kernel<A: Float, W: Float, I: Numeric, N: Size>(
+    x: &Tensor<Vector<A, N>>,
+    w: &Tensor<Vector<W, N>>,
+    logits: &mut Tensor<f32>,
+    weights: &mut Tensor<f32>,
+    chosen: &mut Tensor<I>,
+    #[comptime] experts: usize,
+    #[comptime] units: usize,
+    #[define(A, W, I)] _dtypes: [StorageType; 3],
+) {
+    let t = CUBE_POS_X as usize;
+    let lane = (UNIT_POS_X % PLANE_DIM) as usize;
+    let plane = PLANE_DIM as usize;
+    let planes = units / plane;
+    let vs = x.vector_size();
+    let kv = x.shape(1) / vs;
+    let mut sums = SharedMemory::<f32>::new(experts);
+    let mut e = (UNIT_POS_X / PLANE_DIM) as usize;
+    while e < experts {
+        let mut acc = 0.0f32;
+        let mut j = lane;
+        while j < kv {
+            acc += dot(
+                x[t * x.stride(0) / vs + j * x.stride(1)],
+                w[e * w.stride(0) / vs + j * w.stride(1)],
+            );
+            j += plane;
+        }
+        let total = plane_sum(acc);
+        if lane == 0 {
+            sums[e] = total;
+        }
+        e += planes;
+    }
+    sync_cube();
+    if UNIT_POS_X == 0 {
+        for e in 0..experts {
+            logits[t * logits.stride(0) + e * logits.stride(1)] = sums[e];
+        }
+        softmax_top_k(logits, t, weights, chosen);
     }
 }
 
@@ -838,7 +969,7 @@ where
     let has_bias = bias.is_some();
     let bias = bias
         .map(|b| b.cast(dtype))
-        .unwrap_or_else(|| dummy_of::<Cube<R, F, I, BT>, 1>(&device, dtype));
+        .unwrap_or_else(|| kept_dummy::<Cube<R, F, I, BT>, 1>(&device, dtype, 0));
     let (x, weight) = (prim(x), prim(weight));
     let w_dtype = weight.dtype;
     let client = x.client.clone();
@@ -879,6 +1010,133 @@ pub(crate) enum Routing<B: burn::tensor::backend::Backend> {
     },
 }
 
+/// Units per cube of [`router_kernel`].
+const ROUTER_UNITS: usize = 256;
+
+/// See [`crate::JambaBackend::moe_router`]; the caller checked the shapes (few rows, at most
+/// [`ROUTER_MAX_EXPERTS`] experts, `top_k` of them).
+pub(crate) fn router<R, F, I, BT>(
+    x: BTensor<Cube<R, F, I, BT>, 2>,
+    weight: BTensor<Cube<R, F, I, BT>, 2>,
+    top_k: usize,
+) -> (
+    BTensor<Cube<R, F, I, BT>, 2>,
+    BTensor<Cube<R, F, I, BT>, 2>,
+    BTensor<Cube<R, F, I, BT>, 2, burn::tensor::Int>,
+)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [tokens, _] = x.dims();
+    let [experts, _] = weight.dims();
+    let device = x.device();
+    let logits = BTensor::<Cube<R, F, I, BT>, 2>::empty([tokens, experts], (&device, DType::F32));
+    let weights = BTensor::<Cube<R, F, I, BT>, 2>::empty([tokens, top_k], (&device, DType::F32));
+    let chosen =
+        BTensor::<Cube<R, F, I, BT>, 2, burn::tensor::Int>::empty([tokens, top_k], &device);
+    let chosen_prim: CubeTensor<R> = chosen.clone().into_primitive();
+    let (x, weight) = (prim(x), prim(weight));
+    let client = x.client.clone();
+    let dtypes = [
+        x.dtype.into(),
+        weight.dtype.into(),
+        chosen_prim.dtype.into(),
+    ];
+    let vs = vector_width(&[&x, &weight]);
+    let units = cube_units(&client, ROUTER_UNITS);
+    unsafe {
+        router_kernel::launch_unchecked::<R>(
+            &client,
+            CubeCount::Static(tokens as u32, 1, 1),
+            CubeDim::new_1d(units as u32),
+            vs,
+            x.into_tensor_arg(),
+            weight.into_tensor_arg(),
+            prim(logits.clone()).into_tensor_arg(),
+            prim(weights.clone()).into_tensor_arg(),
+            chosen_prim.into_tensor_arg(),
+            experts,
+            units,
+            dtypes,
+        );
+    }
+    (logits, weights, chosen)
+}
+
+/// The most experts [`router`] takes (their logits are in shared memory).
+pub(crate) const ROUTER_MAX_EXPERTS: usize = 1024;
+
+/// See [`crate::JambaBackend::mamba_in_proj_step`]; the caller checked the shapes (few rows,
+/// `weight` `[2 d_inner, hidden]`, the conv's state `[rows, d_inner, width - 1]`).
+pub(crate) fn in_proj_conv<R, F, I, BT>(
+    input: crate::MambaInProjStep<Cube<R, F, I, BT>>,
+) -> (
+    BTensor<Cube<R, F, I, BT>, 2>,
+    BTensor<Cube<R, F, I, BT>, 2>,
+    BTensor<Cube<R, F, I, BT>, 3>,
+)
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [rows, _] = input.x.dims();
+    let [n, k] = input.weight.dims();
+    let [d_inner, width] = input.conv_weight.dims();
+    let dtype = input.x.dtype();
+    let device = input.x.device();
+    let out = BTensor::<Cube<R, F, I, BT>, 2>::empty([rows, n], (&device, dtype));
+    let state = super::writable_f32(prim(input.conv_state));
+    let has_bias = input.bias.is_some();
+    let bias = input
+        .bias
+        .map(|b| crate::cast_to(b, dtype))
+        .unwrap_or_else(|| kept_dummy::<Cube<R, F, I, BT>, 1>(&device, dtype, 0));
+    let has_conv_bias = input.conv_bias.is_some();
+    let f32 = |t: BTensor<Cube<R, F, I, BT>, 1>| crate::cast_to(t, DType::F32);
+    let conv_bias = input
+        .conv_bias
+        .map(f32)
+        .unwrap_or_else(|| kept_dummy::<Cube<R, F, I, BT>, 1>(&device, DType::F32, 1));
+    let conv_weight = crate::cast_to(input.conv_weight, DType::F32);
+    let (x, weight) = (prim(input.x), prim(input.weight));
+    let w_dtype = weight.dtype;
+    let client = x.client.clone();
+    let vs = vector_width(&[&x, &weight]);
+    let (count, dim, split) = gemv_launch(&client, n, k / vs, 1);
+    unsafe {
+        in_proj_conv_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            vs,
+            x.into_tensor_arg(),
+            weight.into_tensor_arg(),
+            prim(bias).into_tensor_arg(),
+            prim(conv_weight).into_tensor_arg(),
+            prim(conv_bias).into_tensor_arg(),
+            state.clone().into_tensor_arg(),
+            prim(out.clone()).into_tensor_arg(),
+            rows,
+            GEMV_UNITS,
+            split,
+            has_bias,
+            width,
+            has_conv_bias,
+            [dtype.into(), w_dtype.into(), dtype.into()],
+        );
+    }
+    (
+        out.clone().narrow(1, 0, d_inner),
+        out.narrow(1, d_inner, d_inner),
+        super::wrap(state),
+    )
+}
+
 /// SwiGLU experts (or one dense MLP) for few rows: `sum_e w[:, e] * down_e(silu(gate_e x) *
 /// up_e x)`, with `gate` and `up` `[experts, inter, hidden]` views (rows `up_row..` of `up`),
 /// `down` `[experts, hidden, inter]`, and the weights `w` of `routing`.
@@ -905,9 +1163,9 @@ where
         Routing::Dense(_) => (true, false),
         Routing::Pairs { .. } => (true, true),
     };
-    let no_pairs = || BTensor::<Cube<R, F, I, BT>, 2, burn::tensor::Int>::empty([1, 1], &device);
+    let no_pairs = || kept_dummy_int::<Cube<R, F, I, BT>, 2>(&device, 0);
     let (weights, chosen, first) = match routing {
-        Routing::All => (dummy_of(&device, dtype), no_pairs(), 0),
+        Routing::All => (kept_dummy(&device, dtype, 0), no_pairs(), 0),
         Routing::Dense(w) => (w, no_pairs(), 0),
         Routing::Pairs {
             chosen,
@@ -1131,10 +1389,10 @@ where
     let units = cube_units(&client, MAMBA_STEP_UNITS);
     let [dt_norm, b_norm, c_norm] = input.norms.map(prim);
     let (has_z, has_bias) = (input.z.is_some(), input.delta_bias.is_some());
-    let z = input.z.unwrap_or_else(|| dummy_of(&device, dtype));
+    let z = input.z.unwrap_or_else(|| kept_dummy(&device, dtype, 0));
     let delta_bias = input
         .delta_bias
-        .unwrap_or_else(|| dummy_of(&device, DType::F32));
+        .unwrap_or_else(|| kept_dummy(&device, DType::F32, 1));
     unsafe {
         mamba_step_kernel::launch_unchecked::<R>(
             &client,

@@ -1849,6 +1849,25 @@ pub fn conv_step_kernel<F: Float>(
     let bi = pos / dim;
     let di = pos % dim;
     let xv = f32::cast_from(x[bi * x.stride(0) + di * x.stride(1)]);
+    let acc = conv_step_at(weight, bias, state, bi, di, xv, width, has_bias, silu);
+    y[bi * y.stride(0) + di * y.stride(1)] = F::cast_from(acc);
+}
+
+/// The conv's decoding step for batch row `bi`, channel `di` and new input `xv`: returns the
+/// output (with SiLU if asked) and shifts `xv` into the channel's state.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn conv_step_at(
+    weight: &Tensor<f32>,
+    bias: &Tensor<f32>,
+    state: &mut Tensor<f32>,
+    bi: usize,
+    di: usize,
+    xv: f32,
+    #[comptime] width: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] silu: bool,
+) -> f32 {
     let mut acc = 0.0f32;
     if has_bias {
         acc = bias[di * bias.stride(0)];
@@ -1869,7 +1888,7 @@ pub fn conv_step_kernel<F: Float>(
     if silu {
         acc *= sigmoid_f32(acc);
     }
-    y[bi * y.stride(0) + di * y.stride(1)] = F::cast_from(acc);
+    acc
 }
 
 /// RMSNorm of one row per cube: the sum of squares is reduced in shared memory (no plane size

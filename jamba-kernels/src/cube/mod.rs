@@ -18,7 +18,7 @@ use burn_cubecl::{
 
 use crate::{
     scan_chunk_len, CausalConv1dGrads, CausalConv1dInput, CausalConv1dUpdate, JambaBackend,
-    MambaStep, MoeGrads, MoeInput, ScanBackward, ScanForward, SelectiveScanGrads,
+    MambaInProjStep, MambaStep, MoeGrads, MoeInput, ScanBackward, ScanForward, SelectiveScanGrads,
     SelectiveScanInput, SelectiveScanOutput, SelectiveStateUpdate,
 };
 
@@ -236,6 +236,55 @@ fn dummy_of<B: burn::tensor::backend::Backend, const D: usize>(
     Tensor::empty([1; D], (device, dtype))
 }
 
+/// One kept placeholder per backend, device, dtype, rank, kind and `slot`, for the decoding
+/// kernels: an allocation per absent argument and step costs the host more than the kernel's
+/// launch gains. Arguments of one launch take different slots (a buffer is never bound twice);
+/// placeholders are never read or written (their comptime flags are off).
+fn kept<B, K, const D: usize>(
+    device: &B::Device,
+    dtype: Option<DType>,
+    slot: usize,
+    make: impl FnOnce() -> Tensor<B, D, K>,
+) -> Tensor<B, D, K>
+where
+    B: burn::tensor::backend::Backend,
+    K: burn::tensor::TensorKind<B> + 'static,
+{
+    use std::any::{Any, TypeId};
+    type Entry = (TypeId, Option<DType>, usize, Box<dyn Any + Send + Sync>);
+    static KEPT: std::sync::Mutex<Vec<Entry>> = std::sync::Mutex::new(Vec::new());
+    let key = TypeId::of::<(B, K, [(); D])>();
+    let mut kept = KEPT.lock().unwrap_or_else(|e| e.into_inner());
+    let found = kept
+        .iter()
+        .filter(|(k, dt, sl, _)| *k == key && *dt == dtype && *sl == slot)
+        .filter_map(|(.., t)| t.downcast_ref::<(B::Device, Tensor<B, D, K>)>())
+        .find(|(dev, _)| dev == device)
+        .map(|(_, t)| t.clone());
+    found.unwrap_or_else(|| {
+        let t = make();
+        kept.push((key, dtype, slot, Box::new((device.clone(), t.clone()))));
+        t
+    })
+}
+
+/// A kept float placeholder (see [`kept`]).
+fn kept_dummy<B: burn::tensor::backend::Backend, const D: usize>(
+    device: &B::Device,
+    dtype: DType,
+    slot: usize,
+) -> Tensor<B, D> {
+    kept(device, Some(dtype), slot, || dummy_of(device, dtype))
+}
+
+/// A kept int placeholder (see [`kept`]).
+fn kept_dummy_int<B: burn::tensor::backend::Backend, const D: usize>(
+    device: &B::Device,
+    slot: usize,
+) -> Tensor<B, D, Int> {
+    kept(device, None, slot, || Tensor::empty([1; D], device))
+}
+
 /// Units per cube of the decoding steps (one unit per channel): small cubes spread a batch
 /// row's few thousand channels over many compute units.
 const STEP_BLOCK: u32 = 64;
@@ -330,6 +379,33 @@ where
             return crate::reference::selective_state_update(input);
         }
         scan_step(input)
+    }
+
+    fn mamba_in_proj_step(
+        input: MambaInProjStep<Self>,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 3>) {
+        let [rows, hidden] = input.x.dims();
+        let [two_d_inner, weight_hidden] = input.weight.dims();
+        let [d_inner, width] = input.conv_weight.dims();
+        let fits = rows > 0
+            && rows <= crate::decode_max_rows()
+            && decode::rows_fit(&prim(input.x.clone()), rows)
+            && weight_hidden == hidden
+            && two_d_inner == 2 * d_inner
+            && width > 0
+            && input.conv_state.dims() == [rows, d_inner, width - 1]
+            && input
+                .bias
+                .as_ref()
+                .is_none_or(|b| b.dims() == [two_d_inner])
+            && input
+                .conv_bias
+                .as_ref()
+                .is_none_or(|b| b.dims() == [d_inner]);
+        if !fits || !use_kernel("linear") || !use_kernel("step") {
+            return crate::reference::mamba_in_proj_step::<Self>(input);
+        }
+        decode::in_proj_conv(input)
     }
 
     fn mamba_step(input: MambaStep<Self>) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
@@ -559,6 +635,27 @@ where
             return crate::reference::moe_route(logits, top_k);
         }
         moe::route_topk(logits, top_k)
+    }
+
+    fn moe_router(
+        x: Tensor<Self, 2>,
+        weight: Tensor<Self, 2>,
+        top_k: usize,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>, Tensor<Self, 2, Int>) {
+        let [tokens, hidden] = x.dims();
+        let [experts, weight_hidden] = weight.dims();
+        if tokens == 0
+            || tokens > crate::decode_max_rows()
+            || hidden != weight_hidden
+            || top_k == 0
+            || top_k > experts
+            || experts > decode::ROUTER_MAX_EXPERTS
+            || !use_kernel("route")
+            || !use_kernel("linear")
+        {
+            return crate::reference::moe_router::<Self>(x, weight, top_k);
+        }
+        decode::router(x, weight, top_k)
     }
 
     fn moe_grouped(input: MoeInput<Self>) -> Tensor<Self, 2> {

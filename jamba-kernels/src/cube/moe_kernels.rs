@@ -865,6 +865,17 @@ pub fn route_topk_kernel<I: Numeric>(
     if t >= logits.shape(0) {
         terminate!();
     }
+    softmax_top_k(logits, t, weights, chosen);
+}
+
+/// [`route_topk_kernel`]'s work for token `t`.
+#[cube]
+pub(crate) fn softmax_top_k<I: Numeric>(
+    logits: &Tensor<f32>,
+    t: usize,
+    weights: &mut Tensor<f32>,
+    chosen: &mut Tensor<I>,
+) {
     let experts = logits.shape(1);
     let top_k = weights.shape(1);
     let row = t * logits.stride(0);
