@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# On the GPU machine: cached greedy decoding with `jamba generate` on CUDA (f32, through the
+# On the GPU machine: cached greedy decoding with `jamba generate` on CUDA, fused and unfused (f32, through the
 # decoding kernels) for every fixture, against transformers' 12 generated tokens and their logits.
 # EXTRA adds arguments to `jamba generate` (e.g. EXTRA="--devices 0,0": experts split in two groups).
 # Usage: scripts/device_generate_check.sh PATH/TO/jamba OUT_DIR
@@ -14,7 +14,7 @@ case, out = sys.argv[1], sys.argv[2]
 e = load_file(f"tests/fixtures/{case}/expected.safetensors")
 save_file({"input_ids": e["generate.prompt"]}, f"{out}/{case}-prompt.safetensors")
 PY
-    for backend in cuda; do
+    for backend in cuda cuda-unfused; do
         "$bin" generate --model tests/fixtures/$case --input $out/$case-prompt.safetensors \
             --output $out/$case-gen.safetensors --max-new-tokens 12 --temperature 0 --ignore-eos \
             --backend $backend --dtype f32 ${EXTRA:-} > /dev/null 2>&1 || { echo "$case $backend: generate failed"; continue; }

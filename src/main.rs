@@ -167,11 +167,24 @@ impl Devices for burn::backend::Cuda {
     }
 }
 
+#[cfg(feature = "cuda")]
+impl Devices for jamba_kernels::CudaUnfused {
+    fn devices(indices: &[usize]) -> Vec<Self::Device> {
+        indices
+            .iter()
+            .map(|&i| burn::backend::cuda::CudaDevice::new(i))
+            .collect()
+    }
+}
+
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum Backend {
     Ndarray,
     Wgpu,
     Cuda,
+    /// CUDA without Burn's operation fusion: each kernel is launched when it is called, which
+    /// costs the host less per operation; faster decoding at small batches (BENCHMARKS.md).
+    CudaUnfused,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -348,6 +361,15 @@ macro_rules! with_backend {
                 #[cfg(feature = "cuda")]
                 {
                     type $B = burn::backend::Cuda;
+                    $body
+                }
+                #[cfg(not(feature = "cuda"))]
+                Err(CliError::BackendNotBuilt("cuda"))
+            }
+            Backend::CudaUnfused => {
+                #[cfg(feature = "cuda")]
+                {
+                    type $B = jamba_kernels::CudaUnfused;
                     $body
                 }
                 #[cfg(not(feature = "cuda"))]
