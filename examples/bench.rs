@@ -264,7 +264,8 @@ fn launch_overhead<B: JambaBackend>(device: &B::Device) {
     let x = Tensor::<B, 2>::random([1, 64], Distribution::Normal(0.0, 1.0), device);
     // Scaled so that the chained products stay finite.
     let w = Tensor::<B, 2>::random([64, 64], Distribution::Normal(0.0, 0.125), device);
-    let ops: [(&str, &dyn Fn(Tensor<B, 2>) -> Tensor<B, 2>); 2] = [
+    type Op<'a, B> = &'a dyn Fn(Tensor<B, 2>) -> Tensor<B, 2>;
+    let ops: [(&str, Op<B>); 2] = [
         ("element-wise add (x + 1)", &|y| y.add_scalar(1.0)),
         ("decoding product 1x64x64 (`linear`)", &|y| {
             <B as JambaBackend>::linear(y, w.clone(), None)
