@@ -1066,7 +1066,7 @@ where
     (logits, weights, chosen)
 }
 
-/// The most experts [`router`] takes (their logits are in shared memory).
+/// The most experts [`router`] takes (their logits are in shared memory: 4 KiB).
 pub(crate) const ROUTER_MAX_EXPERTS: usize = 1024;
 
 /// See [`crate::JambaBackend::mamba_in_proj_step`]; the caller checked the shapes (few rows,
@@ -1362,8 +1362,12 @@ where
 /// row's few thousand channels spread over many compute units (as the scan's decoding step).
 const MAMBA_STEP_UNITS: usize = 64;
 
-/// The widest `x_proj` output row [`mamba_step`] takes (its f32 copy is in shared memory).
-pub(crate) const MAMBA_STEP_MAX_WIDTH: usize = 4096;
+/// Whether [`mamba_step_kernel`]'s shared memory fits the device for an `x_proj` output row of
+/// `width` values (its f32 copy, and the three sums' partials of a cube).
+pub(crate) fn mamba_step_fits<R: CubeRuntime>(t: &CubeTensor<R>, width: usize) -> bool {
+    let units = cube_units(&t.client, MAMBA_STEP_UNITS);
+    (width + 3 * units) * 4 <= t.client.properties().hardware.max_shared_memory_size
+}
 
 /// See [`crate::JambaBackend::mamba_step`]; the caller checked the shapes and dtypes (`x`, `z`
 /// and `params` of one dtype, the norms and `dt_proj` of one dtype, `a`, `d` and the bias f32).

@@ -417,6 +417,7 @@ where
         let norm_widths = input.norms.each_ref().map(|n| n.dims()[0]);
         let fits = batch > 0
             && batch <= 65535
+            && d_inner > 0
             && rows == batch
             && proj_rows == d_inner
             && a_rows == d_inner
@@ -424,7 +425,7 @@ where
             && dt_rank > 0
             && norm_widths == [dt_rank, n_state, n_state]
             && width == dt_rank + 2 * n_state
-            && width <= decode::MAMBA_STEP_MAX_WIDTH
+            && decode::mamba_step_fits(&prim(input.x.clone()), width)
             && input.state.dims() == [batch, d_inner, n_state]
             && input.d.dims() == [d_inner]
             && input
@@ -436,8 +437,11 @@ where
                 .z
                 .as_ref()
                 .is_none_or(|z| z.dims() == [batch, d_inner] && z.dtype() == dtype)
+            // One dtype for activations and weights: the kernel rounds dt, B and C once, to
+            // the norms' dtype (the separate operations would round them again to `x`'s).
+            && w_dtype == dtype
             && input.norms.iter().all(|n| n.dtype() == w_dtype);
-        if !fits || !use_kernel("step") {
+        if !fits || !["step", "rms_norm", "linear"].into_iter().all(use_kernel) {
             return crate::reference::mamba_step::<Self>(input);
         }
         let f32 = |t: Tensor<Self, 1>| crate::cast_to(t, DType::F32);
@@ -646,6 +650,7 @@ where
         let [experts, weight_hidden] = weight.dims();
         if tokens == 0
             || tokens > crate::decode_max_rows()
+            || tokens > 65535
             || hidden != weight_hidden
             || top_k == 0
             || top_k > experts
