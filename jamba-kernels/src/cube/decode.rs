@@ -155,6 +155,48 @@ fn reduce_column(
     }
 }
 
+/// `acc[m] = x[m] . w[n]` for the column `n` of this unit's plane (nothing past the last
+/// column), summed over the column's planes: afterwards lane 0 of its first plane holds the
+/// totals (the decoding products' common part).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn gemv_column<A: Float, W: Float, N: Size>(
+    x: &Tensor<Vector<A, N>>,
+    w: &Tensor<Vector<W, N>>,
+    n: usize,
+    part: u32,
+    lane: u32,
+    acc: &mut Array<f32>,
+    #[comptime] rows: usize,
+    #[comptime] units: usize,
+    #[comptime] split: usize,
+) {
+    let vs = x.vector_size();
+    let kv = x.shape(1) / vs;
+    #[unroll]
+    for m in 0..rows {
+        acc[m] = 0.0;
+    }
+    if n < w.shape(0) {
+        let plane = PLANE_DIM as usize;
+        dot_rows(
+            x,
+            0,
+            x.stride(0) / vs,
+            x.stride(1),
+            w,
+            n * w.stride(0) / vs,
+            w.stride(1),
+            part as usize * plane + lane as usize,
+            plane * split,
+            kv,
+            acc,
+            rows,
+        );
+    }
+    reduce_column(acc, part, lane, rows, units, split);
+}
+
 /// `out[m, n] = bias[n] + sum_k x[m, k] * w[n, k]` for few rows `m` (decoding): each column is
 /// a dot product along a row of `w`, read once for all rows of `x`. `x`, `w` and `out` may each
 /// have their own dtype (the router's f32 logits from bf16 activations and weights).
@@ -175,31 +217,8 @@ pub fn gemv_kernel<A: Float, W: Float, O: Float, N: Size>(
     let part = part_of(split);
     let lane = UNIT_POS_X % PLANE_DIM;
     let n_len = w.shape(0);
-    let vs = x.vector_size();
-    let kv = x.shape(1) / vs;
     let mut acc = Array::<f32>::new(rows);
-    #[unroll]
-    for m in 0..rows {
-        acc[m] = 0.0;
-    }
-    if n < n_len {
-        let plane = PLANE_DIM as usize;
-        dot_rows(
-            x,
-            0,
-            x.stride(0) / vs,
-            x.stride(1),
-            w,
-            n * w.stride(0) / vs,
-            w.stride(1),
-            part as usize * plane + lane as usize,
-            plane * split,
-            kv,
-            &mut acc,
-            rows,
-        );
-    }
-    reduce_column(&mut acc, part, lane, rows, units, split);
+    gemv_column(x, w, n, part, lane, &mut acc, rows, units, split);
     if lane == 0 && part == 0 && n < n_len {
         #[unroll]
         for m in 0..rows {
@@ -239,31 +258,8 @@ pub fn in_proj_conv_kernel<A: Float, W: Float, O: Float, N: Size>(
     let lane = UNIT_POS_X % PLANE_DIM;
     let n_len = w.shape(0);
     let d_inner = conv_weight.shape(0);
-    let vs = x.vector_size();
-    let kv = x.shape(1) / vs;
     let mut acc = Array::<f32>::new(rows);
-    #[unroll]
-    for m in 0..rows {
-        acc[m] = 0.0;
-    }
-    if n < n_len {
-        let plane = PLANE_DIM as usize;
-        dot_rows(
-            x,
-            0,
-            x.stride(0) / vs,
-            x.stride(1),
-            w,
-            n * w.stride(0) / vs,
-            w.stride(1),
-            part as usize * plane + lane as usize,
-            plane * split,
-            kv,
-            &mut acc,
-            rows,
-        );
-    }
-    reduce_column(&mut acc, part, lane, rows, units, split);
+    gemv_column(x, w, n, part, lane, &mut acc, rows, units, split);
     if lane == 0 && part == 0 && n < n_len {
         #[unroll]
         for m in 0..rows {
