@@ -51,9 +51,10 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     moe: Vec<usize>,
     /// Time causal self-attention alone (`JambaBackend::causal_attention`, `--dtype`, 16 heads of
-    /// 128, batch 1) at these lengths, against the reference (scores in memory). The flash kernel
-    /// runs above `jamba_kernels::FLASH_MIN_SCORES` scores; `JAMBA_FLASH_MIN_SCORES=0` times it
-    /// at every length.
+    /// 128 over 4 KV heads, batch 1) at these lengths, against the reference (scores in memory).
+    /// The tensor-core flash kernel runs at every size, the portable one above
+    /// `jamba_kernels::FLASH_MIN_SCORES` scores; `JAMBA_FLASH_MIN_SCORES=0` times it at every
+    /// length.
     #[arg(long, value_delimiter = ',')]
     attention: Vec<usize>,
     /// Time `JambaBackend::linear` (`x [M, K] @ weight [N, K]^T`, `--dtype`) at `MxKxN` shapes
@@ -522,11 +523,13 @@ fn matmul_timing<B: JambaBackend>(
 }
 
 fn attention_timing<B: JambaBackend>(device: &B::Device, len: usize, dtype: DType) {
-    let (heads, head_dim) = (16, 128);
-    let qkv: Vec<Tensor<B, 4>> = (0..3)
-        .map(|_| {
+    // The "block" model's attention: 16 query heads of 128 over 4 KV heads.
+    let (heads, kv_heads, head_dim) = (16, 4, 128);
+    let qkv: Vec<Tensor<B, 4>> = [heads, kv_heads, kv_heads]
+        .into_iter()
+        .map(|h| {
             Tensor::<B, 4>::random(
-                [1, heads, len, head_dim],
+                [1, h, len, head_dim],
                 Distribution::Normal(0.0, 1.0),
                 device,
             )
@@ -550,7 +553,7 @@ fn attention_timing<B: JambaBackend>(device: &B::Device, len: usize, dtype: DTyp
     // Causal: half of the two `len x len x head_dim` products per head.
     let flop = 2.0 * 2.0 * heads as f64 * (len * len * head_dim) as f64 / 2.0;
     println!(
-        "| causal attention, {heads} heads x {head_dim}, {len} tokens, {dtype:?} | {kernel:.2} ms ({:.1} TFLOP/s), rel. err. {err:.1e} | reference (scores in memory) {reference:.2} ms |",
+        "| causal attention, {heads} heads x {head_dim} over {kv_heads} KV heads, {len} tokens, {dtype:?} | {kernel:.2} ms ({:.1} TFLOP/s), rel. err. {err:.1e} | reference (scores in memory) {reference:.2} ms |",
         flop / kernel / 1e9
     );
 }
@@ -755,31 +758,34 @@ mod kernel_check {
                 }
             }
         }
-        // Causal attention in bf16 (f32 runs the reference itself): the flash kernels stage in
-        // f16 and round the output to bf16, 2^-8 relative.
+        // Causal attention in bf16: the tensor-core kernel rounds the probabilities and the
+        // output to bf16, 2^-8 relative. Shared KV heads, and queries after cached positions.
         if bf16 {
-            for shape in [
-                [1, 2, 1, 64],
-                [3, 2, 77, 64],
-                [2, 4, 300, 128],
-                [1, 16, 1024, 128],
+            for ([b, h, lq, hd], kvh, lk) in [
+                ([1, 2, 1, 64], 2, 1),
+                ([3, 2, 77, 64], 1, 77),
+                ([2, 4, 300, 128], 2, 300),
+                ([1, 16, 1024, 128], 4, 1024),
+                ([2, 8, 100, 128], 2, 333),
+                ([1, 4, 1, 32], 4, 65),
             ] {
-                let n = shape.iter().product();
-                let qkv: Vec<Vec<f32>> = (0..3)
-                    .map(|_| host(n, Distribution::Normal(0.0, 1.0)))
-                    .collect();
-                let on = |x: &Vec<f32>| {
-                    Tensor::<B, 4>::from_data(TensorData::new(x.clone(), shape), dev)
-                        .cast(DType::BF16)
+                let (q_shape, kv_shape) = ([b, h, lq, hd], [b, kvh, lk, hd]);
+                let on = |shape: [usize; 4]| {
+                    let n = shape.iter().product();
+                    Tensor::<B, 4>::from_data(
+                        TensorData::new(host(n, Distribution::Normal(0.0, 1.0)), shape),
+                        dev,
+                    )
+                    .cast(DType::BF16)
                 };
-                let (q, k, v) = (on(&qkv[0]), on(&qkv[1]), on(&qkv[2]));
+                let (q, k, v) = (on(q_shape), on(kv_shape), on(kv_shape));
                 let back = |t: &Tensor<B, 4>| {
                     Tensor::<Ref, 4>::from_data(t.clone().cast(DType::F32).into_data(), &rdev)
                 };
                 let want = reference::causal_attention(back(&q), back(&k), back(&v));
                 let got = B::causal_attention(q, k, v);
                 report(
-                    format!("causal attention {shape:?} bf16"),
+                    format!("causal attention q {q_shape:?} kv {kv_shape:?} bf16"),
                     rel(&vals(got), &vals(want)),
                     1e-2,
                 );

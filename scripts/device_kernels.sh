@@ -8,7 +8,8 @@
 # sizes of the chunked ones, SCAN_PROFILE=1 profiles those under ncu.
 # DECODE_PROFILE=1 gives the GPU time and launches per decode step under ncu (scripts/ncu_per_step.py).
 # LAUNCH=1 (default) times what a launch costs the host (bench --launch-overhead).
-# SCAN=0, SCAN_KERNELS=0, SCAN_BLOCKS=0, ATTENTION=0, TRAIN=0, MOE=0, MATMUL=0, UNFUSED_DECODE=0, LAUNCH=0 skip those parts. Usage: scripts/device_kernels.sh BIN_DIR OUT_DIR
+# SCAN=0, SCAN_KERNELS=0, SCAN_BLOCKS=0, ATTENTION=0, TRAIN=0, MOE=0, MATMUL=0, UNFUSED_DECODE=0, LAUNCH=0,
+# CHUNKED=0 skip those parts. Usage: scripts/device_kernels.sh BIN_DIR OUT_DIR
 set -uo pipefail
 bin=$1; out=$2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
@@ -74,10 +75,10 @@ if [ -n "$best" ] && [ -x "$bin/jamba" ]; then
 fi
 fi
 if [ "${ATTENTION:-1}" = 1 ]; then
-echo "== causal attention alone, bf16, 16 heads of 128: flash kernel (forced: JAMBA_FLASH_MIN_SCORES=0) against the reference"
-JAMBA_FLASH_MIN_SCORES=0 "$bin/bench" --backend cuda --dtype bf16 --no-model --attention 1024,4096,16384
-echo "== same, the portable flash kernel (JAMBA_REFERENCE=attention_mma), which also runs where a cube below is declined"
-JAMBA_REFERENCE=attention_mma JAMBA_FLASH_MIN_SCORES=0 timeout 60 "$bin/bench" --backend cuda --dtype bf16 --no-model --attention 1024,4096 2>&1 | tail -2
+echo "== causal attention alone, bf16, 16 heads of 128 over 4 KV heads: the flash kernel that runs by default (tensor cores) against the reference"
+"$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --attention 1024,4096,16384
+echo "== same, the portable flash kernel (JAMBA_REFERENCE=attention_mma, forced at every size: JAMBA_FLASH_MIN_SCORES=0)"
+JAMBA_REFERENCE=attention_mma JAMBA_FLASH_MIN_SCORES=0 timeout 120 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --attention 1024,4096 2>&1 | tail -2
 fi
 if [ "${MOE:-1}" = 1 ]; then
 echo "== MoE experts of one block layer alone, bf16: as released (per-expert matmuls from 2048 pairs)"
@@ -102,6 +103,15 @@ smi=$!
     --batches 1,8,32 --steps 16 --warmup 4 --prefill 4096,16384,8x2048 --chunk 16384
 kill $smi
 echo "peak GPU memory (nvidia-smi, MiB): $(sort -n /tmp/mem-model.log | tail -1)"
+if [ "${CHUNKED:-1}" = 1 ]; then
+echo "== block model, bf16, prefill in chunks of 4096 (each chunk's queries over the cached keys)"
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > /tmp/mem-chunk.log &
+smi=$!
+"$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 \
+    --batches 0 --prefill 4096,16384,8x2048 --chunk 4096
+kill $smi
+echo "peak GPU memory (nvidia-smi, MiB): $(sort -n /tmp/mem-chunk.log | tail -1)"
+fi
 if [ "${MATMUL:-1}" = 1 ]; then
 echo "== block model, bf16, prefill with Burn's matmul instead of the default routine (JAMBA_MATMUL=burn)"
 JAMBA_MATMUL=burn "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 \

@@ -36,30 +36,35 @@ fn rounded<const D: usize>(v: &[f32], shape: [usize; D]) -> Tensor<Ref, D> {
 }
 
 /// The fused backend's causal attention (a custom operation of the fusion stream running the
-/// flash kernel) with the size threshold lowered to 0 for this process, against the reference.
+/// flash kernel) with the size threshold lowered to 0 for this process, against the reference,
+/// with shared KV heads and queries after cached positions.
 #[test]
 fn fused_flash_attention_matches_reference() {
     // Read once per process, on the first attention call: before it.
     std::env::set_var("JAMBA_FLASH_MIN_SCORES", "0");
-    assert!(jamba_kernels::flash_attention_pays(1, 1, 1));
-    for (batch, heads, len, head_dim) in [(1, 1, 1, 8), (2, 3, 33, 16), (1, 2, 130, 64)] {
-        let shape = [batch, heads, len, head_dim];
-        let n = batch * heads * len * head_dim;
-        let inputs: Vec<Vec<f32>> = (0..3)
-            .map(|_| random(n, Distribution::Normal(0.0, 1.0)))
-            .collect();
+    assert!(jamba_kernels::flash_attention_pays(1, false));
+    for (batch, heads, kv_heads, len_q, len_k, head_dim) in [
+        (1, 1, 1, 1, 1, 8),
+        (2, 4, 2, 33, 33, 16),
+        (1, 2, 1, 70, 130, 64),
+    ] {
+        let q_shape = [batch, heads, len_q, head_dim];
+        let kv_shape = [batch, kv_heads, len_k, head_dim];
+        let q = random(q_shape.iter().product(), Distribution::Normal(0.0, 1.0));
+        let k = random(kv_shape.iter().product(), Distribution::Normal(0.0, 1.0));
+        let v = random(kv_shape.iter().product(), Distribution::Normal(0.0, 1.0));
         let want = data(reference::causal_attention(
-            rounded(&inputs[0], shape),
-            rounded(&inputs[1], shape),
-            rounded(&inputs[2], shape),
+            rounded(&q, q_shape),
+            rounded(&k, kv_shape),
+            rounded(&v, kv_shape),
         ));
         let fused = Wgpu::causal_attention(
-            half::<Wgpu, 4>(&inputs[0], shape),
-            half::<Wgpu, 4>(&inputs[1], shape),
-            half::<Wgpu, 4>(&inputs[2], shape),
+            half::<Wgpu, 4>(&q, q_shape),
+            half::<Wgpu, 4>(&k, kv_shape),
+            half::<Wgpu, 4>(&v, kv_shape),
         );
         assert_eq!(fused.dtype(), DType::F16);
-        let name = format!("fusion attention {batch}x{heads}x{len}x{head_dim}");
+        let name = format!("fusion attention q {q_shape:?} kv {kv_shape:?}");
         assert_close(&name, &to_f32_vec(fused), &want, 1e-2);
     }
 }

@@ -1330,63 +1330,137 @@ fn router_softmax_top_k_matches_reference() {
     }
 }
 
-/// Causal flash attention (the kernels take f16 and bf16: they stage in f16) against the f32
-/// reference on the same f16-rounded inputs. Outputs are convex combinations of rows of `v`,
-/// rounded to f16 (2^-11 relative) from probabilities staged in f16: within 1e-2 of the scale.
+/// Causal flash attention (the portable kernel on lavapipe: one unit per query row) against the
+/// f32 reference on the same inputs (f16-rounded for the f16 runs), with shared KV heads
+/// (grouped queries), queries after cached positions (`len_q < len_k`), a query tile that is
+/// not full, and the model's strided queries. f32: both sides accumulate in f32 over at most
+/// 257 keys and 64 dimensions, in a different order: 1e-4 of the scale. f16: the reference's
+/// scores are rounded to f16 by its matmul and its output to f16 (2^-11 relative): 1e-2.
 #[test]
 fn causal_attention_matches_reference() {
     no_overrides();
     let dev = Default::default();
-    for (batch, heads, len, head_dim) in [
-        (1, 1, 1, 8),
-        (2, 3, 7, 16),
-        (1, 2, 33, 64),
-        (3, 1, 130, 32),
-        (1, 2, 257, 128),
+    // (batch, heads, kv_heads, len_q, len_k, head_dim, strided q)
+    for (batch, heads, kv_heads, len_q, len_k, head_dim, strided) in [
+        (1, 1, 1, 1, 1, 8, false),
+        (2, 3, 3, 7, 7, 16, true),
+        (1, 4, 2, 33, 33, 64, false),
+        (3, 2, 1, 130, 130, 32, true),
+        (1, 2, 2, 65, 200, 16, false),
+        (2, 4, 1, 1, 9, 32, false),
+        (1, 2, 1, 257, 257, 48, false),
     ] {
-        let shape = [batch, heads, len, head_dim];
-        let n = batch * heads * len * head_dim;
-        let name = format!("attention {batch}x{heads}x{len}x{head_dim}");
-        let inputs: Vec<Vec<f32>> = (0..3)
-            .map(|_| random(n, Distribution::Normal(0.0, 1.0)))
-            .collect();
-        fn half<B: Backend>(x: &[f32], shape: [usize; 4]) -> Tensor<B, 4> {
-            Tensor::<B, 4>::from_data(TensorData::new(x.to_vec(), shape), &Default::default())
-                .cast(DType::F16)
+        let q_shape = [batch, heads, len_q, head_dim];
+        let kv_shape = [batch, kv_heads, len_k, head_dim];
+        let name = format!("attention q {q_shape:?} kv {kv_shape:?} strided {strided}");
+        let q = random(q_shape.iter().product(), Distribution::Normal(0.0, 1.0));
+        let k = random(kv_shape.iter().product(), Distribution::Normal(0.0, 1.0));
+        let v = random(kv_shape.iter().product(), Distribution::Normal(0.0, 1.0));
+        for dtype in [DType::F32, DType::F16] {
+            // The inputs in `dtype` on the kernels' backend, and the same values in f32 on ndarray.
+            let on = |x: &[f32], shape: [usize; 4], transposed: bool| {
+                let t = match transposed {
+                    // `[batch, len, heads, head_dim]` in memory, as the model's projections give.
+                    true => {
+                        let [b, h, l, d] = shape;
+                        let mut blhd = vec![0.0f32; x.len()];
+                        for (i, &value) in x.iter().enumerate() {
+                            let (bi, hi, li, di) =
+                                (i / (h * l * d), i / (l * d) % h, i / d % l, i % d);
+                            blhd[((bi * l + li) * h + hi) * d + di] = value;
+                        }
+                        Tensor::<Cube, 4>::from_data(
+                            TensorData::new(blhd, [b, l, h, d]),
+                            &Default::default(),
+                        )
+                        .swap_dims(1, 2)
+                    }
+                    false => Tensor::<Cube, 4>::from_data(
+                        TensorData::new(x.to_vec(), shape),
+                        &Default::default(),
+                    ),
+                };
+                t.cast(dtype)
+            };
+            let (qc, kc, vc) = (
+                on(&q, q_shape, strided),
+                on(&k, kv_shape, false),
+                on(&v, kv_shape, false),
+            );
+            let back = |t: &Tensor<Cube, 4>| -> Tensor<Ref, 4> {
+                let shape = t.dims();
+                Tensor::from_data(TensorData::new(to_f32_vec(t.clone()), shape), &dev)
+            };
+            let want = data(reference::causal_attention(back(&qc), back(&kc), back(&vc)));
+            let got = jamba_kernels::cube::flash_attention(&qc, &kc, &vc)
+                .unwrap_or_else(|| panic!("{name}: no flash kernel took the inputs"));
+            assert_eq!(got.dtype(), dtype);
+            assert_eq!(got.dims(), q_shape);
+            let tol = if dtype == DType::F32 { 1e-4 } else { 1e-2 };
+            assert_close(
+                &format!("cube {name} {dtype:?}"),
+                &to_f32_vec(got),
+                &want,
+                tol,
+            );
         }
-        let rounded: Vec<Tensor<Ref, 4>> = inputs
-            .iter()
-            .map(|x| {
-                let r = to_f32_vec(half::<Wgpu>(x, shape));
-                Tensor::from_data(TensorData::new(r, shape), &dev)
-            })
-            .collect();
-        let want = data(reference::causal_attention(
-            rounded[0].clone(),
-            rounded[1].clone(),
-            rounded[2].clone(),
-        ));
-        let (q, k, v) = (
-            half::<Cube>(&inputs[0], shape),
-            half::<Cube>(&inputs[1], shape),
-            half::<Cube>(&inputs[2], shape),
-        );
-        let flash = jamba_kernels::cube::flash_attention(&q, &k, &v)
-            .unwrap_or_else(|| panic!("{name}: no flash-attention routine ran"));
-        assert_eq!(flash.dtype(), DType::F16);
-        assert_close(&format!("cube {name}"), &to_f32_vec(flash), &want, 1e-2);
-        // The fused backend's custom operation is checked in `tests/kernel_choices.rs`, where
-        // the flash kernel's size threshold can be lowered for the process.
-        // f32 stays on the reference (f16 staging would cost it precision).
-        let f32_inputs: Vec<Tensor<Cube, 4>> = inputs
-            .iter()
-            .map(|x| Tensor::from_data(TensorData::new(x.clone(), shape), &Default::default()))
-            .collect();
-        assert!(jamba_kernels::cube::flash_attention(
-            &f32_inputs[0],
-            &f32_inputs[1],
-            &f32_inputs[2]
-        )
-        .is_none());
     }
+}
+
+/// The reference itself against a scalar loop over positions: grouped queries and queries
+/// after cached positions see exactly keys `0..=len_k - len_q + i` of KV head `h / groups`.
+#[test]
+fn causal_attention_reference_is_causal_over_shared_heads() {
+    let dev = Default::default();
+    let (batch, heads, kv_heads, len_q, len_k, hd) = (2, 4, 2, 3, 5, 4);
+    let q = random(batch * heads * len_q * hd, Distribution::Normal(0.0, 1.0));
+    let k = random(
+        batch * kv_heads * len_k * hd,
+        Distribution::Normal(0.0, 1.0),
+    );
+    let v = random(
+        batch * kv_heads * len_k * hd,
+        Distribution::Normal(0.0, 1.0),
+    );
+    let t = |x: &[f32], shape: [usize; 4]| {
+        Tensor::<Ref, 4>::from_data(TensorData::new(x.to_vec(), shape), &dev)
+    };
+    let got = to_f32_vec(reference::causal_attention(
+        t(&q, [batch, heads, len_q, hd]),
+        t(&k, [batch, kv_heads, len_k, hd]),
+        t(&v, [batch, kv_heads, len_k, hd]),
+    ));
+    let mut want = vec![0.0f32; got.len()];
+    for b in 0..batch {
+        for h in 0..heads {
+            let kvh = h / (heads / kv_heads);
+            for i in 0..len_q {
+                let qi = &q[((b * heads + h) * len_q + i) * hd..][..hd];
+                let seen = len_k - len_q + i + 1;
+                let scores: Vec<f32> = (0..seen)
+                    .map(|j| {
+                        let kj = &k[((b * kv_heads + kvh) * len_k + j) * hd..][..hd];
+                        qi.iter().zip(kj).map(|(a, c)| a * c).sum::<f32>() / (hd as f32).sqrt()
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f32::MIN, f32::max);
+                let sum: f32 = scores.iter().map(|s| (s - max).exp()).sum();
+                for d in 0..hd {
+                    want[((b * heads + h) * len_q + i) * hd + d] = (0..seen)
+                        .map(|j| {
+                            (scores[j] - max).exp() / sum
+                                * v[((b * kv_heads + kvh) * len_k + j) * hd + d]
+                        })
+                        .sum();
+                }
+            }
+        }
+    }
+    let shape = [batch, heads, len_q, hd];
+    assert_close(
+        "reference attention",
+        &got,
+        &TensorData::new(want, shape),
+        1e-5,
+    );
 }

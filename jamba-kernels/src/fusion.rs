@@ -633,16 +633,15 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
     ) -> Tensor<Self, 4> {
-        // The kernels take f16 and bf16 only; f32 stays in fusable tensor ops.
+        // Below the smaller of the kernels' thresholds the reference stays in fusable tensor
+        // ops; above it the inner backend chooses (a kernel, or its own reference).
         let dtype = q.dtype();
-        let [batch, heads, len, _] = q.dims();
-        if !B::KERNELS
-            || !matches!(dtype, DType::F16 | DType::BF16)
-            || !crate::flash_attention_pays(batch, heads, len)
-        {
+        let [batch, heads, len_q, _] = q.dims();
+        let scores = batch * heads * len_q * k.dims()[2];
+        if !B::KERNELS || !dtype.is_float() || !crate::flash_attention_pays(scores, true) {
             return crate::reference::causal_attention(q, k, v);
         }
-        let shape = vec![batch, heads, len, v.dims()[3]];
+        let shape = vec![batch, heads, len_q, v.dims()[3]];
         let outs = register::<B>(
             "jamba_causal_attention",
             vec![fprim(q), fprim(k), fprim(v)],

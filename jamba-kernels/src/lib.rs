@@ -357,11 +357,15 @@ pub trait JambaBackend: Backend {
         reference::rms_norm(x, weight, eps)
     }
 
-    /// Causal self-attention over `q`, `k`, `v` `[batch, heads, len, head_dim]` with one length
-    /// for all three (no cached positions, no padding; KV heads already repeated): query `i`
-    /// sees keys `0..=i`, scale `head_dim^-0.5`, softmax in f32. Backends with kernels run a
-    /// flash-attention kernel (no `[len, len]` scores in memory) for f16 and bf16 above
-    /// [`FLASH_MIN_SCORES`] scores, the reference below.
+    /// Causal self-attention of new positions: `q` `[batch, heads, len_q, head_dim]` over `k`,
+    /// `v` `[batch, kv_heads, len_k, head_dim]` with `len_q <= len_k` and `heads` a multiple of
+    /// `kv_heads` (query head `j` reads KV head `j / (heads / kv_heads)`, as transformers'
+    /// `repeat_kv`). The queries are the last `len_q` positions: query `i` sees keys
+    /// `0..=len_k - len_q + i` (cached positions before the new ones, no padding). Scale
+    /// `head_dim^-0.5`, softmax in f32. Backends with kernels run a flash-attention kernel (no
+    /// `[len_q, len_k]` scores in memory): the tensor-core one for f16 and bf16 where the device
+    /// has them (above [`FLASH_MMA_MIN_SCORES`] scores), the portable one above
+    /// [`FLASH_MIN_SCORES`], the reference below.
     fn causal_attention(
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,
@@ -582,27 +586,32 @@ pub(crate) fn note_matmul_fallback() {
     MATMUL_FALLBACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Scores (`batch x heads x len x len`) above which [`JambaBackend::causal_attention`] runs the
-/// flash kernel on backends that have it: 2^32 f32 scores are 16 GiB. Below, the reference
-/// (scores in memory, Burn's matmuls and softmax) is faster: on the H200 (bf16, 16 heads of
-/// 128) cubek's flash kernel took 55 ms at 4096 tokens against the reference's 5.6, and 339
-/// against 90 ms at 16384 (BENCHMARKS.md). `JAMBA_FLASH_MIN_SCORES` overrides it (0: always).
+/// Scores (`batch x heads x len_q x len_k`) above which [`JambaBackend::causal_attention`] runs
+/// the portable flash kernel (one unit per query row) on backends that have it: 2^32 f32 scores
+/// are 16 GiB. Below, the reference (scores in memory, Burn's matmuls and softmax) is faster.
+/// `JAMBA_FLASH_MIN_SCORES` overrides it and [`FLASH_MMA_MIN_SCORES`] (0: always the kernels).
 pub const FLASH_MIN_SCORES: usize = 1 << 32;
 
-/// Whether the flash kernel runs for causal attention of this size (see [`FLASH_MIN_SCORES`]).
-pub fn flash_attention_pays(batch: usize, heads: usize, len: usize) -> bool {
-    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let min = *MIN.get_or_init(|| {
+/// Scores above which the tensor-core flash kernel runs (f16 and bf16 on devices with 16 x 16
+/// x 16 cooperative matrices and planes of 32 units): at every size, since it is faster than
+/// the reference on the H200 from 1024 tokens up (BENCHMARKS.md).
+pub const FLASH_MMA_MIN_SCORES: usize = 0;
+
+/// Whether a flash kernel runs for causal attention with `scores` scores (`batch x heads x
+/// len_q x len_k`): the tensor-core one (`tensor_cores`) above [`FLASH_MMA_MIN_SCORES`], the
+/// portable one above [`FLASH_MIN_SCORES`], or both above `JAMBA_FLASH_MIN_SCORES` when set.
+pub fn flash_attention_pays(scores: usize, tensor_cores: bool) -> bool {
+    static MIN: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    let set = *MIN.get_or_init(|| {
         std::env::var("JAMBA_FLASH_MIN_SCORES")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(FLASH_MIN_SCORES)
     });
-    batch
-        .saturating_mul(heads)
-        .saturating_mul(len)
-        .saturating_mul(len)
-        > min
+    let min = set.unwrap_or(match tensor_cores {
+        true => FLASH_MMA_MIN_SCORES,
+        false => FLASH_MIN_SCORES,
+    });
+    scores > min
 }
 
 /// The forward kernels of the selective scan on CubeCL backends (see [`set_scan_forward`]).

@@ -410,26 +410,43 @@ pub fn causal_conv1d_update<B: Backend>(
     (y.squeeze_dim(2), next)
 }
 
-/// Causal scaled dot-product attention, `q`, `k`, `v` `[batch, heads, len, head_dim]`: the
-/// scores `q k^T` in the inputs' dtype (as a matmul of them gives), then scaled and softmaxed in
-/// f32, the probabilities cast back for the product with `v`.
+/// Causal scaled dot-product attention as [`JambaBackend::causal_attention`] defines it
+/// (`k`, `v` may have fewer heads and more positions than `q`): the KV heads
+/// repeated, the scores `q k^T` in the inputs' dtype (as a matmul of them gives), then scaled
+/// and softmaxed in f32, the probabilities cast back for the product with `v`.
 pub fn causal_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
 ) -> Tensor<B, 4> {
     let dtype = q.dtype();
-    let [batch, heads, len, head_dim] = q.dims();
+    let [batch, heads, len_q, head_dim] = q.dims();
+    let [_, kv_heads, len_k, _] = k.dims();
     let device = q.device();
+    let groups = heads / kv_heads.max(1);
+    let (k, v) = (repeat_kv(k, groups), repeat_kv(v, groups));
     let scores = q
         .matmul(k.swap_dims(2, 3))
         .cast(DType::F32)
         .mul_scalar((head_dim as f64).powf(-0.5));
-    let future = Tensor::<B, 4, Bool>::tril_mask([1, 1, len, len], 0, &device)
-        .expand([batch, heads, len, len]);
+    let offset = len_k as i64 - len_q as i64;
+    let future = Tensor::<B, 4, Bool>::tril_mask([1, 1, len_q, len_k], offset, &device)
+        .expand([batch, heads, len_q, len_k]);
     activation::softmax(scores.mask_fill(future, f32::MIN), 3)
         .cast(dtype)
         .matmul(v)
+}
+
+/// Head `j` of the result is head `j / groups` of `x` `[batch, kv_heads, len, head_dim]`
+/// (transformers' `repeat_kv`).
+pub fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
+    if groups <= 1 {
+        return x;
+    }
+    let [b, nkv, t, hd] = x.dims();
+    x.unsqueeze_dim::<5>(2)
+        .expand([b, nkv, groups, t, hd])
+        .reshape([b, nkv * groups, t, hd])
 }
 
 #[cfg(test)]

@@ -145,11 +145,17 @@ impl<B: jamba_kernels::JambaBackend> JambaAttention<B> {
             let out = B::decode_attention(q, k, v);
             return self.o_proj.forward(out.reshape([batch, 1, nh * hd]));
         }
-        let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
         let out = match mask {
+            // The KV heads are shared inside the kernels, not repeated.
             AttentionMask::Causal => B::causal_attention(q, k, v),
-            AttentionMask::None => attend(q, k, v, None, hd),
-            AttentionMask::Explicit(mask) => attend(q, k, v, Some(mask), hd),
+            AttentionMask::None | AttentionMask::Explicit(_) => {
+                let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
+                let mask = match mask {
+                    AttentionMask::Explicit(mask) => Some(mask),
+                    _ => None,
+                };
+                attend(q, k, v, mask, hd)
+            }
         };
         self.o_proj
             .forward(out.swap_dims(1, 2).reshape([batch, len, nh * hd]))
@@ -168,7 +174,7 @@ impl<B: jamba_kernels::JambaBackend> JambaAttention<B> {
 pub enum AttentionMask<B: Backend> {
     /// Nothing is masked (one new position, no padding).
     None,
-    /// The future only, over new positions with nothing cached before them and no padding:
+    /// The future only (over new positions, after any cached ones), no padding:
     /// [`JambaBackend::causal_attention`](jamba_kernels::JambaBackend::causal_attention) applies
     /// it inside its kernel, and no mask or score matrix is built.
     Causal,
@@ -197,13 +203,7 @@ pub(crate) fn causal_mask<B: Backend>(
 
 /// Query head `j` uses KV head `j / groups` (`repeat_interleave`, as transformers' `repeat_kv`).
 fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
-    if groups == 1 {
-        return x;
-    }
-    let [b, nkv, t, hd] = x.dims();
-    x.unsqueeze_dim::<5>(2)
-        .expand([b, nkv, groups, t, hd])
-        .reshape([b, nkv * groups, t, hd])
+    jamba_kernels::reference::repeat_kv(x, groups)
 }
 
 /// Scaled dot-product attention with the softmax in f32. A query row with every key masked (a

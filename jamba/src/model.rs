@@ -670,7 +670,7 @@ impl<B: Backend> HybridCache<B> {
 
 /// What the new positions may not see: the future (when there are several), and padded keys.
 /// Built once per forward and shared by the attention layers; `Causal` (no tensor) when nothing
-/// is cached before the new positions and nothing is padded.
+/// is padded.
 fn attention_mask_for<B: Backend>(
     len: usize,
     past: usize,
@@ -680,8 +680,7 @@ fn attention_mask_for<B: Backend>(
 ) -> AttentionMask<B> {
     let total = past + len;
     match key_pad {
-        None if len > 1 && past == 0 => AttentionMask::Causal,
-        None if len > 1 => AttentionMask::Explicit(causal_mask::<B>(len, past, device)),
+        None if len > 1 => AttentionMask::Causal,
         None => AttentionMask::None,
         Some(pad) => {
             let pad = pad

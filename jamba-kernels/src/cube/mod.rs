@@ -3,6 +3,7 @@
 // The kernel wrappers return tuples of backend tensors, spelled out generically.
 #![allow(clippy::type_complexity)]
 
+pub mod attention;
 mod decode;
 pub mod kernels;
 mod matmul;
@@ -556,13 +557,19 @@ where
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
     ) -> Tensor<Self, 4> {
-        let [batch, heads, len, _] = q.dims();
-        if !crate::flash_attention_pays(batch, heads, len) {
-            return crate::reference::causal_attention(q, k, v);
-        }
-        match flash_attention(&q, &k, &v) {
-            Some(out) => out,
-            None => crate::reference::causal_attention(q, k, v),
+        let [batch, heads, len_q, _] = q.dims();
+        let len_k = k.dims()[2];
+        let scores = batch * heads * len_q * len_k;
+        match attention::flash_kernel(&q, &k, &v) {
+            Some(kernel)
+                if crate::flash_attention_pays(
+                    scores,
+                    kernel == attention::FlashKernel::TensorCores,
+                ) =>
+            {
+                attention::causal_attention(q, k, v, kernel)
+            }
+            _ => crate::reference::causal_attention(q, k, v),
         }
     }
 
@@ -1441,12 +1448,9 @@ where
     decode::swiglu_rows(x, gate_up.clone(), gate_up, two_i / 2, down, routing)
 }
 
-/// Causal flash attention (cubek's kernels, as Burn's `attention` runs them under autotune):
-/// the tensor-core routine (16 x 16 tiles, four planes of query rows) where the device has
-/// f16 cooperative matrices and planes of 32 units, the portable one (a plane of units, each a
-/// query row) otherwise. Both stage Q, K, V and the probabilities in f16 and accumulate the
-/// scores, the softmax and the output in f32. `None` for f32 inputs (f16 staging would cost
-/// them precision) or where neither routine takes the shape; the caller then runs the reference.
+/// Causal attention of `q` over `k`, `v` with this crate's flash kernels
+/// ([`attention::flash_kernel`] says which), whatever the size; `None` where neither takes the
+/// inputs (the caller then runs the reference). See [`JambaBackend::causal_attention`].
 pub fn flash_attention<R, F, I, BT>(
     q: &Tensor<CubeBackend<R, F, I, BT>, 4>,
     k: &Tensor<CubeBackend<R, F, I, BT>, 4>,
@@ -1458,54 +1462,11 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    use burn::tensor::ops::AttentionModuleOptions;
-    use burn_cubecl::kernel::attention::{attention, AttentionStrategy};
-    use cubek::attention::routines::blackbox_accelerated::BlackboxAcceleratedStrategy;
-
-    let dtype = q.dtype();
-    let [batch, heads, len, head_dim] = q.dims();
-    if !matches!(dtype, DType::F16 | DType::BF16)
-        || !use_kernel("attention")
-        || head_dim == 0
-        || k.dtype() != dtype
-        || v.dtype() != dtype
-        || k.dims() != [batch, heads, len, head_dim]
-        || v.dims() != [batch, heads, len, head_dim]
-        || len == 0
-    {
-        return None;
-    }
-    let options = AttentionModuleOptions {
-        scale: None,
-        softcap: None,
-        is_causal: true,
-    };
-    // The model's queries are a transposed view; the kernels are only tested on dense inputs.
-    let dense = |t: &Tensor<CubeBackend<R, F, I, BT>, 4>| {
-        burn_cubecl::kernel::into_contiguous(prim(t.clone()))
-    };
-    let (q, k, v) = (dense(q), dense(k), dense(v));
-    let hardware = &q.client.properties().hardware;
-    let planes_of_32 = hardware.plane_size_min == 32 && hardware.plane_size_max == 32;
-    if planes_of_32 && use_kernel("attention_mma") {
-        let strategy = AttentionStrategy::FlashBlackboxAccelerated(BlackboxAcceleratedStrategy {
-            num_planes: 4,
-            seq_q: 1,
-            seq_kv: 1,
-        });
-        if let Ok(out) = attention(
-            q.clone(),
-            k.clone(),
-            v.clone(),
-            None,
-            None,
-            options,
-            strategy,
-        ) {
-            return Some(wrap(out));
-        }
-    }
-    attention(q, k, v, None, None, options, AttentionStrategy::FlashUnit)
-        .ok()
-        .map(wrap)
+    let kernel = attention::flash_kernel(q, k, v)?;
+    Some(attention::causal_attention(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        kernel,
+    ))
 }

@@ -1,0 +1,543 @@
+//! Causal attention of new positions over their keys (prefill, with or without cached positions
+//! before them), without the `[len_q, len_k]` scores in memory.
+//!
+//! Both kernels take `q` `[batch, heads, len_q, head_dim]` and `k`, `v` `[batch, kv_heads, len_k,
+//! head_dim]` (any strides), `len_q <= len_k`: query `i` is position `len_k - len_q + i` and sees
+//! keys `0..=len_k - len_q + i`; query head `h` reads KV head `h / (heads / kv_heads)`, so the KV
+//! heads are never repeated in memory. A cube takes [`Q_TILE`] queries of one head and walks the
+//! keys its last query sees, [`KEY_TILE`] at a time, staged in shared memory.
+//!
+//! - [`flash_attention_mma_kernel`] (f16/bf16, planes of 32 units with 16 x 16 x 16 cooperative
+//!   matrices): four planes of 16 query rows. Two passes over the keys: the first computes each
+//!   row's softmax maximum and sum from the scores, the second the probabilities (rounded to the
+//!   inputs' dtype, as a matmul of them takes them) and their product with `v`. The second pass
+//!   recomputes the scores (a third more tensor-core work than one pass), but the output stays
+//!   in the cooperative matrices' accumulators for the whole walk: one-pass flash attention
+//!   rescales its output at every key tile, which these opaque accumulators cannot do.
+//! - [`flash_attention_unit_kernel`] (any float dtype, any plane size): one unit per query row
+//!   with the online softmax, everything in f32.
+
+// `#[cube]` expands a subset of Rust: integer `div_ceil` is written out.
+#![allow(clippy::manual_div_ceil)]
+
+use burn::tensor::{DType, Tensor as BTensor};
+use burn_cubecl::{
+    cubecl::{
+        ir::{features::MmaConfig, StorageType},
+        prelude::{CubeCount, CubeDim},
+    },
+    BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement,
+};
+use cubecl::prelude::*;
+
+use super::prim;
+
+/// Query rows per cube.
+pub const Q_TILE: usize = 64;
+/// Keys staged per step.
+pub const KEY_TILE: usize = 32;
+/// Units per plane and planes per cube of the tensor-core kernel.
+const MMA_PLANE: usize = 32;
+const MMA_PLANES: usize = Q_TILE / 16;
+const MMA_UNITS: usize = MMA_PLANE * MMA_PLANES;
+/// Row pitch of a plane's scores (f32) and probabilities (`F`): padded against bank conflicts,
+/// multiples of 4 and 8 elements as the fragments' loads and stores require.
+const S_LD: usize = KEY_TILE + 4;
+const P_LD: usize = KEY_TILE + 8;
+/// Largest head dimension of the tensor-core kernel: its output and queries stay in fragments
+/// (`head_dim / 16` of each per plane).
+pub const MMA_MAX_HEAD_DIM: usize = 128;
+/// Largest head dimension of the unit kernel (a unit's query row and output in registers).
+pub const UNIT_MAX_HEAD_DIM: usize = 256;
+
+/// The last key (exclusive) that the queries `q0..q0 + Q_TILE` see.
+#[cube]
+fn key_end(q0: usize, len_q: usize, offset: usize) -> usize {
+    let mut last = q0 + Q_TILE;
+    if last > len_q {
+        last = len_q;
+    }
+    offset + last
+}
+
+/// Rows `0..rows` of `KEY_TILE`-long tile `k0` of `t` (`[batch, heads, len, head_dim]`, head
+/// `head` of batch `b`) into `s` from element `at`, `ld` apart; zeros past `len`.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_rows<F: Float>(
+    t: &Tensor<F>,
+    s: &mut SharedMemory<F>,
+    b: usize,
+    head: usize,
+    r0: usize,
+    at: usize,
+    tid: usize,
+    #[comptime] rows: usize,
+    #[comptime] head_dim: usize,
+    #[comptime] ld: usize,
+    #[comptime] units: usize,
+) {
+    let len = t.shape(2);
+    let base = b * t.stride(0) + head * t.stride(1);
+    #[unroll]
+    for u in 0..comptime!((rows * head_dim + units - 1) / units) {
+        let li = tid + u * units;
+        if li < comptime!(rows * head_dim) {
+            let r = li / head_dim;
+            let d = li % head_dim;
+            let mut x = F::from_int(0);
+            if r0 + r < len {
+                x = t[base + (r0 + r) * t.stride(2) + d * t.stride(3)];
+            }
+            s[at + r * ld + d] = x;
+        }
+    }
+}
+
+/// The plane's 16 x [`KEY_TILE`] scores (queries `qf` times the keys staged in `stage` from row
+/// 0) into its rows of `s_s`.
+#[cube]
+fn plane_scores<F: Float>(
+    stage: &SharedMemory<F>,
+    qf: &Sequence<cmma::Matrix<F>>,
+    s_s: &mut SharedMemory<f32>,
+    plane: usize,
+    #[comptime] head_dim: usize,
+) {
+    let ld = comptime!(head_dim + 8);
+    let end = comptime!(Q_TILE * (head_dim + 8));
+    let s_end = comptime!(MMA_PLANES * 16 * S_LD);
+    #[unroll]
+    for n in 0..comptime!(KEY_TILE / 16) {
+        let acc = cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::Undefined,
+            0.0,
+        );
+        #[unroll]
+        for j in 0..comptime!(head_dim / 16) {
+            // B = K^T: element (d, key) at `stage[key * ld + d]`, column-major.
+            let kf = cmma::Matrix::<F>::from_slice(
+                cmma::MatrixIdent::B,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::ColMajor,
+                &stage.slice(n * 16 * ld + j * 16, end),
+                ld as u32,
+            );
+            cmma::execute::<F, F, f32, f32>(qf.index(j), &kf, &acc, &acc);
+        }
+        cmma::store(
+            &mut s_s.slice_mut(plane * 16 * S_LD + n * 16, s_end),
+            &acc,
+            S_LD as u32,
+            cmma::MatrixLayout::RowMajor,
+        );
+    }
+}
+
+/// Tensor-core causal flash attention (module docs). Cube `(query tile, head, batch)`, units
+/// `(32, 4)`; `head_dim` a multiple of 16, at most [`MMA_MAX_HEAD_DIM`].
+#[cube(launch_unchecked)]
+pub fn flash_attention_mma_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &mut Tensor<F>,
+    scale: f32,
+    #[comptime] head_dim: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let q0 = CUBE_POS_X as usize * Q_TILE;
+    let head = CUBE_POS_Y as usize;
+    let b = CUBE_POS_Z as usize;
+    let heads = q.shape(1);
+    let kv = head / (heads / k.shape(1));
+    let len_q = q.shape(2);
+    let offset = k.shape(2) - len_q;
+    let plane = UNIT_POS_Y as usize;
+    let lane = UNIT_POS_X as usize;
+    let tid = plane * MMA_PLANE + lane;
+    let ld = comptime!(head_dim + 8);
+    let end = comptime!(Q_TILE * (head_dim + 8));
+    // The queries, then each step's keys (rows 0..KEY_TILE) and values (the next KEY_TILE).
+    // 32-byte aligned: the fragments' loads and stores need 256-bit aligned addresses.
+    let mut stage = SharedMemory::<F>::new_aligned(comptime!(Q_TILE * (head_dim + 8)), 32usize);
+    let mut s_s = SharedMemory::<f32>::new_aligned(comptime!(MMA_PLANES * 16 * S_LD), 32usize);
+    let mut p_s = SharedMemory::<F>::new_aligned(comptime!(MMA_PLANES * 16 * P_LD), 32usize);
+    let p_end = comptime!(MMA_PLANES * 16 * P_LD);
+    let s_end = comptime!(MMA_PLANES * 16 * S_LD);
+
+    stage_rows::<F>(
+        q, &mut stage, b, head, q0, 0, tid, Q_TILE, head_dim, ld, MMA_UNITS,
+    );
+    sync_cube();
+    let mut qf = Sequence::<cmma::Matrix<F>>::new();
+    #[unroll]
+    for j in 0..comptime!(head_dim / 16) {
+        qf.push(cmma::Matrix::<F>::from_slice(
+            cmma::MatrixIdent::A,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::RowMajor,
+            &stage.slice(plane * 16 * ld + j * 16, end),
+            ld as u32,
+        ));
+    }
+    sync_cube();
+
+    // Each row's softmax statistics: two lanes per row, each over half of a tile's columns.
+    let r = lane / 2;
+    let half = lane % 2;
+    let qpos = offset + q0 + plane * 16 + r;
+    let s_row = plane * 16 * S_LD + r * S_LD + half * (KEY_TILE / 2);
+    let keys = key_end(q0, len_q, offset);
+    // A finite floor: exp(floor - finite) is 0 without an infinity in the arithmetic.
+    let mut m = f32::new(-1.0e30);
+    let mut l = f32::new(0.0);
+    let mut k0 = 0usize;
+    while k0 < keys {
+        stage_rows::<F>(
+            k, &mut stage, b, kv, k0, 0, tid, KEY_TILE, head_dim, ld, MMA_UNITS,
+        );
+        sync_cube();
+        plane_scores::<F>(&stage, &qf, &mut s_s, plane, head_dim);
+        sync_cube();
+        let first = k0 + half * (KEY_TILE / 2);
+        let mut tile_max = f32::new(-1.0e30);
+        #[unroll]
+        for c in 0..comptime!(KEY_TILE / 2) {
+            if first + c <= qpos {
+                tile_max = f32::max(tile_max, s_s[s_row + c] * scale);
+            }
+        }
+        let m_new = f32::max(m, tile_max);
+        let mut sum = f32::new(0.0);
+        #[unroll]
+        for c in 0..comptime!(KEY_TILE / 2) {
+            if first + c <= qpos {
+                sum += (s_s[s_row + c] * scale - m_new).exp();
+            }
+        }
+        l = l * (m - m_new).exp() + sum;
+        m = m_new;
+        sync_cube();
+        k0 += KEY_TILE;
+    }
+    let m_other = plane_shuffle_xor(m, 1);
+    let l_other = plane_shuffle_xor(l, 1);
+    let m_row = f32::max(m, m_other);
+    let l_row = l * (m - m_row).exp() + l_other * (m_other - m_row).exp();
+    let inv = 1.0 / l_row;
+
+    let mut o = Sequence::<cmma::Matrix<f32>>::new();
+    #[unroll]
+    for _ in 0..comptime!(head_dim / 16) {
+        o.push(cmma::Matrix::<f32>::from_value(
+            cmma::MatrixIdent::Accumulator,
+            16usize,
+            16usize,
+            16usize,
+            cmma::MatrixLayout::Undefined,
+            0.0,
+        ));
+    }
+    let p_row = plane * 16 * P_LD + r * P_LD + half * (KEY_TILE / 2);
+    k0 = 0;
+    while k0 < keys {
+        stage_rows::<F>(
+            k, &mut stage, b, kv, k0, 0, tid, KEY_TILE, head_dim, ld, MMA_UNITS,
+        );
+        stage_rows::<F>(
+            v,
+            &mut stage,
+            b,
+            kv,
+            k0,
+            comptime!(KEY_TILE * (head_dim + 8)),
+            tid,
+            KEY_TILE,
+            head_dim,
+            ld,
+            MMA_UNITS,
+        );
+        sync_cube();
+        plane_scores::<F>(&stage, &qf, &mut s_s, plane, head_dim);
+        sync_cube();
+        let first = k0 + half * (KEY_TILE / 2);
+        #[unroll]
+        for c in 0..comptime!(KEY_TILE / 2) {
+            let mut p = f32::new(0.0);
+            if first + c <= qpos {
+                p = (s_s[s_row + c] * scale - m_row).exp() * inv;
+            }
+            p_s[p_row + c] = F::cast_from(p);
+        }
+        sync_cube();
+        #[unroll]
+        for kk in 0..comptime!(KEY_TILE / 16) {
+            let pf = cmma::Matrix::<F>::from_slice(
+                cmma::MatrixIdent::A,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::RowMajor,
+                &p_s.slice(plane * 16 * P_LD + kk * 16, p_end),
+                P_LD as u32,
+            );
+            #[unroll]
+            for j in 0..comptime!(head_dim / 16) {
+                // B = V: element (key, d) at `stage[(KEY_TILE + key) * ld + d]`, row-major.
+                let vf = cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::B,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::RowMajor,
+                    &stage.slice((KEY_TILE + kk * 16) * ld + j * 16, end),
+                    ld as u32,
+                );
+                cmma::execute::<F, F, f32, f32>(&pf, &vf, o.index(j), o.index(j));
+            }
+        }
+        sync_cube();
+        k0 += KEY_TILE;
+    }
+
+    // The output, one 16 x 16 fragment at a time through the plane's rows of `s_s`.
+    let row = q0 + plane * 16 + r;
+    let out_base = b * out.stride(0) + head * out.stride(1) + row * out.stride(2);
+    #[unroll]
+    for j in 0..comptime!(head_dim / 16) {
+        cmma::store(
+            &mut s_s.slice_mut(plane * 16 * S_LD, s_end),
+            o.index(j),
+            S_LD as u32,
+            cmma::MatrixLayout::RowMajor,
+        );
+        sync_cube();
+        if row < len_q {
+            #[unroll]
+            for c in 0..8usize {
+                let col = half * 8 + c;
+                out[out_base + (j * 16 + col) * out.stride(3)] =
+                    F::cast_from(s_s[plane * 16 * S_LD + r * S_LD + col]);
+            }
+        }
+        sync_cube();
+    }
+}
+
+/// Portable causal flash attention (module docs): cube `(query tile, head, batch)` of [`Q_TILE`]
+/// units, one query row each, scores, softmax and output in f32 (online softmax).
+#[cube(launch_unchecked)]
+pub fn flash_attention_unit_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &mut Tensor<F>,
+    scale: f32,
+    #[comptime] head_dim: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let q0 = CUBE_POS_X as usize * Q_TILE;
+    let head = CUBE_POS_Y as usize;
+    let b = CUBE_POS_Z as usize;
+    let heads = q.shape(1);
+    let kv = head / (heads / k.shape(1));
+    let len_q = q.shape(2);
+    let offset = k.shape(2) - len_q;
+    let tid = UNIT_POS_X as usize;
+    let row = q0 + tid;
+    let qpos = offset + row;
+    let mut qv = Array::<f32>::new(head_dim);
+    let mut acc = Array::<f32>::new(head_dim);
+    let q_base = b * q.stride(0) + head * q.stride(1) + row * q.stride(2);
+    #[unroll]
+    for d in 0..head_dim {
+        qv[d] = 0.0;
+        acc[d] = 0.0;
+        if row < len_q {
+            qv[d] = f32::cast_from(q[q_base + d * q.stride(3)]) * scale;
+        }
+    }
+    let mut k_s = SharedMemory::<F>::new(comptime!(KEY_TILE * head_dim));
+    let mut v_s = SharedMemory::<F>::new(comptime!(KEY_TILE * head_dim));
+    let keys = key_end(q0, len_q, offset);
+    let mut m = f32::new(-1.0e30);
+    let mut l = f32::new(0.0);
+    let mut k0 = 0usize;
+    while k0 < keys {
+        stage_rows::<F>(
+            k, &mut k_s, b, kv, k0, 0, tid, KEY_TILE, head_dim, head_dim, Q_TILE,
+        );
+        stage_rows::<F>(
+            v, &mut v_s, b, kv, k0, 0, tid, KEY_TILE, head_dim, head_dim, Q_TILE,
+        );
+        sync_cube();
+        for j in 0..KEY_TILE {
+            if k0 + j <= qpos && row < len_q {
+                let mut s = f32::new(0.0);
+                #[unroll]
+                for d in 0..head_dim {
+                    s += qv[d] * f32::cast_from(k_s[j * head_dim + d]);
+                }
+                let m_new = f32::max(m, s);
+                let corr = (m - m_new).exp();
+                let p = (s - m_new).exp();
+                l = l * corr + p;
+                #[unroll]
+                for d in 0..head_dim {
+                    acc[d] = acc[d] * corr + p * f32::cast_from(v_s[j * head_dim + d]);
+                }
+                m = m_new;
+            }
+        }
+        sync_cube();
+        k0 += KEY_TILE;
+    }
+    if row < len_q {
+        let out_base = b * out.stride(0) + head * out.stride(1) + row * out.stride(2);
+        #[unroll]
+        for d in 0..head_dim {
+            out[out_base + d * out.stride(3)] = F::cast_from(acc[d] / l);
+        }
+    }
+}
+
+type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
+
+/// Which kernel [`causal_attention`] runs for these inputs, if any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlashKernel {
+    /// [`flash_attention_mma_kernel`].
+    TensorCores,
+    /// [`flash_attention_unit_kernel`].
+    Units,
+}
+
+/// The kernel that takes `q` `[batch, heads, len_q, head_dim]` and `k`, `v` `[batch, kv_heads,
+/// len_k, head_dim]` on this device, or `None` (shapes or dtypes the kernels do not take, or
+/// both switched off by `JAMBA_REFERENCE=attention`).
+pub fn flash_kernel<R, F, I, BT>(
+    q: &BTensor<Cube<R, F, I, BT>, 4>,
+    k: &BTensor<Cube<R, F, I, BT>, 4>,
+    v: &BTensor<Cube<R, F, I, BT>, 4>,
+) -> Option<FlashKernel>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let dtype = q.dtype();
+    let [batch, heads, len_q, head_dim] = q.dims();
+    let [kb, kv_heads, len_k, kd] = k.dims();
+    let shapes_ok = kb == batch
+        && kd == head_dim
+        && v.dims() == k.dims()
+        && kv_heads > 0
+        && heads % kv_heads == 0
+        && len_q > 0
+        && len_q <= len_k
+        && head_dim > 0
+        && len_q.div_ceil(Q_TILE) <= 65535
+        && heads <= 65535
+        && batch <= 65535;
+    if !shapes_ok
+        || k.dtype() != dtype
+        || v.dtype() != dtype
+        || !dtype.is_float()
+        || !super::use_kernel("attention")
+    {
+        return None;
+    }
+    let client = prim(q.clone()).client;
+    let hardware = &client.properties().hardware;
+    let shared = hardware.max_shared_memory_size;
+    if matches!(dtype, DType::F16 | DType::BF16)
+        && head_dim % 16 == 0
+        && head_dim <= MMA_MAX_HEAD_DIM
+        && hardware.plane_size_min == MMA_PLANE as u32
+        && hardware.plane_size_max == MMA_PLANE as u32
+        && super::use_kernel("attention_mma")
+        && client.features().matmul.cmma.contains(&MmaConfig {
+            a_type: StorageType::from(dtype),
+            b_type: StorageType::from(dtype),
+            cd_type: DType::F32.into(),
+            m: 16,
+            n: 16,
+            k: 16,
+        })
+        && mma_shared_bytes(head_dim, dtype.size()) <= shared
+    {
+        return Some(FlashKernel::TensorCores);
+    }
+    (head_dim <= UNIT_MAX_HEAD_DIM && 2 * KEY_TILE * head_dim * dtype.size() <= shared)
+        .then_some(FlashKernel::Units)
+}
+
+/// Shared memory of the tensor-core kernel.
+fn mma_shared_bytes(head_dim: usize, elem: usize) -> usize {
+    Q_TILE * (head_dim + 8) * elem + MMA_PLANES * 16 * (S_LD * 4 + P_LD * elem)
+}
+
+/// Causal attention of `q` over `k`, `v` (module docs) with `kernel`, output `[batch, heads,
+/// len_q, head_dim]` in `q`'s dtype. `kernel` must be what [`flash_kernel`] chose for them.
+pub fn causal_attention<R, F, I, BT>(
+    q: BTensor<Cube<R, F, I, BT>, 4>,
+    k: BTensor<Cube<R, F, I, BT>, 4>,
+    v: BTensor<Cube<R, F, I, BT>, 4>,
+    kernel: FlashKernel,
+) -> BTensor<Cube<R, F, I, BT>, 4>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [batch, heads, len_q, head_dim] = q.dims();
+    let dtype = q.dtype();
+    let out = BTensor::<Cube<R, F, I, BT>, 4>::empty(
+        [batch, heads, len_q, head_dim],
+        (&q.device(), dtype),
+    );
+    let q = prim(q);
+    let client = q.client.clone();
+    let count = CubeCount::Static(len_q.div_ceil(Q_TILE) as u32, heads as u32, batch as u32);
+    let scale = (head_dim as f32).powf(-0.5);
+    unsafe {
+        match kernel {
+            FlashKernel::TensorCores => flash_attention_mma_kernel::launch_unchecked::<R>(
+                &client,
+                count,
+                CubeDim::new_2d(MMA_PLANE as u32, MMA_PLANES as u32),
+                q.into_tensor_arg(),
+                prim(k).into_tensor_arg(),
+                prim(v).into_tensor_arg(),
+                prim(out.clone()).into_tensor_arg(),
+                scale,
+                head_dim,
+                dtype.into(),
+            ),
+            FlashKernel::Units => flash_attention_unit_kernel::launch_unchecked::<R>(
+                &client,
+                count,
+                CubeDim::new_1d(Q_TILE as u32),
+                q.into_tensor_arg(),
+                prim(k).into_tensor_arg(),
+                prim(v).into_tensor_arg(),
+                prim(out.clone()).into_tensor_arg(),
+                scale,
+                head_dim,
+                dtype.into(),
+            ),
+        }
+    }
+    out
+}
