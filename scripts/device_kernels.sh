@@ -75,8 +75,14 @@ if [ -n "$best" ] && [ -x "$bin/jamba" ]; then
 fi
 fi
 if [ "${ATTENTION:-1}" = 1 ]; then
+echo "== causal attention checks of the default kernels, from the kernel checks above (CUDA without fusion)"
+grep "attention" /tmp/check-cuda-unfused.txt
 echo "== causal attention alone, bf16, 16 heads of 128 over 4 KV heads: the flash kernel that runs by default (tensor cores) against the reference"
 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --attention 1024,4096,16384
+echo "== same, the tensor-core kernel from staged tiles (JAMBA_REFERENCE=attention_direct): checks, then timings"
+JAMBA_REFERENCE=attention_direct "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | grep "attention" \
+    | awk '/ ok$/ { ok++; next } { print } END { print ok + 0 " attention checks ok" }'
+JAMBA_REFERENCE=attention_direct "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --attention 1024,4096,16384
 echo "== same, the portable flash kernel (JAMBA_REFERENCE=attention_mma, forced at every size: JAMBA_FLASH_MIN_SCORES=0)"
 JAMBA_REFERENCE=attention_mma JAMBA_FLASH_MIN_SCORES=0 timeout 120 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --attention 1024,4096 2>&1 | tail -2
 fi

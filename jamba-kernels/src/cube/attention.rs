@@ -8,12 +8,15 @@
 //! keys its last query sees, [`KEY_TILE`] at a time, staged in shared memory.
 //!
 //! - [`flash_attention_mma_kernel`] (f16/bf16, planes of 32 units with 16 x 16 x 16 cooperative
-//!   matrices): four planes of 16 query rows. Two passes over the keys: the first computes each
-//!   row's softmax maximum and sum from the scores, the second the probabilities (rounded to the
+//!   matrices): four planes of 16 query rows, each on its own, reading the fragments of the
+//!   queries, keys and values in place. Two passes over the keys: the first computes each row's
+//!   softmax maximum and sum from the scores, the second the probabilities (rounded to the
 //!   inputs' dtype, as a matmul of them takes them) and their product with `v`. The second pass
 //!   recomputes the scores (a third more tensor-core work than one pass), but the output stays
 //!   in the cooperative matrices' accumulators for the whole walk: one-pass flash attention
 //!   rescales its output at every key tile, which these opaque accumulators cannot do.
+//!   [`flash_attention_mma_staged_kernel`] does the same from tiles staged in shared memory,
+//!   for fewer than 16 queries or keys.
 //! - [`flash_attention_unit_kernel`] (any float dtype, any plane size): one unit per query row
 //!   with the online softmax, everything in f32.
 
@@ -26,6 +29,7 @@ use burn_cubecl::{
         ir::{features::MmaConfig, StorageType},
         prelude::{CubeCount, CubeDim},
     },
+    tensor::CubeTensor,
     BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement,
 };
 use cubecl::prelude::*;
@@ -140,10 +144,12 @@ fn plane_scores<F: Float>(
     }
 }
 
-/// Tensor-core causal flash attention (module docs). Cube `(query tile, head, batch)`, units
-/// `(32, 4)`; `head_dim` a multiple of 16, at most [`MMA_MAX_HEAD_DIM`].
+/// Tensor-core causal flash attention for short inputs (fewer than 16 queries or keys) and
+/// layouts [`flash_attention_mma_kernel`] cannot read in place: the cube stages the queries,
+/// then each step's keys and values, in shared memory (zeros past the ends). Cube `(query tile,
+/// head, batch)`, units `(32, 4)`; `head_dim` a multiple of 16, at most [`MMA_MAX_HEAD_DIM`].
 #[cube(launch_unchecked)]
-pub fn flash_attention_mma_kernel<F: Float>(
+pub fn flash_attention_mma_staged_kernel<F: Float>(
     q: &Tensor<F>,
     k: &Tensor<F>,
     v: &Tensor<F>,
@@ -333,6 +339,269 @@ pub fn flash_attention_mma_kernel<F: Float>(
     }
 }
 
+/// Keys per step of [`flash_attention_mma_kernel`], and its row pitches of a plane's scores
+/// (f32) and probabilities (`F`), padded as `S_LD` and `P_LD` are.
+const DIRECT_KEYS: usize = 64;
+const DS_LD: usize = DIRECT_KEYS + 4;
+const DP_LD: usize = DIRECT_KEYS + 8;
+
+/// The plane's 16 x [`DIRECT_KEYS`] scores of the step from key `k0` into its rows of `s_s`,
+/// the keys' fragments loaded from `k` in place. Blocks of 16 keys from `keys` on are skipped
+/// (no query of the plane sees them); a block that would run past `len_k` is loaded from
+/// `len_k - 16` instead (its keys before the block are masked by the caller).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn direct_scores<F: Float>(
+    k: &Tensor<F>,
+    qf: &Sequence<cmma::Matrix<F>>,
+    s_s: &mut SharedMemory<f32>,
+    k_at: usize,
+    k0: usize,
+    keys: usize,
+    plane: usize,
+    #[comptime] head_dim: usize,
+) {
+    let len_k = k.shape(2);
+    let k_row = k.stride(2);
+    let s_end = comptime!(MMA_PLANES * 16 * DS_LD);
+    #[unroll]
+    for n in 0..comptime!(DIRECT_KEYS / 16) {
+        let blk = k0 + n * 16;
+        if blk < keys {
+            let mut start = blk;
+            if start + 16 > len_k {
+                start = len_k - 16;
+            }
+            let acc = cmma::Matrix::<f32>::from_value(
+                cmma::MatrixIdent::Accumulator,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::Undefined,
+                0.0,
+            );
+            #[unroll]
+            for j in 0..comptime!(head_dim / 16) {
+                // B = K^T: element (d, key) at `k[key * k_row + d]`, column-major.
+                let kf = cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::B,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::ColMajor,
+                    &k.slice(k_at + start * k_row + j * 16, k.len()),
+                    u32::cast_from(k_row),
+                );
+                cmma::execute::<F, F, f32, f32>(qf.index(j), &kf, &acc, &acc);
+            }
+            cmma::store(
+                &mut s_s.slice_mut(plane * 16 * DS_LD + n * 16, s_end),
+                &acc,
+                DS_LD as u32,
+                cmma::MatrixLayout::RowMajor,
+            );
+        }
+    }
+}
+
+/// The key of column `col` of a step from `k0` (see [`direct_scores`]) and whether the row at
+/// position `qpos` sees it there.
+#[cube]
+fn direct_key(k0: usize, col: usize, keys: usize, len_k: usize, qpos: usize) -> (usize, bool) {
+    let blk = k0 + (col / 16) * 16;
+    let mut start = blk;
+    if start + 16 > len_k {
+        start = len_k - 16;
+    }
+    let key = start + col % 16;
+    (key, blk < keys && key >= blk && key <= qpos)
+}
+
+/// Tensor-core causal flash attention (module docs) with every fragment read in place: each
+/// plane takes 16 query rows on its own (no shared staging, no cube-wide barrier) and walks only
+/// the keys its rows see, [`DIRECT_KEYS`] per step, loading the queries', keys' and values'
+/// fragments from global memory (the four planes of a cube read the same keys, from L1). A
+/// plane whose rows run past `len_q` takes the last 16 rows instead and writes only its own.
+/// Needs `len_q`, `len_k` >= 16, unit stride along `head_dim`, the other strides multiples of
+/// 16 elements and 32-byte aligned buffers. Cube `(query tile, head, batch)`, units `(32, 4)`;
+/// `head_dim` a multiple of 16, at most [`MMA_MAX_HEAD_DIM`].
+#[cube(launch_unchecked)]
+pub fn flash_attention_mma_kernel<F: Float>(
+    q: &Tensor<F>,
+    k: &Tensor<F>,
+    v: &Tensor<F>,
+    out: &mut Tensor<F>,
+    scale: f32,
+    #[comptime] head_dim: usize,
+    #[define(F)] _dtype: StorageType,
+) {
+    let head = CUBE_POS_Y as usize;
+    let b = CUBE_POS_Z as usize;
+    let heads = q.shape(1);
+    let kv = head / (heads / k.shape(1));
+    let len_q = q.shape(2);
+    let len_k = k.shape(2);
+    let offset = len_k - len_q;
+    let plane = UNIT_POS_Y as usize;
+    let lane = UNIT_POS_X as usize;
+    let mut s_s = SharedMemory::<f32>::new_aligned(comptime!(MMA_PLANES * 16 * DS_LD), 32usize);
+    let mut p_s = SharedMemory::<F>::new_aligned(comptime!(MMA_PLANES * 16 * DP_LD), 32usize);
+    let s_end = comptime!(MMA_PLANES * 16 * DS_LD);
+    let p_end = comptime!(MMA_PLANES * 16 * DP_LD);
+    let own = CUBE_POS_X as usize * Q_TILE + plane * 16;
+    if own < len_q {
+        let mut first = own;
+        if first + 16 > len_q {
+            first = len_q - 16;
+        }
+        let q_at = b * q.stride(0) + head * q.stride(1) + first * q.stride(2);
+        let mut qf = Sequence::<cmma::Matrix<F>>::new();
+        #[unroll]
+        for j in 0..comptime!(head_dim / 16) {
+            qf.push(cmma::Matrix::<F>::from_slice(
+                cmma::MatrixIdent::A,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::RowMajor,
+                &q.slice(q_at + j * 16, q.len()),
+                u32::cast_from(q.stride(2)),
+            ));
+        }
+        let k_at = b * k.stride(0) + kv * k.stride(1);
+        let v_at = b * v.stride(0) + kv * v.stride(1);
+        let v_row = v.stride(2);
+        // Two lanes per row, each over half of a step's columns.
+        let r = lane / 2;
+        let half = lane % 2;
+        let qpos = offset + first + r;
+        let keys = offset + first + 16;
+        let s_row = plane * 16 * DS_LD + r * DS_LD + half * (DIRECT_KEYS / 2);
+        let p_row = plane * 16 * DP_LD + r * DP_LD + half * (DIRECT_KEYS / 2);
+
+        // Pass 1: each row's softmax maximum and sum.
+        let mut m = f32::new(-1.0e30);
+        let mut l = f32::new(0.0);
+        let mut k0 = 0usize;
+        while k0 < keys {
+            direct_scores::<F>(k, &qf, &mut s_s, k_at, k0, keys, plane, head_dim);
+            sync_plane();
+            let mut step_max = f32::new(-1.0e30);
+            #[unroll]
+            for c in 0..comptime!(DIRECT_KEYS / 2) {
+                let (_key, seen) = direct_key(k0, half * (DIRECT_KEYS / 2) + c, keys, len_k, qpos);
+                if seen {
+                    step_max = f32::max(step_max, s_s[s_row + c] * scale);
+                }
+            }
+            let m_new = f32::max(m, step_max);
+            let mut sum = f32::new(0.0);
+            #[unroll]
+            for c in 0..comptime!(DIRECT_KEYS / 2) {
+                let (_key, seen) = direct_key(k0, half * (DIRECT_KEYS / 2) + c, keys, len_k, qpos);
+                if seen {
+                    sum += (s_s[s_row + c] * scale - m_new).exp();
+                }
+            }
+            l = l * (m - m_new).exp() + sum;
+            m = m_new;
+            sync_plane();
+            k0 += DIRECT_KEYS;
+        }
+        let m_other = plane_shuffle_xor(m, 1);
+        let l_other = plane_shuffle_xor(l, 1);
+        let m_row = f32::max(m, m_other);
+        let l_row = l * (m - m_row).exp() + l_other * (m_other - m_row).exp();
+        let inv = 1.0 / l_row;
+
+        // Pass 2: the probabilities, rounded to `F`, times the values.
+        let mut o = Sequence::<cmma::Matrix<f32>>::new();
+        #[unroll]
+        for _ in 0..comptime!(head_dim / 16) {
+            o.push(cmma::Matrix::<f32>::from_value(
+                cmma::MatrixIdent::Accumulator,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::Undefined,
+                0.0,
+            ));
+        }
+        k0 = 0;
+        while k0 < keys {
+            direct_scores::<F>(k, &qf, &mut s_s, k_at, k0, keys, plane, head_dim);
+            sync_plane();
+            #[unroll]
+            for c in 0..comptime!(DIRECT_KEYS / 2) {
+                let (_key, seen) = direct_key(k0, half * (DIRECT_KEYS / 2) + c, keys, len_k, qpos);
+                let mut p = f32::new(0.0);
+                if seen {
+                    p = (s_s[s_row + c] * scale - m_row).exp() * inv;
+                }
+                p_s[p_row + c] = F::cast_from(p);
+            }
+            sync_plane();
+            #[unroll]
+            for n in 0..comptime!(DIRECT_KEYS / 16) {
+                let blk = k0 + n * 16;
+                if blk < keys {
+                    let mut start = blk;
+                    if start + 16 > len_k {
+                        start = len_k - 16;
+                    }
+                    let pf = cmma::Matrix::<F>::from_slice(
+                        cmma::MatrixIdent::A,
+                        16usize,
+                        16usize,
+                        16usize,
+                        cmma::MatrixLayout::RowMajor,
+                        &p_s.slice(plane * 16 * DP_LD + n * 16, p_end),
+                        DP_LD as u32,
+                    );
+                    #[unroll]
+                    for j in 0..comptime!(head_dim / 16) {
+                        // B = V: element (key, d) at `v[key * v_row + d]`, row-major.
+                        let vf = cmma::Matrix::<F>::from_slice(
+                            cmma::MatrixIdent::B,
+                            16usize,
+                            16usize,
+                            16usize,
+                            cmma::MatrixLayout::RowMajor,
+                            &v.slice(v_at + start * v_row + j * 16, v.len()),
+                            u32::cast_from(v_row),
+                        );
+                        cmma::execute::<F, F, f32, f32>(&pf, &vf, o.index(j), o.index(j));
+                    }
+                }
+            }
+            k0 += DIRECT_KEYS;
+        }
+
+        // The plane's own rows of the output, one fragment at a time through `s_s`.
+        let row = first + r;
+        let out_base = b * out.stride(0) + head * out.stride(1) + row * out.stride(2);
+        #[unroll]
+        for j in 0..comptime!(head_dim / 16) {
+            sync_plane();
+            cmma::store(
+                &mut s_s.slice_mut(plane * 16 * DS_LD, s_end),
+                o.index(j),
+                DS_LD as u32,
+                cmma::MatrixLayout::RowMajor,
+            );
+            sync_plane();
+            if row >= own {
+                #[unroll]
+                for c in 0..8usize {
+                    let col = half * 8 + c;
+                    out[out_base + (j * 16 + col) * out.stride(3)] =
+                        F::cast_from(s_s[plane * 16 * DS_LD + r * DS_LD + col]);
+                }
+            }
+        }
+    }
+}
+
 /// Portable causal flash attention (module docs): cube `(query tile, head, batch)` of [`Q_TILE`]
 /// units, one query row each, scores, softmax and output in f32 (online softmax).
 #[cube(launch_unchecked)]
@@ -415,8 +684,11 @@ type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
 /// Which kernel [`causal_attention`] runs for these inputs, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FlashKernel {
-    /// [`flash_attention_mma_kernel`].
+    /// [`flash_attention_mma_kernel`] (at least 16 queries and keys).
     TensorCores,
+    /// [`flash_attention_mma_staged_kernel`] (fewer than 16 queries or keys, or
+    /// `JAMBA_REFERENCE=attention_direct`).
+    TensorCoresStaged,
     /// [`flash_attention_unit_kernel`].
     Units,
 }
@@ -476,10 +748,24 @@ where
         })
         && mma_shared_bytes(head_dim, dtype.size()) <= shared
     {
-        return Some(FlashKernel::TensorCores);
+        let direct = len_q >= 16 && len_k >= 16 && super::use_kernel("attention_direct");
+        return Some(match direct {
+            true => FlashKernel::TensorCores,
+            false => FlashKernel::TensorCoresStaged,
+        });
     }
     (head_dim <= UNIT_MAX_HEAD_DIM && 2 * KEY_TILE * head_dim * dtype.size() <= shared)
         .then_some(FlashKernel::Units)
+}
+
+/// Whether [`flash_attention_mma_kernel`] can load `t`'s 16 x 16 fragments in place: unit
+/// stride along the last dimension, the other strides multiples of 16 elements and a 32-byte
+/// aligned start (what the cooperative matrices' loads require).
+fn fragments_in_place<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
+    let strides = t.meta.strides();
+    strides[3] == 1
+        && strides[..3].iter().all(|s| s % 16 == 0)
+        && t.handle.offset_start.unwrap_or(0) % 32 == 0
 }
 
 /// Shared memory of the tensor-core kernel.
@@ -507,31 +793,54 @@ where
         [batch, heads, len_q, head_dim],
         (&q.device(), dtype),
     );
-    let q = prim(q);
+    let (mut q, mut k, mut v) = (prim(q), prim(k), prim(v));
+    if kernel == FlashKernel::TensorCores {
+        // The fragments are read in place: copies where the layout does not allow it.
+        for t in [&mut q, &mut k, &mut v] {
+            if !fragments_in_place(t) {
+                *t = burn_cubecl::kernel::into_contiguous(t.clone());
+            }
+        }
+    }
     let client = q.client.clone();
     let count = CubeCount::Static(len_q.div_ceil(Q_TILE) as u32, heads as u32, batch as u32);
+    let mma_dim = CubeDim::new_2d(MMA_PLANE as u32, MMA_PLANES as u32);
     let scale = (head_dim as f32).powf(-0.5);
     unsafe {
         match kernel {
             FlashKernel::TensorCores => flash_attention_mma_kernel::launch_unchecked::<R>(
                 &client,
                 count,
-                CubeDim::new_2d(MMA_PLANE as u32, MMA_PLANES as u32),
+                mma_dim,
                 q.into_tensor_arg(),
-                prim(k).into_tensor_arg(),
-                prim(v).into_tensor_arg(),
+                k.into_tensor_arg(),
+                v.into_tensor_arg(),
                 prim(out.clone()).into_tensor_arg(),
                 scale,
                 head_dim,
                 dtype.into(),
             ),
+            FlashKernel::TensorCoresStaged => {
+                flash_attention_mma_staged_kernel::launch_unchecked::<R>(
+                    &client,
+                    count,
+                    mma_dim,
+                    q.into_tensor_arg(),
+                    k.into_tensor_arg(),
+                    v.into_tensor_arg(),
+                    prim(out.clone()).into_tensor_arg(),
+                    scale,
+                    head_dim,
+                    dtype.into(),
+                )
+            }
             FlashKernel::Units => flash_attention_unit_kernel::launch_unchecked::<R>(
                 &client,
                 count,
                 CubeDim::new_1d(Q_TILE as u32),
                 q.into_tensor_arg(),
-                prim(k).into_tensor_arg(),
-                prim(v).into_tensor_arg(),
+                k.into_tensor_arg(),
+                v.into_tensor_arg(),
                 prim(out.clone()).into_tensor_arg(),
                 scale,
                 head_dim,
