@@ -6,14 +6,16 @@
 # MATMUL=1 times cubek's matmul routines and runs the prefill again with the fastest.
 # SCAN_KERNELS times the other scan kernels (JAMBA_SCAN_FWD, JAMBA_SCAN_BWD), SCAN_BLOCKS other cube
 # sizes of the chunked ones, SCAN_PROFILE=1 profiles those under ncu.
-# DECODE_PROFILE=1 gives the GPU time and launches per decode step under ncu (scripts/ncu_per_step.py).
+# DECODE_PROFILE=1 gives the GPU time and launches per decode step under ncu (scripts/ncu_per_step.py),
+# PREFILL_PROFILE=1 those of a 16384-token prefill and a profile of the flash attention kernel.
 # LAUNCH=1 (default) times what a launch costs the host (bench --launch-overhead).
 # SCAN=0, SCAN_KERNELS=0, SCAN_BLOCKS=0, ATTENTION=0, TRAIN=0, MOE=0, MATMUL=0, UNFUSED_DECODE=0, LAUNCH=0,
-# CHUNKED=0 skip those parts. Usage: scripts/device_kernels.sh BIN_DIR OUT_DIR
+# CHUNKED=0, CHECKS=0 (the fixtures and kernel checks), MODEL=0 (the block model's rows) skip those parts. Usage: scripts/device_kernels.sh BIN_DIR OUT_DIR
 set -uo pipefail
 bin=$1; out=$2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 date -u
+if [ "${CHECKS:-1}" = 1 ]; then
 if [ -x "$bin/jamba" ]; then
   echo "== the fixtures on CUDA: jamba forward (f32, bf16) and greedy decoding (f32)"
   mkdir -p /tmp/w
@@ -24,6 +26,7 @@ echo "== kernel checks, CUDA without fusion"
 JAMBA_FLASH_MIN_SCORES=0 "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | tee /tmp/check-cuda-unfused.txt | grep -v " ok$"
 echo "== kernel checks, CUDA with fusion"
 JAMBA_FLASH_MIN_SCORES=0 "$bin/bench" --backend cuda --check-kernels --no-model 2>&1 | tee /tmp/check-cuda.txt | grep -v " ok$"
+fi
 if [ "${SCAN:-1}" = 1 ]; then
 echo "== selective scan, bf16, mamba-ssm's layout"
 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096,1x8192x16384,8x8192x2048,4x4096x8192,1x2048x4096,1x1024x16384
@@ -75,10 +78,16 @@ if [ -n "$best" ] && [ -x "$bin/jamba" ]; then
 fi
 fi
 if [ "${ATTENTION:-1}" = 1 ]; then
-echo "== causal attention checks of the default kernels, from the kernel checks above (CUDA without fusion)"
-grep "attention" /tmp/check-cuda-unfused.txt
+if [ -f /tmp/check-cuda-unfused.txt ]; then
+  echo "== causal attention checks of the default kernels, from the kernel checks above (CUDA without fusion)"
+  grep "attention" /tmp/check-cuda-unfused.txt
+fi
 echo "== causal attention alone, bf16, 16 heads of 128 over 4 KV heads: the flash kernel that runs by default (tensor cores) against the reference"
 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --attention 1024,4096,16384
+echo "== same, two passes over the keys instead of one (JAMBA_REFERENCE=attention_one_pass): checks, then timings"
+JAMBA_REFERENCE=attention_one_pass "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | grep "attention" \
+    | awk '/ ok$/ { ok++; next } { print } END { print ok + 0 " attention checks ok" }'
+JAMBA_REFERENCE=attention_one_pass "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --attention 1024,4096,16384
 echo "== same, the tensor-core kernel from staged tiles (JAMBA_REFERENCE=attention_direct): checks, then timings"
 JAMBA_REFERENCE=attention_direct "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | grep "attention" \
     | awk '/ ok$/ { ok++; next } { print } END { print ok + 0 " attention checks ok" }'
@@ -102,6 +111,7 @@ for be in cuda-unfused cuda; do
   "$bin/bench" --backend $be --no-model --launch-overhead 2>&1 | grep "launch overhead"
 done
 fi
+if [ "${MODEL:-1}" = 1 ]; then
 echo "== block model, bf16"
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > /tmp/mem-model.log &
 smi=$!
@@ -109,6 +119,7 @@ smi=$!
     --batches 1,8,32 --steps 16 --warmup 4 --prefill 4096,16384,8x2048 --chunk 16384
 kill $smi
 echo "peak GPU memory (nvidia-smi, MiB): $(sort -n /tmp/mem-model.log | tail -1)"
+fi
 if [ "${CHUNKED:-1}" = 1 ]; then
 echo "== block model, bf16, prefill in chunks of 4096 (each chunk's queries over the cached keys)"
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > /tmp/mem-chunk.log &
@@ -161,6 +172,23 @@ for be in cuda cuda-unfused; do
   echo "-- $be"
   python3 scripts/ncu_per_step.py "$out/ncu-$be-decode8.txt" "$out/ncu-$be-decode0.txt" 8 | head -25
 done
+fi
+if [ "${PREFILL_PROFILE:-0}" = 1 ]; then
+echo "== ncu: GPU time per kernel of one prefill of 16384 tokens in one chunk (block model, bf16, without fusion)"
+for n in 16384 0; do
+  args="--prefill 16384 --chunk 16384 --reps 1"
+  [ $n = 0 ] && args=""
+  timeout 200 ncu --clock-control none --print-summary per-kernel --metrics gpu__time_duration.sum \
+      "$bin/bench" --config benches/configs/block.json --backend cuda-unfused --dtype bf16 --batches 0 \
+      $args > "$out/ncu-prefill$n.txt" 2>&1
+done
+# Two prefills ran (one untimed, one timed); the model's set-up is subtracted.
+python3 scripts/ncu_per_step.py "$out/ncu-prefill16384.txt" "$out/ncu-prefill0.txt" 2 | head -30
+echo "== ncu: the tensor-core flash attention kernel at 16384 tokens (16 heads of 128 over 4 KV heads, bf16)"
+timeout 120 ncu --clock-control none -k regex:flash_attention --launch-count 1 --section SpeedOfLight --section LaunchStats \
+    --section Occupancy --section WarpStateStats "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model \
+    --attention 16384 > "$out/ncu-attention.txt" 2>&1
+grep -E "Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Block Limit Registers|Block Limit Shared|Compute \(SM\) Throughput|Memory Throughput" "$out/ncu-attention.txt"
 fi
 [ "${PROFILE:-0}" = 1 ] || exit 0
 echo "== ncu: kernel time, model set-up + prompt of 64 with and without 8 decode steps (batch 1)"

@@ -15,8 +15,10 @@
 //!   recomputes the scores (a third more tensor-core work than one pass), but the output stays
 //!   in the cooperative matrices' accumulators for the whole walk: one-pass flash attention
 //!   rescales its output at every key tile, which these opaque accumulators cannot do.
-//!   [`flash_attention_mma_staged_kernel`] does the same from tiles staged in shared memory,
-//!   for fewer than 16 queries or keys.
+//!   By default one walk replaces the two, with the output rescaled through shared memory
+//!   on the rare steps where a row's reference maximum moves
+//!   (`JAMBA_REFERENCE=attention_one_pass` restores the two). [`flash_attention_mma_staged_kernel`] does the
+//!   two passes from tiles staged in shared memory, for fewer than 16 queries or keys.
 //! - [`flash_attention_unit_kernel`] (any float dtype, any plane size): one unit per query row
 //!   with the online softmax, everything in f32.
 
@@ -342,6 +344,9 @@ pub fn flash_attention_mma_staged_kernel<F: Float>(
 /// Keys per step of [`flash_attention_mma_kernel`], and its row pitches of a plane's scores
 /// (f32) and probabilities (`F`), padded as `S_LD` and `P_LD` are.
 const DIRECT_KEYS: usize = 64;
+/// How far (in the softmax's exponent) a row's scores may pass its reference maximum before
+/// the one-pass kernel moves it and rescales the output: probabilities up to e^8 ~ 3000.
+const RESCALE_MARGIN: f32 = 8.0;
 const DS_LD: usize = DIRECT_KEYS + 4;
 const DP_LD: usize = DIRECT_KEYS + 8;
 
@@ -404,6 +409,58 @@ fn direct_scores<F: Float>(
     }
 }
 
+/// The plane's output fragments `o` += its probabilities of the step from key `k0` (in `p_s`,
+/// laid out as [`direct_scores`] lays out the scores) times the values, read in place.
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn direct_pv<F: Float>(
+    v: &Tensor<F>,
+    p_s: &SharedMemory<F>,
+    o: &Sequence<cmma::Matrix<f32>>,
+    v_at: usize,
+    k0: usize,
+    keys: usize,
+    plane: usize,
+    #[comptime] head_dim: usize,
+) {
+    let len_k = v.shape(2);
+    let v_row = v.stride(2);
+    let p_end = comptime!(MMA_PLANES * 16 * DP_LD);
+    #[unroll]
+    for n in 0..comptime!(DIRECT_KEYS / 16) {
+        let blk = k0 + n * 16;
+        if blk < keys {
+            let mut start = blk;
+            if start + 16 > len_k {
+                start = len_k - 16;
+            }
+            let pf = cmma::Matrix::<F>::from_slice(
+                cmma::MatrixIdent::A,
+                16usize,
+                16usize,
+                16usize,
+                cmma::MatrixLayout::RowMajor,
+                &p_s.slice(plane * 16 * DP_LD + n * 16, p_end),
+                DP_LD as u32,
+            );
+            #[unroll]
+            for j in 0..comptime!(head_dim / 16) {
+                // B = V: element (key, d) at `v[key * v_row + d]`, row-major.
+                let vf = cmma::Matrix::<F>::from_slice(
+                    cmma::MatrixIdent::B,
+                    16usize,
+                    16usize,
+                    16usize,
+                    cmma::MatrixLayout::RowMajor,
+                    &v.slice(v_at + start * v_row + j * 16, v.len()),
+                    u32::cast_from(v_row),
+                );
+                cmma::execute::<F, F, f32, f32>(&pf, &vf, o.index(j), o.index(j));
+            }
+        }
+    }
+}
+
 /// The key of column `col` of a step from `k0` (see [`direct_scores`]) and whether the row at
 /// position `qpos` sees it there.
 #[cube]
@@ -422,6 +479,10 @@ fn direct_key(k0: usize, col: usize, keys: usize, len_k: usize, qpos: usize) -> 
 /// the keys its rows see, [`DIRECT_KEYS`] per step, loading the queries', keys' and values'
 /// fragments from global memory (the four planes of a cube read the same keys, from L1). A
 /// plane whose rows run past `len_q` takes the last 16 rows instead and writes only its own.
+/// With `one_pass`, one walk instead of two: the probabilities are taken against a reference
+/// maximum per row that moves only when a score passes it by more than [`RESCALE_MARGIN`], and
+/// the output fragments are rescaled through shared memory when it moves (rarely after the
+/// first keys); the sum divides the output at the end.
 /// Needs `len_q`, `len_k` >= 16, unit stride along `head_dim`, the other strides multiples of
 /// 16 elements and 32-byte aligned buffers. Cube `(query tile, head, batch)`, units `(32, 4)`;
 /// `head_dim` a multiple of 16, at most [`MMA_MAX_HEAD_DIM`].
@@ -433,6 +494,7 @@ pub fn flash_attention_mma_kernel<F: Float>(
     out: &mut Tensor<F>,
     scale: f32,
     #[comptime] head_dim: usize,
+    #[comptime] one_pass: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let head = CUBE_POS_Y as usize;
@@ -447,7 +509,6 @@ pub fn flash_attention_mma_kernel<F: Float>(
     let mut s_s = SharedMemory::<f32>::new_aligned(comptime!(MMA_PLANES * 16 * DS_LD), 32usize);
     let mut p_s = SharedMemory::<F>::new_aligned(comptime!(MMA_PLANES * 16 * DP_LD), 32usize);
     let s_end = comptime!(MMA_PLANES * 16 * DS_LD);
-    let p_end = comptime!(MMA_PLANES * 16 * DP_LD);
     let own = CUBE_POS_X as usize * Q_TILE + plane * 16;
     if own < len_q {
         let mut first = own;
@@ -470,7 +531,6 @@ pub fn flash_attention_mma_kernel<F: Float>(
         }
         let k_at = b * k.stride(0) + kv * k.stride(1);
         let v_at = b * v.stride(0) + kv * v.stride(1);
-        let v_row = v.stride(2);
         // Two lanes per row, each over half of a step's columns.
         let r = lane / 2;
         let half = lane % 2;
@@ -479,42 +539,6 @@ pub fn flash_attention_mma_kernel<F: Float>(
         let s_row = plane * 16 * DS_LD + r * DS_LD + half * (DIRECT_KEYS / 2);
         let p_row = plane * 16 * DP_LD + r * DP_LD + half * (DIRECT_KEYS / 2);
 
-        // Pass 1: each row's softmax maximum and sum.
-        let mut m = f32::new(-1.0e30);
-        let mut l = f32::new(0.0);
-        let mut k0 = 0usize;
-        while k0 < keys {
-            direct_scores::<F>(k, &qf, &mut s_s, k_at, k0, keys, plane, head_dim);
-            sync_plane();
-            let mut step_max = f32::new(-1.0e30);
-            #[unroll]
-            for c in 0..comptime!(DIRECT_KEYS / 2) {
-                let (_key, seen) = direct_key(k0, half * (DIRECT_KEYS / 2) + c, keys, len_k, qpos);
-                if seen {
-                    step_max = f32::max(step_max, s_s[s_row + c] * scale);
-                }
-            }
-            let m_new = f32::max(m, step_max);
-            let mut sum = f32::new(0.0);
-            #[unroll]
-            for c in 0..comptime!(DIRECT_KEYS / 2) {
-                let (_key, seen) = direct_key(k0, half * (DIRECT_KEYS / 2) + c, keys, len_k, qpos);
-                if seen {
-                    sum += (s_s[s_row + c] * scale - m_new).exp();
-                }
-            }
-            l = l * (m - m_new).exp() + sum;
-            m = m_new;
-            sync_plane();
-            k0 += DIRECT_KEYS;
-        }
-        let m_other = plane_shuffle_xor(m, 1);
-        let l_other = plane_shuffle_xor(l, 1);
-        let m_row = f32::max(m, m_other);
-        let l_row = l * (m - m_row).exp() + l_other * (m_other - m_row).exp();
-        let inv = 1.0 / l_row;
-
-        // Pass 2: the probabilities, rounded to `F`, times the values.
         let mut o = Sequence::<cmma::Matrix<f32>>::new();
         #[unroll]
         for _ in 0..comptime!(head_dim / 16) {
@@ -527,54 +551,135 @@ pub fn flash_attention_mma_kernel<F: Float>(
                 0.0,
             ));
         }
-        k0 = 0;
-        while k0 < keys {
-            direct_scores::<F>(k, &qf, &mut s_s, k_at, k0, keys, plane, head_dim);
-            sync_plane();
-            #[unroll]
-            for c in 0..comptime!(DIRECT_KEYS / 2) {
-                let (_key, seen) = direct_key(k0, half * (DIRECT_KEYS / 2) + c, keys, len_k, qpos);
-                let mut p = f32::new(0.0);
-                if seen {
-                    p = (s_s[s_row + c] * scale - m_row).exp() * inv;
-                }
-                p_s[p_row + c] = F::cast_from(p);
-            }
-            sync_plane();
-            #[unroll]
-            for n in 0..comptime!(DIRECT_KEYS / 16) {
-                let blk = k0 + n * 16;
-                if blk < keys {
-                    let mut start = blk;
-                    if start + 16 > len_k {
-                        start = len_k - 16;
+        // What the output is multiplied by when written (1 / the row's sum with one pass).
+        let mut out_scale = f32::new(1.0);
+        if one_pass {
+            let mut m = f32::new(-1.0e30);
+            let mut l = f32::new(0.0);
+            let mut k0 = 0usize;
+            while k0 < keys {
+                direct_scores::<F>(k, &qf, &mut s_s, k_at, k0, keys, plane, head_dim);
+                sync_plane();
+                let mut step_max = f32::new(-1.0e30);
+                #[unroll]
+                for c in 0..comptime!(DIRECT_KEYS / 2) {
+                    let (_key, seen) =
+                        direct_key(k0, half * (DIRECT_KEYS / 2) + c, keys, len_k, qpos);
+                    if seen {
+                        step_max = f32::max(step_max, s_s[s_row + c] * scale);
                     }
-                    let pf = cmma::Matrix::<F>::from_slice(
-                        cmma::MatrixIdent::A,
-                        16usize,
-                        16usize,
-                        16usize,
-                        cmma::MatrixLayout::RowMajor,
-                        &p_s.slice(plane * 16 * DP_LD + n * 16, p_end),
-                        DP_LD as u32,
-                    );
+                }
+                let row_max = f32::max(step_max, plane_shuffle_xor(step_max, 1));
+                // The row's reference maximum moves only when a score passes it by more than
+                // RESCALE_MARGIN: the probabilities stay below e^margin, and the output's rescaling
+                // (through shared memory) is rare once the first keys are seen.
+                let moves = row_max > m + RESCALE_MARGIN;
+                let mut m_new = m;
+                if moves {
+                    m_new = row_max;
+                }
+                let alpha = (m - m_new).exp();
+                let mut sum = f32::new(0.0);
+                #[unroll]
+                for c in 0..comptime!(DIRECT_KEYS / 2) {
+                    let (_key, seen) =
+                        direct_key(k0, half * (DIRECT_KEYS / 2) + c, keys, len_k, qpos);
+                    let mut p = f32::new(0.0);
+                    if seen {
+                        p = (s_s[s_row + c] * scale - m_new).exp();
+                    }
+                    sum += p;
+                    p_s[p_row + c] = F::cast_from(p);
+                }
+                l = l * alpha + sum;
+                m = m_new;
+                if plane_any(moves) {
                     #[unroll]
                     for j in 0..comptime!(head_dim / 16) {
-                        // B = V: element (key, d) at `v[key * v_row + d]`, row-major.
-                        let vf = cmma::Matrix::<F>::from_slice(
-                            cmma::MatrixIdent::B,
-                            16usize,
-                            16usize,
-                            16usize,
+                        sync_plane();
+                        cmma::store(
+                            &mut s_s.slice_mut(plane * 16 * DS_LD, s_end),
+                            o.index(j),
+                            DS_LD as u32,
                             cmma::MatrixLayout::RowMajor,
-                            &v.slice(v_at + start * v_row + j * 16, v.len()),
-                            u32::cast_from(v_row),
                         );
-                        cmma::execute::<F, F, f32, f32>(&pf, &vf, o.index(j), o.index(j));
+                        sync_plane();
+                        #[unroll]
+                        for c in 0..8usize {
+                            let at = plane * 16 * DS_LD + r * DS_LD + half * 8 + c;
+                            s_s[at] = s_s[at] * alpha;
+                        }
+                        sync_plane();
+                        cmma::load_with_layout(
+                            o.index(j),
+                            &s_s.slice(plane * 16 * DS_LD, s_end),
+                            DS_LD as u32,
+                            cmma::MatrixLayout::RowMajor,
+                        );
                     }
                 }
+                sync_plane();
+                direct_pv::<F>(v, &p_s, &o, v_at, k0, keys, plane, head_dim);
+                k0 += DIRECT_KEYS;
             }
-            k0 += DIRECT_KEYS;
+            out_scale = 1.0 / (l + plane_shuffle_xor(l, 1));
+        } else {
+            // Pass 1: each row's softmax maximum and sum.
+            let mut m = f32::new(-1.0e30);
+            let mut l = f32::new(0.0);
+            let mut k0 = 0usize;
+            while k0 < keys {
+                direct_scores::<F>(k, &qf, &mut s_s, k_at, k0, keys, plane, head_dim);
+                sync_plane();
+                let mut step_max = f32::new(-1.0e30);
+                #[unroll]
+                for c in 0..comptime!(DIRECT_KEYS / 2) {
+                    let (_key, seen) =
+                        direct_key(k0, half * (DIRECT_KEYS / 2) + c, keys, len_k, qpos);
+                    if seen {
+                        step_max = f32::max(step_max, s_s[s_row + c] * scale);
+                    }
+                }
+                let m_new = f32::max(m, step_max);
+                let mut sum = f32::new(0.0);
+                #[unroll]
+                for c in 0..comptime!(DIRECT_KEYS / 2) {
+                    let (_key, seen) =
+                        direct_key(k0, half * (DIRECT_KEYS / 2) + c, keys, len_k, qpos);
+                    if seen {
+                        sum += (s_s[s_row + c] * scale - m_new).exp();
+                    }
+                }
+                l = l * (m - m_new).exp() + sum;
+                m = m_new;
+                sync_plane();
+                k0 += DIRECT_KEYS;
+            }
+            let m_other = plane_shuffle_xor(m, 1);
+            let l_other = plane_shuffle_xor(l, 1);
+            let m_row = f32::max(m, m_other);
+            let l_row = l * (m - m_row).exp() + l_other * (m_other - m_row).exp();
+            let inv = 1.0 / l_row;
+
+            // Pass 2: the probabilities, rounded to `F`, times the values.
+            k0 = 0;
+            while k0 < keys {
+                direct_scores::<F>(k, &qf, &mut s_s, k_at, k0, keys, plane, head_dim);
+                sync_plane();
+                #[unroll]
+                for c in 0..comptime!(DIRECT_KEYS / 2) {
+                    let (_key, seen) =
+                        direct_key(k0, half * (DIRECT_KEYS / 2) + c, keys, len_k, qpos);
+                    let mut p = f32::new(0.0);
+                    if seen {
+                        p = (s_s[s_row + c] * scale - m_row).exp() * inv;
+                    }
+                    p_s[p_row + c] = F::cast_from(p);
+                }
+                sync_plane();
+                direct_pv::<F>(v, &p_s, &o, v_at, k0, keys, plane, head_dim);
+                k0 += DIRECT_KEYS;
+            }
         }
 
         // The plane's own rows of the output, one fragment at a time through `s_s`.
@@ -595,7 +700,7 @@ pub fn flash_attention_mma_kernel<F: Float>(
                 for c in 0..8usize {
                     let col = half * 8 + c;
                     out[out_base + (j * 16 + col) * out.stride(3)] =
-                        F::cast_from(s_s[plane * 16 * DS_LD + r * DS_LD + col]);
+                        F::cast_from(s_s[plane * 16 * DS_LD + r * DS_LD + col] * out_scale);
                 }
             }
         }
@@ -818,6 +923,7 @@ where
                 prim(out.clone()).into_tensor_arg(),
                 scale,
                 head_dim,
+                super::use_kernel("attention_one_pass"),
                 dtype.into(),
             ),
             FlashKernel::TensorCoresStaged => {

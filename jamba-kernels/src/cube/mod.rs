@@ -313,7 +313,8 @@ fn elemwise_launch(n: usize) -> (CubeCount, CubeDim) {
 /// ones), `route`, `scan_chunk` (the forward scan that splits a channel's tiles between the lanes of
 /// a plane), `scan_bwd_chunk` (its backward counterpart: the one-pass backward runs instead), `scan_seg` (the forward scan that splits the sequence into segments walked twice;
 /// without either, the one that walks each channel's sequence in one pass runs), `attention`, `attention_mma` (the portable flash attention instead of the
-/// tensor-core one), `attention_direct` (the tensor-core flash attention from staged tiles), or `all`) run the tensor-op reference instead of the kernel: a switch to
+/// tensor-core one), `attention_direct` (the tensor-core flash attention from staged tiles), `attention_one_pass`
+/// (its two passes over the keys instead of one), or `all`) run the tensor-op reference instead of the kernel: a switch to
 /// isolate a kernel when results differ.
 fn use_kernel(op: &str) -> bool {
     static DISABLED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
