@@ -476,11 +476,11 @@ fn direct_key(k0: usize, col: usize, keys: usize, len_k: usize, qpos: usize) -> 
 
 /// Tensor-core causal flash attention (module docs) with every fragment read in place: each
 /// plane takes 16 query rows on its own (no shared staging, no cube-wide barrier) and walks only
-/// the keys its rows see, [`DIRECT_KEYS`] per step, loading the queries', keys' and values'
+/// the keys its rows see, `DIRECT_KEYS` (64) per step, loading the queries', keys' and values'
 /// fragments from global memory (the four planes of a cube read the same keys, from L1). A
 /// plane whose rows run past `len_q` takes the last 16 rows instead and writes only its own.
 /// With `one_pass`, one walk instead of two: the probabilities are taken against a reference
-/// maximum per row that moves only when a score passes it by more than [`RESCALE_MARGIN`], and
+/// maximum per row that moves only when a score passes it by more than `RESCALE_MARGIN` (8), and
 /// the output fragments are rescaled through shared memory when it moves (rarely after the
 /// first keys); the sum divides the output at the end.
 /// Needs `len_q`, `len_k` >= 16, unit stride along `head_dim`, the other strides multiples of
@@ -870,7 +870,7 @@ fn fragments_in_place<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
     let strides = t.meta.strides();
     strides[3] == 1
         && strides[..3].iter().all(|s| s % 16 == 0)
-        && t.handle.offset_start.unwrap_or(0) % 32 == 0
+        && t.handle.offset_start.unwrap_or(0).is_multiple_of(32)
 }
 
 /// Shared memory of the tensor-core kernel.
