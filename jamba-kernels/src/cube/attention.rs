@@ -1,26 +1,26 @@
 //! Causal attention of new positions over their keys (prefill, with or without cached positions
 //! before them), without the `[len_q, len_k]` scores in memory.
 //!
-//! Both kernels take `q` `[batch, heads, len_q, head_dim]` and `k`, `v` `[batch, kv_heads, len_k,
-//! head_dim]` (any strides), `len_q <= len_k`: query `i` is position `len_k - len_q + i` and sees
-//! keys `0..=len_k - len_q + i`; query head `h` reads KV head `h / (heads / kv_heads)`, so the KV
-//! heads are never repeated in memory. A cube takes [`Q_TILE`] queries of one head and walks the
-//! keys its last query sees, [`KEY_TILE`] at a time, staged in shared memory.
+//! The kernels take `q` `[batch, heads, len_q, head_dim]` and `k`, `v` `[batch, kv_heads,
+//! len_k, head_dim]`, `len_q <= len_k`: query `i` is position `len_k - len_q + i` and sees keys
+//! `0..=len_k - len_q + i`; query head `h` reads KV head `h / (heads / kv_heads)`, so the KV
+//! heads are never repeated in memory. A cube takes [`Q_TILE`] queries of one head.
 //!
 //! - [`flash_attention_mma_kernel`] (f16/bf16, planes of 32 units with 16 x 16 x 16 cooperative
-//!   matrices): four planes of 16 query rows, each on its own, reading the fragments of the
-//!   queries, keys and values in place. Two passes over the keys: the first computes each row's
-//!   softmax maximum and sum from the scores, the second the probabilities (rounded to the
-//!   inputs' dtype, as a matmul of them takes them) and their product with `v`. The second pass
-//!   recomputes the scores (a third more tensor-core work than one pass), but the output stays
-//!   in the cooperative matrices' accumulators for the whole walk: one-pass flash attention
-//!   rescales its output at every key tile, which these opaque accumulators cannot do.
-//!   By default one walk replaces the two, with the output rescaled through shared memory
-//!   on the rare steps where a row's reference maximum moves
-//!   (`JAMBA_REFERENCE=attention_one_pass` restores the two). [`flash_attention_mma_staged_kernel`] does the
-//!   two passes from tiles staged in shared memory, for fewer than 16 queries or keys.
+//!   matrices, at least 16 queries and keys): four planes of 16 query rows, each on its own,
+//!   reading the fragments of the queries, keys and values in place (inputs whose layout the
+//!   fragment loads cannot read are copied first) and walking the keys its rows see, 64 per
+//!   step. By default one walk: each row's probabilities are taken against a reference maximum
+//!   that moves only when a score passes it by more than 8 (the output fragments, opaque
+//!   accumulators, are rescaled through shared memory on the rare steps where it moves), rounded
+//!   to the inputs' dtype for their product with `v`, and the row's sum divides the output at
+//!   the end. `JAMBA_REFERENCE=attention_one_pass` gives two walks instead: each row's softmax
+//!   maximum and sum first, then the normalised probabilities, rounded, times `v`.
+//! - [`flash_attention_mma_staged_kernel`] (the same inputs, any length): the two walks, with
+//!   the cube staging the queries and each step's [`KEY_TILE`] keys and values in shared memory.
+//!   It runs below 16 queries or keys (a short chunk after a long cache).
 //! - [`flash_attention_unit_kernel`] (any float dtype, any plane size): one unit per query row
-//!   with the online softmax, everything in f32.
+//!   with the online softmax, everything in f32, keys and values staged by the cube.
 
 // `#[cube]` expands a subset of Rust: integer `div_ceil` is written out.
 #![allow(clippy::manual_div_ceil)]
@@ -146,9 +146,9 @@ fn plane_scores<F: Float>(
     }
 }
 
-/// Tensor-core causal flash attention for short inputs (fewer than 16 queries or keys) and
-/// layouts [`flash_attention_mma_kernel`] cannot read in place: the cube stages the queries,
-/// then each step's keys and values, in shared memory (zeros past the ends). Cube `(query tile,
+/// Tensor-core causal flash attention for short inputs (fewer than 16 queries or keys), two
+/// walks over the keys: the cube stages the queries, then each step's keys and values, in
+/// shared memory (zeros past the ends). Cube `(query tile,
 /// head, batch)`, units `(32, 4)`; `head_dim` a multiple of 16, at most [`MMA_MAX_HEAD_DIM`].
 #[cube(launch_unchecked)]
 pub fn flash_attention_mma_staged_kernel<F: Float>(
@@ -341,14 +341,15 @@ pub fn flash_attention_mma_staged_kernel<F: Float>(
     }
 }
 
-/// Keys per step of [`flash_attention_mma_kernel`], and its row pitches of a plane's scores
-/// (f32) and probabilities (`F`), padded as `S_LD` and `P_LD` are.
+/// Keys per step of [`flash_attention_mma_kernel`].
 const DIRECT_KEYS: usize = 64;
+/// Its row pitches of a plane's scores (f32) and probabilities (`F`), padded as `S_LD` and
+/// `P_LD` are.
+const DS_LD: usize = DIRECT_KEYS + 4;
+const DP_LD: usize = DIRECT_KEYS + 8;
 /// How far (in the softmax's exponent) a row's scores may pass its reference maximum before
 /// the one-pass kernel moves it and rescales the output: probabilities up to e^8 ~ 3000.
 const RESCALE_MARGIN: f32 = 8.0;
-const DS_LD: usize = DIRECT_KEYS + 4;
-const DP_LD: usize = DIRECT_KEYS + 8;
 
 /// The plane's 16 x [`DIRECT_KEYS`] scores of the step from key `k0` into its rows of `s_s`,
 /// the keys' fragments loaded from `k` in place. Blocks of 16 keys from `keys` on are skipped
@@ -818,6 +819,8 @@ where
     let shapes_ok = kb == batch
         && kd == head_dim
         && v.dims() == k.dims()
+        && batch > 0
+        && heads > 0
         && kv_heads > 0
         && heads % kv_heads == 0
         && len_q > 0
@@ -851,7 +854,7 @@ where
             n: 16,
             k: 16,
         })
-        && mma_shared_bytes(head_dim, dtype.size()) <= shared
+        && mma_shared_bytes(head_dim, dtype.size()).max(direct_shared_bytes(dtype.size())) <= shared
     {
         let direct = len_q >= 16 && len_k >= 16 && super::use_kernel("attention_direct");
         return Some(match direct {
@@ -873,9 +876,14 @@ fn fragments_in_place<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
         && t.handle.offset_start.unwrap_or(0).is_multiple_of(32)
 }
 
-/// Shared memory of the tensor-core kernel.
+/// Shared memory of the staged tensor-core kernel.
 fn mma_shared_bytes(head_dim: usize, elem: usize) -> usize {
     Q_TILE * (head_dim + 8) * elem + MMA_PLANES * 16 * (S_LD * 4 + P_LD * elem)
+}
+
+/// Shared memory of the in-place tensor-core kernel.
+fn direct_shared_bytes(elem: usize) -> usize {
+    MMA_PLANES * 16 * (DS_LD * 4 + DP_LD * elem)
 }
 
 /// Causal attention of `q` over `k`, `v` (module docs) with `kernel`, output `[batch, heads,
