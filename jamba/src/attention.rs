@@ -149,7 +149,8 @@ impl<B: jamba_kernels::JambaBackend> JambaAttention<B> {
             // The KV heads are shared inside the kernels, not repeated.
             AttentionMask::Causal => B::causal_attention(q, k, v),
             AttentionMask::None | AttentionMask::Explicit(_) => {
-                let (k, v) = (repeat_kv(k, nh / nkv), repeat_kv(v, nh / nkv));
+                let repeat = jamba_kernels::reference::repeat_kv::<B>;
+                let (k, v) = (repeat(k, nh / nkv), repeat(v, nh / nkv));
                 let mask = match mask {
                     AttentionMask::Explicit(mask) => Some(mask),
                     _ => None,
@@ -199,11 +200,6 @@ pub(crate) fn causal_mask<B: Backend>(
     device: &B::Device,
 ) -> Tensor<B, 4, Bool> {
     Tensor::tril_mask([1, 1, len, past + len], past as i64, device)
-}
-
-/// Query head `j` uses KV head `j / groups` (`repeat_interleave`, as transformers' `repeat_kv`).
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, groups: usize) -> Tensor<B, 4> {
-    jamba_kernels::reference::repeat_kv(x, groups)
 }
 
 /// Scaled dot-product attention with the softmax in f32. A query row with every key masked (a

@@ -36,6 +36,7 @@ use burn_cubecl::{
 };
 use cubecl::prelude::*;
 
+use super::moe_kernels::zero_acc;
 use super::prim;
 
 /// Query rows per cube.
@@ -115,14 +116,7 @@ fn plane_scores<F: Float>(
     let s_end = comptime!(MMA_PLANES * 16 * S_LD);
     #[unroll]
     for n in 0..comptime!(KEY_TILE / 16) {
-        let acc = cmma::Matrix::<f32>::from_value(
-            cmma::MatrixIdent::Accumulator,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::Undefined,
-            0.0,
-        );
+        let acc = zero_acc();
         #[unroll]
         for j in 0..comptime!(head_dim / 16) {
             // B = K^T: element (d, key) at `stage[key * ld + d]`, column-major.
@@ -246,14 +240,7 @@ pub fn flash_attention_mma_staged_kernel<F: Float>(
     let mut o = Sequence::<cmma::Matrix<f32>>::new();
     #[unroll]
     for _ in 0..comptime!(head_dim / 16) {
-        o.push(cmma::Matrix::<f32>::from_value(
-            cmma::MatrixIdent::Accumulator,
-            16usize,
-            16usize,
-            16usize,
-            cmma::MatrixLayout::Undefined,
-            0.0,
-        ));
+        o.push(zero_acc());
     }
     let p_row = plane * 16 * P_LD + r * P_LD + half * (KEY_TILE / 2);
     k0 = 0;
@@ -378,14 +365,7 @@ fn direct_scores<F: Float>(
             if start + 16 > len_k {
                 start = len_k - 16;
             }
-            let acc = cmma::Matrix::<f32>::from_value(
-                cmma::MatrixIdent::Accumulator,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::Undefined,
-                0.0,
-            );
+            let acc = zero_acc();
             #[unroll]
             for j in 0..comptime!(head_dim / 16) {
                 // B = K^T: element (d, key) at `k[key * k_row + d]`, column-major.
@@ -543,14 +523,7 @@ pub fn flash_attention_mma_kernel<F: Float>(
         let mut o = Sequence::<cmma::Matrix<f32>>::new();
         #[unroll]
         for _ in 0..comptime!(head_dim / 16) {
-            o.push(cmma::Matrix::<f32>::from_value(
-                cmma::MatrixIdent::Accumulator,
-                16usize,
-                16usize,
-                16usize,
-                cmma::MatrixLayout::Undefined,
-                0.0,
-            ));
+            o.push(zero_acc());
         }
         // What the output is multiplied by when written (1 / the row's sum with one pass).
         let mut out_scale = f32::new(1.0);

@@ -676,8 +676,9 @@ fn mma_store(
     );
 }
 
+/// A 16 x 16 f32 accumulator fragment of zeros.
 #[cube]
-fn zero_acc() -> cmma::Matrix<f32> {
+pub(crate) fn zero_acc() -> cmma::Matrix<f32> {
     cmma::Matrix::<f32>::from_value(
         cmma::MatrixIdent::Accumulator,
         16usize,
