@@ -34,11 +34,14 @@ fi
 shapes=1x8192x4096,1x8192x16384,8x8192x2048,4x4096x8192,1x2048x4096,1x1024x16384
 if [ "${SCAN_KERNELS:-1}" = 1 ]; then
 echo "== the other forward kernels of the selective scan (JAMBA_SCAN_FWD) and the other backward (JAMBA_SCAN_BWD); bf16, same layout: checks, then timings"
-for k in one_pass split; do
+for k in chunked one_pass split; do
   echo "-- JAMBA_SCAN_FWD=$k"
   JAMBA_SCAN_FWD=$k "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | grep -v " ok$" | grep -iv "attention"
   JAMBA_SCAN_FWD=$k "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan $shapes
 done
+echo "-- JAMBA_REFERENCE=scan_direct (the chunked kernels stage every activation through shared memory)"
+JAMBA_REFERENCE=scan_direct "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | grep -v " ok$" | grep -iv "attention"
+JAMBA_REFERENCE=scan_direct "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan $shapes
 echo "-- JAMBA_SCAN_BWD=one_pass"
 JAMBA_SCAN_BWD=one_pass "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | grep -v " ok$" | grep -iv "attention"
 JAMBA_SCAN_BWD=one_pass "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan $shapes
@@ -54,11 +57,15 @@ done
 fi
 if [ "${SCAN_PROFILE:-0}" = 1 ]; then
 echo "== ncu: the chunked scan kernels at 1 x 8192 x 4096 (bf16)"
+# The full set of sections and the SASS with its per-instruction counts and stall samples
+# (ncu-KERNEL-sass.csv), from which scripts/sass_summary.py sums them by opcode and by region.
 for k in scan_fwd_chunk scan_bwd_chunk; do
-  timeout 150 ncu --clock-control none -k regex:$k --launch-count 1 --section SpeedOfLight --section LaunchStats \
-      --section Occupancy --section WarpStateStats "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model \
-      --scan 1x8192x4096 > "$out/ncu-$k.txt" 2>&1
-  grep -E "Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Block Limit Registers|Block Limit Shared" "$out/ncu-$k.txt"
+  timeout 200 ncu --clock-control none -k regex:$k --launch-count 1 --set full --import-source yes \
+      -o "/tmp/ncu-$k" "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --scan 1x8192x4096 > /dev/null 2>&1
+  ncu -i "/tmp/ncu-$k.ncu-rep" --print-details all > "$out/ncu-$k.txt" 2>&1
+  ncu -i "/tmp/ncu-$k.ncu-rep" --page source --print-source sass --csv > "$out/ncu-$k-sass.csv" 2>&1
+  grep -E "Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Executed Ipc Active|Local Memory Spilling Requests " "$out/ncu-$k.txt" | sort -u
+  python3 scripts/sass_summary.py "$out/ncu-$k-sass.csv" 10
 done
 fi
 best=

@@ -244,6 +244,7 @@ fn put_state_input<F: Float>(
     #[comptime] tile: usize,
     #[comptime] units: usize,
     #[comptime] lane_len: usize,
+    offset: usize,
 ) {
     let tid = UNIT_POS_X as usize;
     let state_major = src.stride(1) == 1;
@@ -258,9 +259,10 @@ fn put_state_input<F: Float>(
                 n = e / tile;
             }
             if lane_len == 0 {
-                dst[tl * (n_state + 1) + n] = regs[i];
+                dst[offset + tl * (n_state + 1) + n] = regs[i];
             } else {
-                dst[n * comptime!(tile / lane_len * (lane_len + 1))
+                dst[offset
+                    + n * comptime!(tile / lane_len * (lane_len + 1))
                     + (tl / lane_len) * comptime!(lane_len + 1)
                     + tl % lane_len] = regs[i];
             }
@@ -308,9 +310,98 @@ fn stage_state_input<F: Float>(
     #[comptime] tile: usize,
     #[comptime] units: usize,
     #[comptime] lane_len: usize,
+    offset: usize,
 ) {
     fetch_state_input::<F>(src, regs, bi, t0, len, n_state, tile, units);
-    put_state_input::<F>(src, regs, dst, n_state, tile, units, lane_len);
+    put_state_input::<F>(src, regs, dst, n_state, tile, units, lane_len, offset);
+}
+
+/// Four f32 values: the unit of the chunked kernels' B and C tiles in direct mode.
+type Vec4 = Vector<f32, Const<4>>;
+
+/// Stages `[tile, d_state]` of B or C (`[batch, d_state, len]`) in shared memory as vectors of
+/// four positions, laid out `[d_state][seg_len / 4][segs][4]` from `offset` (in vectors): the
+/// lane that owns positions `lane * seg_len ..` of the tile reads its `seg_len` values of a
+/// state as `seg_len / 4` vectors, and the lanes of a plane read adjacent vectors (no bank
+/// conflicts).
+#[cube]
+#[allow(clippy::too_many_arguments)]
+fn stage_state_vectors<F: Float>(
+    src: &Tensor<F>,
+    dst: &mut SharedMemory<Vec4>,
+    bi: usize,
+    t0: usize,
+    len: usize,
+    offset: usize,
+    #[comptime] n_state: usize,
+    #[comptime] segs: usize,
+    #[comptime] seg_len: usize,
+    #[comptime] units: usize,
+) {
+    let tid = UNIT_POS_X as usize;
+    let quads = comptime!(seg_len / 4);
+    let count = comptime!(n_state * quads * segs);
+    let base = bi * src.stride(0);
+    let (s_n, s_t) = (src.stride(1), src.stride(2));
+    #[unroll]
+    for r in 0..comptime!(count.div_ceil(units)) {
+        let e = tid + r * units;
+        if e < count {
+            let lane = e % segs;
+            let quad = (e / segs) % quads;
+            let n = e / (segs * quads);
+            let t = t0 + lane * seg_len + quad * 4;
+            let mut v = Vec4::empty();
+            #[unroll]
+            for j in 0..4usize {
+                let mut x = 0.0f32;
+                if t + j < len {
+                    x = f32::cast_from(src[base + n * s_n + (t + j) * s_t]);
+                }
+                v[j] = x;
+            }
+            dst[offset + e] = v;
+        }
+    }
+}
+
+/// A lane's `seg_len` values of state `n` from a tile staged by [`stage_state_vectors`].
+#[cube]
+fn lane_state_values(
+    src: &SharedMemory<Vec4>,
+    out: &mut Array<f32>,
+    offset: usize,
+    n: usize,
+    lane: usize,
+    #[comptime] segs: usize,
+    #[comptime] seg_len: usize,
+) {
+    let quads = comptime!(seg_len / 4);
+    #[unroll]
+    for quad in 0..quads {
+        let v = src[offset + (n * quads + quad) * segs + lane];
+        #[unroll]
+        for j in 0..4usize {
+            out[quad * 4 + j] = v[j];
+        }
+    }
+}
+
+/// Value `i` of a lane's positions of one state: from its registers in direct mode, else from
+/// the staged tile at `at`.
+#[cube]
+fn lane_value(
+    regs: &Array<f32>,
+    staged: &SharedMemory<f32>,
+    at: usize,
+    i: usize,
+    #[comptime] direct: bool,
+) -> f32 {
+    if direct {
+        regs[i]
+    } else {
+        staged[at + i]
+    }
 }
 
 /// Writes `[tile, block]` from shared memory to a `[batch, d, len]` tensor.
@@ -459,8 +550,8 @@ pub fn scan_fwd_kernel<F: Float>(
                 units,
             );
         }
-        put_state_input::<F>(b, &r_b, &mut s_b, n_state, tile, units, 0usize);
-        put_state_input::<F>(c, &r_c, &mut s_c, n_state, tile, units, 0usize);
+        put_state_input::<F>(b, &r_b, &mut s_b, n_state, tile, units, 0usize, 0usize);
+        put_state_input::<F>(c, &r_c, &mut s_c, n_state, tile, units, 0usize, 0usize);
         sync_cube();
         // The next tile's loads travel while this one is computed.
         if k + 1 < n_tiles {
@@ -592,6 +683,13 @@ fn plane_scan_entering(
 /// staged in shared memory; the state at the tile's start of every (channel, state) too,
 /// double-buffered by tile parity. The states at multiples of `chunk_len` (a multiple of
 /// `seg_len`) are saved for the backward on request.
+///
+/// With `direct` (the host sets it where `u`, `delta` and `z` have a time stride of 1, as in
+/// mamba-ssm's `[batch, d, len]` layout), each lane reads its own positions of `u`, `delta`
+/// and `z` and writes its `y` straight from and to global memory (its positions are
+/// contiguous there), and only B and C go through shared memory, double-buffered by tile
+/// parity: one barrier per tile. Otherwise (a channel stride of 1, the model's layout) the
+/// cube stages `[tile, block]` of each through shared memory, which transposes them.
 #[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
 pub fn scan_fwd_chunk_kernel<F: Float>(
@@ -617,6 +715,7 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
     #[comptime] has_init: bool,
     #[comptime] softplus: bool,
     #[comptime] save: bool,
+    #[comptime] direct: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let segs = comptime!(1usize << segs_log2);
@@ -637,18 +736,30 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
     let di = d0 + dl;
     let valid = di < dim;
 
-    let mut s_u = SharedMemory::<f32>::new(tile * (block + 1));
-    let mut s_dt = SharedMemory::<f32>::new(tile * (block + 1));
-    let mut s_gate = SharedMemory::<f32>::new(tile * (block + 1));
-    let mut s_b = SharedMemory::<f32>::new(n_state * by_state);
-    let mut s_c = SharedMemory::<f32>::new(n_state * by_state);
+    // Staged activations, B and C (in direct mode: none, and B and C as vectors,
+    // double-buffered by tile parity).
+    let staged = comptime!(if direct { 1 } else { tile * (block + 1) });
+    let staged_bc = comptime!(if direct { 1 } else { n_state * by_state });
+    let bc_vectors = comptime!(n_state * tile / 4);
+    let direct_bc = comptime!(if direct { 2 * bc_vectors } else { 1 });
+    let mut s_u = SharedMemory::<f32>::new(staged);
+    let mut s_dt = SharedMemory::<f32>::new(staged);
+    let mut s_gate = SharedMemory::<f32>::new(staged);
+    let mut s_b = SharedMemory::<f32>::new(staged_bc);
+    let mut s_c = SharedMemory::<f32>::new(staged_bc);
+    let mut s_b4 = SharedMemory::<Vec4>::new(direct_bc);
+    let mut s_c4 = SharedMemory::<Vec4>::new(direct_bc);
     let mut s_a = SharedMemory::<f32>::new(block * n_state);
     let mut s_h = SharedMemory::<f32>::new(2 * block * n_state);
 
     // A's row and the initial state of the channel, spread over its lanes.
     let mut d_val = 0.0f32;
+    let mut bias = 0.0f32;
     if valid {
         d_val = d_skip[di * d_skip.stride(0)];
+        if has_bias {
+            bias = delta_bias[di * delta_bias.stride(0)];
+        }
     }
     for k in 0..comptime!(n_state.div_ceil(segs)) {
         let n = seg + k * segs;
@@ -677,69 +788,109 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
     let mut y_l = Array::<f32>::new(seg_len);
     let mut decay = Array::<f32>::new(seg_len);
     let mut input = Array::<f32>::new(seg_len);
+    let mut b_l = Array::<f32>::new(seg_len);
+    let mut c_l = Array::<f32>::new(seg_len);
+
+    // Where the lane's channel starts in each activation (direct mode, where their time
+    // stride is 1).
+    let at_u = bi * u.stride(0) + di * u.stride(1);
+    let at_dt = bi * delta.stride(0) + di * delta.stride(1);
+    let at_z = bi * z.stride(0) + di * z.stride(1);
+    let at_y = bi * y.stride(0) + di * y.stride(1);
 
     let n_tiles = (len + tile - 1) / tile;
     for k in 0..n_tiles {
         let t0 = k * tile;
-        // Positions past the end get delta 0: a decay of 1 and no input, so the state passes
-        // through them unchanged.
-        stage::<F>(
-            u, &mut r_act, &mut s_u, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias, softplus,
-            tile, block, units,
-        );
-        stage::<F>(
-            delta, &mut r_act, &mut s_dt, delta_bias, bi, d0, t0, dim, len, 1u32, has_bias,
-            softplus, tile, block, units,
-        );
-        if has_z {
+        let start = t0 + seg * seg_len;
+        let bc = (k % 2) * bc_vectors;
+        if direct {
+            stage_state_vectors::<F>(b, &mut s_b4, bi, t0, len, bc, n_state, segs, seg_len, units);
+            stage_state_vectors::<F>(c, &mut s_c4, bi, t0, len, bc, n_state, segs, seg_len, units);
+            // Positions past the end get delta 0: a decay of 1 and no input, so the state
+            // passes through them unchanged.
+            #[unroll]
+            for i in 0..seg_len {
+                let t = start + i;
+                let mut uv = 0.0f32;
+                let mut dtv = 0.0f32;
+                if valid && t < len {
+                    uv = f32::cast_from(u[at_u + t]);
+                    dtv = delta_at(f32::cast_from(delta[at_dt + t]), bias, softplus);
+                }
+                dt_l[i] = dtv;
+                du_l[i] = dtv * uv;
+                y_l[i] = d_val * uv;
+            }
+            sync_cube();
+        } else {
+            // Positions past the end get delta 0: a decay of 1 and no input, so the state passes
+            // through them unchanged.
             stage::<F>(
-                z,
-                &mut r_act,
-                &mut s_gate,
-                delta_bias,
-                bi,
-                d0,
-                t0,
-                dim,
-                len,
-                2u32,
-                has_bias,
-                softplus,
-                tile,
-                block,
-                units,
+                u, &mut r_act, &mut s_u, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias,
+                softplus, tile, block, units,
             );
+            stage::<F>(
+                delta, &mut r_act, &mut s_dt, delta_bias, bi, d0, t0, dim, len, 1u32, has_bias,
+                softplus, tile, block, units,
+            );
+            if has_z {
+                stage::<F>(
+                    z,
+                    &mut r_act,
+                    &mut s_gate,
+                    delta_bias,
+                    bi,
+                    d0,
+                    t0,
+                    dim,
+                    len,
+                    2u32,
+                    has_bias,
+                    softplus,
+                    tile,
+                    block,
+                    units,
+                );
+            }
+            stage_state_input::<F>(
+                b, &mut r_bc, &mut s_b, bi, t0, len, n_state, tile, units, seg_len, 0usize,
+            );
+            stage_state_input::<F>(
+                c, &mut r_bc, &mut s_c, bi, t0, len, n_state, tile, units, seg_len, 0usize,
+            );
+            sync_cube();
+
+            #[unroll]
+            for i in 0..seg_len {
+                let slot = (seg * seg_len + i) * (block + 1) + dl;
+                let dtv = s_dt[slot];
+                let uv = s_u[slot];
+                dt_l[i] = dtv;
+                du_l[i] = dtv * uv;
+                y_l[i] = d_val * uv;
+            }
         }
-        stage_state_input::<F>(
-            b, &mut r_bc, &mut s_b, bi, t0, len, n_state, tile, units, seg_len,
-        );
-        stage_state_input::<F>(
-            c, &mut r_bc, &mut s_c, bi, t0, len, n_state, tile, units, seg_len,
-        );
-        sync_cube();
 
         let cur = (k % 2) * block * n_state + dl * n_state;
         let next = ((k + 1) % 2) * block * n_state + dl * n_state;
-        #[unroll]
-        for i in 0..seg_len {
-            let slot = (seg * seg_len + i) * (block + 1) + dl;
-            let dtv = s_dt[slot];
-            let uv = s_u[slot];
-            dt_l[i] = dtv;
-            du_l[i] = dtv * uv;
-            y_l[i] = d_val * uv;
-        }
-        let start = t0 + seg * seg_len;
         for n in 0..n_state {
             let an = s_a[dl * n_state + n];
             let at = n * by_state + seg * comptime!(seg_len + 1);
+            if direct {
+                lane_state_values(&s_b4, &mut b_l, bc, n, seg, segs, seg_len);
+            } else {
+                #[unroll]
+                for i in 0..seg_len {
+                    b_l[i] = s_b[at + i];
+                }
+            }
             // The lane's positions as one map h -> p h + q.
             let mut p = 1.0f32;
             let mut q = 0.0f32;
             #[unroll]
             for i in 0..seg_len {
                 let e = (dt_l[i] * an).exp();
-                let v = du_l[i] * s_b[at + i];
+                let v = du_l[i] * b_l[i];
                 decay[i] = e;
                 input[i] = v;
                 q = e * q + v;
@@ -754,26 +905,53 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
                         + n * chunks.stride(3)] = h;
                 }
             }
+            if direct {
+                lane_state_values(&s_c4, &mut c_l, bc, n, seg, segs, seg_len);
+            } else {
+                #[unroll]
+                for i in 0..seg_len {
+                    c_l[i] = s_c[at + i];
+                }
+            }
             #[unroll]
             for i in 0..seg_len {
                 h = decay[i] * h + input[i];
-                y_l[i] += h * s_c[at + i];
+                y_l[i] += h * c_l[i];
             }
             if seg == segs - 1 {
                 s_h[next + n] = h;
             }
         }
-        #[unroll]
-        for i in 0..seg_len {
-            let slot = (seg * seg_len + i) * (block + 1) + dl;
-            let mut out = y_l[i];
-            if has_z {
-                out *= s_gate[slot];
+        if direct {
+            #[unroll]
+            for i in 0..seg_len {
+                let t = start + i;
+                if valid && t < len {
+                    let mut out = y_l[i];
+                    if has_z {
+                        let zv = f32::cast_from(z[at_z + t]);
+                        out *= zv * sigmoid_f32(zv);
+                    }
+                    y[at_y + t] = F::cast_from(out);
+                }
             }
-            s_u[slot] = out;
+        } else {
+            #[unroll]
+            for i in 0..seg_len {
+                let slot = (seg * seg_len + i) * (block + 1) + dl;
+                let mut out = y_l[i];
+                if has_z {
+                    out *= s_gate[slot];
+                }
+                s_u[slot] = out;
+            }
+            sync_cube();
+            unstage::<F>(&s_u, y, bi, d0, t0, dim, len, tile, block, units);
+            sync_cube();
         }
-        sync_cube();
-        unstage::<F>(&s_u, y, bi, d0, t0, dim, len, tile, block, units);
+    }
+    if direct {
+        // The last tile's final states, written by each channel's last lane.
         sync_cube();
     }
 
@@ -798,6 +976,10 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
 /// registers; `dA`, `D` and the delta bias sum over positions (plane sums per tile); `dB` and
 /// `dC` sum over channels: the cube's channels through shared memory, written per cube
 /// (`[batch, cubes, d_state, len]`, summed by the caller).
+///
+/// `direct` as in the forward: each lane reads its positions of `u`, `delta`, `z` and `dout`
+/// and writes those of `du`, `ddelta` and `dz` in place (all with a time stride of 1), and
+/// only B and C are staged.
 #[cube(launch_unchecked, fast_math = FastMath::ReducedPrecision | FastMath::NotNaN | FastMath::NotInf)]
 #[allow(clippy::too_many_arguments)]
 pub fn scan_bwd_chunk_kernel<F: Float>(
@@ -828,6 +1010,7 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
     #[comptime] has_z: bool,
     #[comptime] has_bias: bool,
     #[comptime] softplus: bool,
+    #[comptime] direct: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let segs = comptime!(1usize << segs_log2);
@@ -849,12 +1032,19 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
     let di = d0 + dl;
     let valid = di < dim;
 
-    let mut s_u = SharedMemory::<f32>::new(tile * (block + 1));
-    let mut s_dt = SharedMemory::<f32>::new(tile * (block + 1));
-    let mut s_z = SharedMemory::<f32>::new(tile * (block + 1));
-    let mut s_g = SharedMemory::<f32>::new(tile * (block + 1));
-    let mut s_b = SharedMemory::<f32>::new(n_state * by_state);
-    let mut s_c = SharedMemory::<f32>::new(n_state * by_state);
+    // Staged activations and gradients (not used in direct mode).
+    let staged = comptime!(if direct { 1 } else { tile * (block + 1) });
+    let mut s_u = SharedMemory::<f32>::new(staged);
+    let mut s_dt = SharedMemory::<f32>::new(staged);
+    let mut s_z = SharedMemory::<f32>::new(staged);
+    let mut s_g = SharedMemory::<f32>::new(staged);
+    // B and C: staged per lane, or in direct mode as vectors (`stage_state_vectors`).
+    let staged_bc = comptime!(if direct { 1 } else { n_state * by_state });
+    let direct_bc = comptime!(if direct { n_state * tile / 4 } else { 1 });
+    let mut s_b = SharedMemory::<f32>::new(staged_bc);
+    let mut s_c = SharedMemory::<f32>::new(staged_bc);
+    let mut s_b4 = SharedMemory::<Vec4>::new(direct_bc);
+    let mut s_c4 = SharedMemory::<Vec4>::new(direct_bc);
     // One state's dB and dC terms of every channel and position, double-buffered by state.
     let mut s_red = SharedMemory::<f32>::new(4 * block * tile);
     // The adjoint entering each tile's end, double-buffered by tile parity.
@@ -862,8 +1052,12 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
     let mut s_da = SharedMemory::<f32>::new(block * n_state);
 
     let mut d_val = 0.0f32;
+    let mut bias = 0.0f32;
     if valid {
         d_val = d_skip[di * d_skip.stride(0)];
+        if has_bias {
+            bias = delta_bias[di * delta_bias.stride(0)];
+        }
     }
     for k in 0..comptime!(n_state.div_ceil(segs)) {
         let n = seg + k * segs;
@@ -888,56 +1082,98 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
     let mut du_l = Array::<f32>::new(seg_len);
     let mut decay = Array::<f32>::new(seg_len);
     let mut h_prev = Array::<f32>::new(seg_len);
+    let mut b_l = Array::<f32>::new(seg_len);
+    let mut c_l = Array::<f32>::new(seg_len);
+
+    // Where the lane's channel starts in each activation and gradient (direct mode, where
+    // their time stride is 1).
+    let at_u = bi * u.stride(0) + di * u.stride(1);
+    let at_dt = bi * delta.stride(0) + di * delta.stride(1);
+    let at_z = bi * z.stride(0) + di * z.stride(1);
+    let at_g = bi * dout.stride(0) + di * dout.stride(1);
+    let at_du = bi * du_out.stride(0) + di * du_out.stride(1);
+    let at_ddt = bi * ddelta_out.stride(0) + di * ddelta_out.stride(1);
+    let at_dz = bi * dz_out.stride(0) + di * dz_out.stride(1);
 
     let n_tiles = (len + tile - 1) / tile;
     let mut step = 0usize;
     for kk in 0..n_tiles {
         let k = n_tiles - 1 - kk;
         let t0 = k * tile;
-        // Positions past the end get delta 0 and no gradient: they change nothing.
-        stage::<F>(
-            u, &mut r_act, &mut s_u, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias, softplus,
-            tile, block, units,
-        );
-        stage::<F>(
-            delta, &mut r_act, &mut s_dt, delta_bias, bi, d0, t0, dim, len, 1u32, has_bias,
-            softplus, tile, block, units,
-        );
-        if has_z {
+        if direct {
+            // The previous tile's last reads of B and C came before its last barrier.
+            stage_state_vectors::<F>(b, &mut s_b4, bi, t0, len, 0, n_state, segs, seg_len, units);
+            stage_state_vectors::<F>(c, &mut s_c4, bi, t0, len, 0, n_state, segs, seg_len, units);
+            // Positions past the end get delta 0 and no gradient: they change nothing.
+            #[unroll]
+            for i in 0..seg_len {
+                let t = t0 + seg * seg_len + i;
+                let mut uv = 0.0f32;
+                let mut dtv = 0.0f32;
+                let mut dy = 0.0f32;
+                if valid && t < len {
+                    uv = f32::cast_from(u[at_u + t]);
+                    dtv = delta_at(f32::cast_from(delta[at_dt + t]), bias, softplus);
+                    dy = f32::cast_from(dout[at_g + t]);
+                    if has_z {
+                        let zv = f32::cast_from(z[at_z + t]);
+                        dy *= zv * sigmoid_f32(zv);
+                    }
+                }
+                dt_l[i] = dtv;
+                u_l[i] = uv;
+                dy_l[i] = dy;
+                y_l[i] = d_val * uv;
+                ddt_l[i] = 0.0;
+                du_l[i] = 0.0;
+            }
+            sync_cube();
+        } else {
+            // Positions past the end get delta 0 and no gradient: they change nothing.
             stage::<F>(
-                z, &mut r_act, &mut s_z, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias,
+                u, &mut r_act, &mut s_u, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias,
                 softplus, tile, block, units,
             );
-        }
-        stage::<F>(
-            dout, &mut r_act, &mut s_g, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias, softplus,
-            tile, block, units,
-        );
-        stage_state_input::<F>(
-            b, &mut r_bc, &mut s_b, bi, t0, len, n_state, tile, units, seg_len,
-        );
-        stage_state_input::<F>(
-            c, &mut r_bc, &mut s_c, bi, t0, len, n_state, tile, units, seg_len,
-        );
-        sync_cube();
-
-        #[unroll]
-        for i in 0..seg_len {
-            let slot = (seg * seg_len + i) * (block + 1) + dl;
-            let dtv = s_dt[slot];
-            let uv = s_u[slot];
-            let go = s_g[slot];
-            let mut dy = go;
+            stage::<F>(
+                delta, &mut r_act, &mut s_dt, delta_bias, bi, d0, t0, dim, len, 1u32, has_bias,
+                softplus, tile, block, units,
+            );
             if has_z {
-                let zv = s_z[slot];
-                dy = go * zv * sigmoid_f32(zv);
+                stage::<F>(
+                    z, &mut r_act, &mut s_z, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias,
+                    softplus, tile, block, units,
+                );
             }
-            dt_l[i] = dtv;
-            u_l[i] = uv;
-            dy_l[i] = dy;
-            y_l[i] = d_val * uv;
-            ddt_l[i] = 0.0;
-            du_l[i] = 0.0;
+            stage::<F>(
+                dout, &mut r_act, &mut s_g, delta_bias, bi, d0, t0, dim, len, 0u32, has_bias,
+                softplus, tile, block, units,
+            );
+            stage_state_input::<F>(
+                b, &mut r_bc, &mut s_b, bi, t0, len, n_state, tile, units, seg_len, 0usize,
+            );
+            stage_state_input::<F>(
+                c, &mut r_bc, &mut s_c, bi, t0, len, n_state, tile, units, seg_len, 0usize,
+            );
+            sync_cube();
+
+            #[unroll]
+            for i in 0..seg_len {
+                let slot = (seg * seg_len + i) * (block + 1) + dl;
+                let dtv = s_dt[slot];
+                let uv = s_u[slot];
+                let go = s_g[slot];
+                let mut dy = go;
+                if has_z {
+                    let zv = s_z[slot];
+                    dy = go * zv * sigmoid_f32(zv);
+                }
+                dt_l[i] = dtv;
+                u_l[i] = uv;
+                dy_l[i] = dy;
+                y_l[i] = d_val * uv;
+                ddt_l[i] = 0.0;
+                du_l[i] = 0.0;
+            }
         }
         let cur = (kk % 2) * block * n_state + dl * n_state;
         let next = ((kk + 1) % 2) * block * n_state + dl * n_state;
@@ -953,6 +1189,10 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
                     + n * chunks.stride(3)];
             }
             let at = n * by_state + seg * comptime!(seg_len + 1);
+            if direct {
+                lane_state_values(&s_b4, &mut b_l, 0, n, seg, segs, seg_len);
+                lane_state_values(&s_c4, &mut c_l, 0, n, seg, segs, seg_len);
+            }
 
             // The states: the forward's composition and plane scan.
             let mut p = 1.0f32;
@@ -961,7 +1201,7 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
             for i in 0..seg_len {
                 let e = (dt_l[i] * an).exp();
                 decay[i] = e;
-                q = e * q + dt_l[i] * u_l[i] * s_b[at + i];
+                q = e * q + dt_l[i] * u_l[i] * lane_value(&b_l, &s_b, at, i, direct);
                 p *= e;
             }
             let mut h = plane_scan_entering(p, q, h_tile, lane, segs_log2, false);
@@ -970,13 +1210,13 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
             #[unroll]
             for i in 0..seg_len {
                 h_prev[i] = h;
-                h = decay[i] * h + dt_l[i] * u_l[i] * s_b[at + i];
-                y_l[i] += s_c[at + i] * h;
+                h = decay[i] * h + dt_l[i] * u_l[i] * lane_value(&b_l, &s_b, at, i, direct);
+                y_l[i] += lane_value(&c_l, &s_c, at, i, direct) * h;
             }
             #[unroll]
             for ii in 0..seg_len {
                 let i = seg_len - 1 - ii;
-                qr = decay[i] * (s_c[at + i] * dy_l[i] + qr);
+                qr = decay[i] * (lane_value(&c_l, &s_c, at, i, direct) * dy_l[i] + qr);
             }
             // The adjoint entering after this lane's positions: the maps of the lanes after it,
             // applied to the one carried from the next tile.
@@ -988,8 +1228,8 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
             #[unroll]
             for ii in 0..seg_len {
                 let i = seg_len - 1 - ii;
-                let cv = s_c[at + i];
-                let bv = s_b[at + i];
+                let cv = lane_value(&c_l, &s_c, at, i, direct);
+                let bv = lane_value(&b_l, &s_b, at, i, direct);
                 let g = cv * dy_l[i] + g_in;
                 let ht = decay[i] * h_prev[i] + dt_l[i] * u_l[i] * bv;
                 s_red[red + i] = g * dt_l[i] * u_l[i];
@@ -1038,30 +1278,48 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
         #[unroll]
         for i in 0..seg_len {
             let slot = (seg * seg_len + i) * (block + 1) + dl;
+            let t = t0 + seg * seg_len + i;
             let dtv = dt_l[i];
             let mut ddt = ddt_l[i];
             if softplus {
                 ddt *= softplus_grad_from_output(dtv);
             }
-            if has_z {
-                let zv = s_z[slot];
-                let sg = sigmoid_f32(zv);
-                s_z[slot] = s_g[slot] * y_l[i] * sg * (1.0 + zv * (1.0 - sg));
-            }
             dd += dy_l[i] * u_l[i];
             dbias += ddt;
-            s_u[slot] = du_l[i] + d_val * dy_l[i];
-            s_dt[slot] = ddt;
+            if direct {
+                if valid && t < len {
+                    if has_z {
+                        // Read again rather than kept in registers through the states.
+                        let zv = f32::cast_from(z[at_z + t]);
+                        let go = f32::cast_from(dout[at_g + t]);
+                        let sg = sigmoid_f32(zv);
+                        dz_out[at_dz + t] =
+                            F::cast_from(go * y_l[i] * sg * (1.0 + zv * (1.0 - sg)));
+                    }
+                    du_out[at_du + t] = F::cast_from(du_l[i] + d_val * dy_l[i]);
+                    ddelta_out[at_ddt + t] = F::cast_from(ddt);
+                }
+            } else {
+                if has_z {
+                    let zv = s_z[slot];
+                    let sg = sigmoid_f32(zv);
+                    s_z[slot] = s_g[slot] * y_l[i] * sg * (1.0 + zv * (1.0 - sg));
+                }
+                s_u[slot] = du_l[i] + d_val * dy_l[i];
+                s_dt[slot] = ddt;
+            }
         }
         dd_acc += plane_sum(dd);
         dbias_acc += plane_sum(dbias);
-        sync_cube();
-        unstage::<F>(&s_u, du_out, bi, d0, t0, dim, len, tile, block, units);
-        unstage::<F>(&s_dt, ddelta_out, bi, d0, t0, dim, len, tile, block, units);
-        if has_z {
-            unstage::<F>(&s_z, dz_out, bi, d0, t0, dim, len, tile, block, units);
+        if !direct {
+            sync_cube();
+            unstage::<F>(&s_u, du_out, bi, d0, t0, dim, len, tile, block, units);
+            unstage::<F>(&s_dt, ddelta_out, bi, d0, t0, dim, len, tile, block, units);
+            if has_z {
+                unstage::<F>(&s_z, dz_out, bi, d0, t0, dim, len, tile, block, units);
+            }
+            sync_cube();
         }
-        sync_cube();
     }
 
     let fin = (n_tiles % 2) * block * n_state + dl * n_state;
@@ -1414,8 +1672,8 @@ pub fn scan_bwd_kernel<F: Float>(
             dout, &r_g, &mut s_g, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile,
             block, units,
         );
-        put_state_input::<F>(b, &r_b, &mut s_b, n_state, tile, units, 0usize);
-        put_state_input::<F>(c, &r_c, &mut s_c, n_state, tile, units, 0usize);
+        put_state_input::<F>(b, &r_b, &mut s_b, n_state, tile, units, 0usize, 0usize);
+        put_state_input::<F>(c, &r_c, &mut s_c, n_state, tile, units, 0usize, 0usize);
         sync_cube();
         // The previous tile's loads travel while this one is computed.
         if k > 0 {

@@ -63,10 +63,13 @@ struct ChunkPlan {
 /// lanes are one plane), the saved states' chunk length a multiple of a lane's positions (and
 /// for the backward a divisor of the tile), and the tile's inputs must fit in shared memory.
 /// `grid` (batch rows, channels, compute units) sizes the forward's cubes to its grid.
+/// `direct`: the kernels' direct mode (activations read and written in place, B and C of the
+/// forward double-buffered), which needs other shared memory than the staged one.
 fn chunk_plan(
     hardware: &burn_cubecl::cubecl::ir::HardwareProperties,
     d_state: usize,
     backward: bool,
+    direct: bool,
     grid: Option<(usize, usize, usize)>,
 ) -> Option<ChunkPlan> {
     let plane = hardware.plane_size_min as usize;
@@ -83,14 +86,27 @@ fn chunk_plan(
     // f32 words of shared memory at `block` channels per cube: the staged activations, B and C
     // by lane, and the per-channel state (the backward's also its dB, dC terms of one state,
     // double-buffered).
+    let staged = |kinds: usize, block: usize| {
+        if direct {
+            kinds
+        } else {
+            kinds * tile * (block + 1)
+        }
+    };
+    // B and C: per lane with a padding word, or in direct mode as vectors (the forward's
+    // double-buffered); plus the placeholders of the other layout.
+    let b_and_c = if !direct {
+        2 * d_state * plane * (seg_len + 1) + 8
+    } else if backward {
+        2 * d_state * tile + 2
+    } else {
+        4 * d_state * tile + 2
+    };
     let words = |block: usize| {
         if backward {
-            4 * tile * (block + 1)
-                + 2 * d_state * plane * (seg_len + 1)
-                + 4 * block * tile
-                + 3 * block * d_state
+            staged(4, block) + b_and_c + 4 * block * tile + 3 * block * d_state
         } else {
-            3 * tile * (block + 1) + 2 * d_state * plane * (seg_len + 1) + 3 * block * d_state
+            staged(3, block) + b_and_c + 3 * block * d_state
         }
     };
     let fits = |block: usize| {
@@ -219,6 +235,12 @@ fn empty_like_layout<B: burn::tensor::backend::Backend>(
     }
 }
 
+/// Whether a `[batch, d, len]` tensor's positions are adjacent in memory (a time stride of 1,
+/// or a single position).
+fn time_contiguous<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
+    t.meta.shape()[2] <= 1 || t.meta.strides()[2] == 1
+}
+
 fn is_channel_last<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
     let strides = t.meta.strides();
     strides[1] == 1 && strides[2] != 1
@@ -311,7 +333,9 @@ fn elemwise_launch(n: usize) -> (CubeCount, CubeDim) {
 /// `conv`, `step`, `rms_norm`, `linear`, `moe` (the decoding MoE kernels: the grouped ones run
 /// instead), `moe_grouped`, `moe_mma` (the portable grouped matmuls instead of the tensor-core
 /// ones), `route`, `scan_chunk` (the forward scan that splits a channel's tiles between the lanes of
-/// a plane), `scan_bwd_chunk` (its backward counterpart: the one-pass backward runs instead), `scan_seg` (the forward scan that splits the sequence into segments walked twice;
+/// a plane), `scan_bwd_chunk` (its backward counterpart: the one-pass backward runs instead),
+/// `scan_direct` (the chunked scans stage every activation through shared memory even where
+/// their time stride is 1), `scan_seg` (the forward scan that splits the sequence into segments walked twice;
 /// without either, the one that walks each channel's sequence in one pass runs), `attention`, `attention_mma` (the portable flash attention instead of the
 /// tensor-core one), `attention_direct` (the tensor-core flash attention from staged tiles), `attention_one_pass`
 /// (its two passes over the keys instead of one), or `all`) run the tensor-op reference instead of the kernel: a switch to
@@ -785,6 +809,9 @@ where
     //   32 cubes, (1, 1024, 16384): split 1.81, chunked 1.91, one-pass 3.47.
     // - 512 and 2048 cubes, (4, 4096, 8192) and (8, 8192, 2048): one-pass (8 units) 3.88 and
     //   3.60 ms, chunked 4.46 and 4.53.
+    // Those are the chunked kernel staging its activations (the model's channel-last layout).
+    // In its direct mode (a time stride of 1) it is the fastest at every one of these shapes:
+    // 0.66, 0.27 and 0.88 ms at the first three, 2.42 and 2.43 at the last two.
     // The split kernel costs two exponentials per position and state; it runs where the chunked
     // one cannot (a device whose plane size varies) and the grid is small.
     let hardware = &client.properties().hardware;
@@ -792,17 +819,31 @@ where
     let units = hardware
         .num_streaming_multiprocessors
         .map_or(SEG_UNKNOWN_UNITS, |n| n as usize);
-    let chunked = chunk_plan(hardware, d_state, false, Some((batch, d_inner, units)))
-        .filter(|_| use_kernel("scan_chunk"));
+    // The chunked kernels' direct mode where every activation has a time stride of 1 (`y`
+    // takes the layout of `u`).
+    let direct = [Some(&u), Some(&delta), input.z.as_ref().map(|_| &z)]
+        .into_iter()
+        .flatten()
+        .all(time_contiguous)
+        && use_kernel("scan_direct");
+    let chunked = chunk_plan(
+        hardware,
+        d_state,
+        false,
+        direct,
+        Some((batch, d_inner, units)),
+    )
+    .filter(|_| use_kernel("scan_chunk"));
     let split_runs = d_state <= SEG_MAX_STATE && segs >= 4 && use_kernel("scan_seg");
     // The one-pass kernel fills the device from 2 cubes per compute unit (8 units per channel);
-    // below, the chunked kernel runs where it can, else the split one below 1 cube per unit.
+    // below, and in direct mode at any size, the chunked kernel runs where it can, else the
+    // split one below 1 cube per unit.
     let fills = one_pass_cubes >= FWD_WIDE_CUBES_PER_UNIT * units;
     let kernel = match (crate::scan_forward(), chunked) {
         (ScanForward::Chunked, Some(_)) => ScanForward::Chunked,
         (ScanForward::Split, _) if split_runs => ScanForward::Split,
         (ScanForward::OnePass, _) => ScanForward::OnePass,
-        (_, Some(_)) if !fills => ScanForward::Chunked,
+        (_, Some(_)) if !fills || direct => ScanForward::Chunked,
         (_, None) if split_runs && one_pass_cubes < units => ScanForward::Split,
         _ => ScanForward::OnePass,
     };
@@ -836,6 +877,7 @@ where
                 flags.2,
                 flags.3,
                 save,
+                direct,
                 dtype.into(),
             );
         }
@@ -932,10 +974,30 @@ where
 
     let u = prim(input.u.clone());
     let client = u.client.clone();
+    let f = |t: &T<R, F, I, BT, 3>| prim(t.clone().cast(dtype));
     let channel_last = is_channel_last(&u);
-    let chunked = chunk_plan(&client.properties().hardware, d_state, true, None).filter(|_| {
-        use_kernel("scan_bwd_chunk") && crate::scan_backward() != ScanBackward::OnePass
-    });
+    let delta = f(&input.delta);
+    let dout = f(&grad_y);
+    let z = input
+        .z
+        .as_ref()
+        .map(f)
+        .unwrap_or_else(|| prim(dummy_of::<Cube<R, F, I, BT>, 3>(&device, dtype)));
+    // The chunked kernel's direct mode, as in the forward (the gradients take `u`'s layout).
+    let direct = [
+        Some(&u),
+        Some(&delta),
+        Some(&dout),
+        input.z.as_ref().map(|_| &z),
+    ]
+    .into_iter()
+    .flatten()
+    .all(time_contiguous)
+        && use_kernel("scan_direct");
+    let chunked =
+        chunk_plan(&client.properties().hardware, d_state, true, direct, None).filter(|_| {
+            use_kernel("scan_bwd_chunk") && crate::scan_backward() != ScanBackward::OnePass
+        });
     crate::note_scan_run(if chunked.is_some() {
         ScanBackward::Chunked
     } else {
@@ -977,12 +1039,6 @@ where
     let dbias_part = T::<R, F, I, BT, 2>::empty([batch, d_inner], (&device, f32));
     let dinit = T::<R, F, I, BT, 3>::empty([batch, d_inner, d_state], (&device, f32));
 
-    let f = |t: &T<R, F, I, BT, 3>| prim(t.clone().cast(dtype));
-    let z = input
-        .z
-        .as_ref()
-        .map(f)
-        .unwrap_or_else(|| prim(dummy_of::<Cube<R, F, I, BT>, 3>(&device, dtype)));
     let delta_bias = prim(
         input
             .delta_bias
@@ -992,7 +1048,7 @@ where
     );
     let args = (
         u.into_tensor_arg(),
-        f(&input.delta).into_tensor_arg(),
+        delta.into_tensor_arg(),
         z.into_tensor_arg(),
         f(&input.b).into_tensor_arg(),
         f(&input.c).into_tensor_arg(),
@@ -1000,7 +1056,7 @@ where
         prim(input.d.clone().cast(f32)).into_tensor_arg(),
         delta_bias.into_tensor_arg(),
         prim(chunk_states).into_tensor_arg(),
-        f(&grad_y).into_tensor_arg(),
+        dout.into_tensor_arg(),
     );
     let outs = (
         prim(du.clone()).into_tensor_arg(),
@@ -1051,6 +1107,7 @@ where
                 flags.0,
                 flags.1,
                 flags.2,
+                direct,
                 dtype.into(),
             );
         },
