@@ -245,8 +245,11 @@ fn scan_forward_kernels_match_reference() {
         }
         let ran = jamba_kernels::scan_forward_runs(kernel) - before;
         // The split kernel declines d_state above 16, the chunked one where B and C of a tile
-        // pass lavapipe's 32 KiB of shared memory (d_state 64 and 256): two of the cases each.
-        assert!(ran >= 10, "{kernel:?} ran {ran} forward scans");
+        // pass lavapipe's 32 KiB of shared memory (d_state 64 and 256, three cases). At
+        // d_state 32 the chunked kernel's direct mode (B and C double-buffered) does not fit
+        // and its staged mode runs instead: 12 of the 15 cases.
+        let least = if kernel == ScanForward::Chunked { 12 } else { 10 };
+        assert!(ran >= least, "{kernel:?} ran {ran} forward scans");
     }
     jamba_kernels::set_scan_forward(ScanForward::Auto);
 

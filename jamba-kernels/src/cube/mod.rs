@@ -158,6 +158,22 @@ fn chunk_plan(
     })
 }
 
+/// [`chunk_plan`] in direct mode where `direct` (the layout allows it) and its shared memory
+/// fits, else in the staged mode (whose B and C take less at a large `d_state`), with the mode.
+fn chunk_plan_mode(
+    hardware: &burn_cubecl::cubecl::ir::HardwareProperties,
+    d_state: usize,
+    backward: bool,
+    direct: bool,
+    grid: Option<(usize, usize, usize)>,
+) -> Option<(ChunkPlan, bool)> {
+    direct
+        .then(|| chunk_plan(hardware, d_state, backward, true, grid))
+        .flatten()
+        .map(|plan| (plan, true))
+        .or_else(|| chunk_plan(hardware, d_state, backward, false, grid).map(|plan| (plan, false)))
+}
+
 /// At most this many units share a channel's states (the backward's; the forward's can double).
 const MAX_SPLIT_LOG2: u32 = 3;
 
@@ -826,7 +842,7 @@ where
         .flatten()
         .all(time_contiguous)
         && use_kernel("scan_direct");
-    let chunked = chunk_plan(
+    let plan = chunk_plan_mode(
         hardware,
         d_state,
         false,
@@ -834,6 +850,8 @@ where
         Some((batch, d_inner, units)),
     )
     .filter(|_| use_kernel("scan_chunk"));
+    let direct = plan.is_some_and(|(_, direct)| direct);
+    let chunked = plan.map(|(plan, _)| plan);
     let split_runs = d_state <= SEG_MAX_STATE && segs >= 4 && use_kernel("scan_seg");
     // The one-pass kernel fills the device from 2 cubes per compute unit (8 units per channel);
     // below, and in direct mode at any size, the chunked kernel runs where it can, else the
@@ -994,10 +1012,12 @@ where
     .flatten()
     .all(time_contiguous)
         && use_kernel("scan_direct");
-    let chunked =
-        chunk_plan(&client.properties().hardware, d_state, true, direct, None).filter(|_| {
+    let plan =
+        chunk_plan_mode(&client.properties().hardware, d_state, true, direct, None).filter(|_| {
             use_kernel("scan_bwd_chunk") && crate::scan_backward() != ScanBackward::OnePass
         });
+    let direct = plan.is_some_and(|(_, direct)| direct);
+    let chunked = plan.map(|(plan, _)| plan);
     crate::note_scan_run(if chunked.is_some() {
         ScanBackward::Chunked
     } else {
