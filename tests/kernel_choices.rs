@@ -248,7 +248,11 @@ fn scan_forward_kernels_match_reference() {
         // pass lavapipe's 32 KiB of shared memory (d_state 64 and 256, three cases). At
         // d_state 32 the chunked kernel's direct mode (B and C double-buffered) does not fit
         // and its staged mode runs instead: 12 of the 15 cases.
-        let least = if kernel == ScanForward::Chunked { 12 } else { 10 };
+        let least = if kernel == ScanForward::Chunked {
+            12
+        } else {
+            10
+        };
         assert!(ran >= least, "{kernel:?} ran {ran} forward scans");
     }
     jamba_kernels::set_scan_forward(ScanForward::Auto);

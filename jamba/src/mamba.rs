@@ -144,7 +144,16 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
             Some(m) => hidden * m.clone().unsqueeze_dim::<3>(2),
             None => hidden,
         };
-        let xz = self.in_proj.forward(hidden).swap_dims(1, 2); // [batch, 2*di, len]
+        // [batch, 2*di, len]. Where the products run as tiled matmuls (more tokens than the
+        // decoding kernels take, which read each weight once in f32) and in_proj has no bias, the
+        // projections write the positions adjacent in memory: the layout mamba-ssm computes in,
+        // which the conv and scan kernels read in place.
+        let channels_major =
+            self.in_proj.bias.is_none() && batch * len > jamba_kernels::decode_max_rows();
+        let xz = match channels_major {
+            true => project_channels_major(hidden, self.in_proj.weight.val()),
+            false => self.in_proj.forward(hidden).swap_dims(1, 2),
+        };
         let x = xz.clone().narrow(1, 0, di);
         let z = xz.narrow(1, di, di);
         let x = match mask {
@@ -178,12 +187,16 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
             b.reshape([batch, len, n]),
             c.reshape([batch, len, n]),
         );
-        let dt = project(dt, self.dt_proj.weight.val());
+        // [batch, di, len] (the bias goes to the scan as its delta bias).
+        let dt = match channels_major {
+            true => project_channels_major(dt, self.dt_proj.weight.val()),
+            false => project(dt, self.dt_proj.weight.val()).swap_dims(1, 2),
+        };
 
         let (a, d, delta_bias) = self.scan_constants();
         let out = B::selective_scan(SelectiveScanInput {
             u: x,
-            delta: dt.swap_dims(1, 2),
+            delta: dt,
             a,
             b: b.swap_dims(1, 2),
             c: c.swap_dims(1, 2),
@@ -362,4 +375,19 @@ fn project<B: JambaBackend, const D: usize>(x: Tensor<B, D>, weight: Tensor<B, 2
     let mut out = shape;
     out[D - 1] = y.dims()[1];
     y.reshape(out)
+}
+
+/// `x @ weight^T` for `x` `[batch, len, d_in]`, returned as `[batch, d_out, len]` with the
+/// positions adjacent in memory (a time stride of 1): computed as `weight @ x^T` through
+/// `JambaBackend::linear` with the two operands' roles swapped (the weight cast to the
+/// activations' dtype first, as `linear` does), so no transpose is copied.
+fn project_channels_major<B: JambaBackend>(x: Tensor<B, 3>, weight: Tensor<B, 2>) -> Tensor<B, 3> {
+    let [batch, len, d_in] = x.dims();
+    let d_out = weight.dims()[0];
+    let weight = match weight.dtype() == x.dtype() {
+        true => weight,
+        false => weight.cast(x.dtype()),
+    };
+    let y = <B as JambaBackend>::linear(weight, x.reshape([batch * len, d_in]), None);
+    y.reshape([d_out, batch, len]).swap_dims(0, 1)
 }

@@ -109,10 +109,11 @@ fn chunk_plan(
             staged(3, block) + b_and_c + 3 * block * d_state
         }
     };
+    // A margin for the alignment padding between the kernels' shared arrays.
     let fits = |block: usize| {
         plane * block <= hardware.max_units_per_cube as usize
             && plane * block <= hardware.max_cube_dim.0 as usize
-            && 4 * words(block) <= hardware.max_shared_memory_size
+            && 4 * (words(block) + 16) <= hardware.max_shared_memory_size
     };
     static FORCED: std::sync::OnceLock<[Option<usize>; 2]> = std::sync::OnceLock::new();
     let forced = FORCED.get_or_init(|| {
@@ -854,14 +855,17 @@ where
     let chunked = plan.map(|(plan, _)| plan);
     let split_runs = d_state <= SEG_MAX_STATE && segs >= 4 && use_kernel("scan_seg");
     // The one-pass kernel fills the device from 2 cubes per compute unit (8 units per channel);
-    // below, and in direct mode at any size, the chunked kernel runs where it can, else the
-    // split one below 1 cube per unit.
+    // below, and in direct mode from a whole tile of positions (shorter sequences would leave
+    // most of a channel's lanes idle), the chunked kernel runs where it can, else the split one
+    // below 1 cube per unit.
     let fills = one_pass_cubes >= FWD_WIDE_CUBES_PER_UNIT * units;
     let kernel = match (crate::scan_forward(), chunked) {
         (ScanForward::Chunked, Some(_)) => ScanForward::Chunked,
         (ScanForward::Split, _) if split_runs => ScanForward::Split,
         (ScanForward::OnePass, _) => ScanForward::OnePass,
-        (_, Some(_)) if !fills || direct => ScanForward::Chunked,
+        (_, Some(plan)) if !fills || (direct && len >= plan.seg_len << plan.segs_log2) => {
+            ScanForward::Chunked
+        }
         (_, None) if split_runs && one_pass_cubes < units => ScanForward::Split,
         _ => ScanForward::OnePass,
     };
@@ -995,23 +999,23 @@ where
     let f = |t: &T<R, F, I, BT, 3>| prim(t.clone().cast(dtype));
     let channel_last = is_channel_last(&u);
     let delta = f(&input.delta);
-    let dout = f(&grad_y);
+    let mut dout = f(&grad_y);
     let z = input
         .z
         .as_ref()
         .map(f)
         .unwrap_or_else(|| prim(dummy_of::<Cube<R, F, I, BT>, 3>(&device, dtype)));
     // The chunked kernel's direct mode, as in the forward (the gradients take `u`'s layout).
-    let direct = [
-        Some(&u),
-        Some(&delta),
-        Some(&dout),
-        input.z.as_ref().map(|_| &z),
-    ]
-    .into_iter()
-    .flatten()
-    .all(time_contiguous)
+    // The output gradient of a model whose scan ran in direct mode arrives channel-last (the
+    // gradient of `y`'s transpose into `out_proj`): one copy puts it in time order.
+    let direct = [Some(&u), Some(&delta), input.z.as_ref().map(|_| &z)]
+        .into_iter()
+        .flatten()
+        .all(time_contiguous)
         && use_kernel("scan_direct");
+    if direct && !time_contiguous(&dout) {
+        dout = burn_cubecl::kernel::into_contiguous(dout);
+    }
     let plan =
         chunk_plan_mode(&client.properties().hardware, d_state, true, direct, None).filter(|_| {
             use_kernel("scan_bwd_chunk") && crate::scan_backward() != ScanBackward::OnePass
