@@ -361,10 +361,7 @@ fn direct_scores<F: Float>(
     for n in 0..comptime!(DIRECT_KEYS / 16) {
         let blk = k0 + n * 16;
         if blk < keys {
-            let mut start = blk;
-            if start + 16 > len_k {
-                start = len_k - 16;
-            }
+            let start = block_within(blk, len_k);
             let acc = zero_acc();
             #[unroll]
             for j in 0..comptime!(head_dim / 16) {
@@ -411,10 +408,7 @@ fn direct_pv<F: Float>(
     for n in 0..comptime!(DIRECT_KEYS / 16) {
         let blk = k0 + n * 16;
         if blk < keys {
-            let mut start = blk;
-            if start + 16 > len_k {
-                start = len_k - 16;
-            }
+            let start = block_within(blk, len_k);
             let pf = cmma::Matrix::<F>::from_slice(
                 cmma::MatrixIdent::A,
                 16usize,
@@ -442,15 +436,23 @@ fn direct_pv<F: Float>(
     }
 }
 
+/// Where a block of 16 rows that should start at `start` is read: shifted back to end at
+/// `len` where it would run past it (the caller masks the rows before `start`; `len >= 16`).
+#[cube]
+fn block_within(start: usize, len: usize) -> usize {
+    let mut at = start;
+    if at + 16 > len {
+        at = len - 16;
+    }
+    at
+}
+
 /// The key of column `col` of a step from `k0` (see [`direct_scores`]) and whether the row at
 /// position `qpos` sees it there.
 #[cube]
 fn direct_key(k0: usize, col: usize, keys: usize, len_k: usize, qpos: usize) -> (usize, bool) {
     let blk = k0 + (col / 16) * 16;
-    let mut start = blk;
-    if start + 16 > len_k {
-        start = len_k - 16;
-    }
+    let start = block_within(blk, len_k);
     let key = start + col % 16;
     (key, blk < keys && key >= blk && key <= qpos)
 }
@@ -492,10 +494,7 @@ pub fn flash_attention_mma_kernel<F: Float>(
     let s_end = comptime!(MMA_PLANES * 16 * DS_LD);
     let own = CUBE_POS_X as usize * Q_TILE + plane * 16;
     if own < len_q {
-        let mut first = own;
-        if first + 16 > len_q {
-            first = len_q - 16;
-        }
+        let first = block_within(own, len_q);
         let q_at = b * q.stride(0) + head * q.stride(1) + first * q.stride(2);
         let mut qf = Sequence::<cmma::Matrix<F>>::new();
         #[unroll]

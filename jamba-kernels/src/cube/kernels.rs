@@ -244,7 +244,6 @@ fn put_state_input<F: Float>(
     #[comptime] tile: usize,
     #[comptime] units: usize,
     #[comptime] lane_len: usize,
-    offset: usize,
 ) {
     let tid = UNIT_POS_X as usize;
     let state_major = src.stride(1) == 1;
@@ -259,10 +258,9 @@ fn put_state_input<F: Float>(
                 n = e / tile;
             }
             if lane_len == 0 {
-                dst[offset + tl * (n_state + 1) + n] = regs[i];
+                dst[tl * (n_state + 1) + n] = regs[i];
             } else {
-                dst[offset
-                    + n * comptime!(tile / lane_len * (lane_len + 1))
+                dst[n * comptime!(tile / lane_len * (lane_len + 1))
                     + (tl / lane_len) * comptime!(lane_len + 1)
                     + tl % lane_len] = regs[i];
             }
@@ -310,10 +308,9 @@ fn stage_state_input<F: Float>(
     #[comptime] tile: usize,
     #[comptime] units: usize,
     #[comptime] lane_len: usize,
-    offset: usize,
 ) {
     fetch_state_input::<F>(src, regs, bi, t0, len, n_state, tile, units);
-    put_state_input::<F>(src, regs, dst, n_state, tile, units, lane_len, offset);
+    put_state_input::<F>(src, regs, dst, n_state, tile, units, lane_len);
 }
 
 /// Four f32 values: the unit of the chunked kernels' B and C tiles in direct mode.
@@ -550,8 +547,8 @@ pub fn scan_fwd_kernel<F: Float>(
                 units,
             );
         }
-        put_state_input::<F>(b, &r_b, &mut s_b, n_state, tile, units, 0usize, 0usize);
-        put_state_input::<F>(c, &r_c, &mut s_c, n_state, tile, units, 0usize, 0usize);
+        put_state_input::<F>(b, &r_b, &mut s_b, n_state, tile, units, 0usize);
+        put_state_input::<F>(c, &r_c, &mut s_c, n_state, tile, units, 0usize);
         sync_cube();
         // The next tile's loads travel while this one is computed.
         if k + 1 < n_tiles {
@@ -853,10 +850,10 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
                 );
             }
             stage_state_input::<F>(
-                b, &mut r_bc, &mut s_b, bi, t0, len, n_state, tile, units, seg_len, 0usize,
+                b, &mut r_bc, &mut s_b, bi, t0, len, n_state, tile, units, seg_len,
             );
             stage_state_input::<F>(
-                c, &mut r_bc, &mut s_c, bi, t0, len, n_state, tile, units, seg_len, 0usize,
+                c, &mut r_bc, &mut s_c, bi, t0, len, n_state, tile, units, seg_len,
             );
             sync_cube();
 
@@ -878,11 +875,6 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
             let at = n * by_state + seg * comptime!(seg_len + 1);
             if direct {
                 lane_state_values(&s_b4, &mut b_l, bc, n, seg, segs, seg_len);
-            } else {
-                #[unroll]
-                for i in 0..seg_len {
-                    b_l[i] = s_b[at + i];
-                }
             }
             // The lane's positions as one map h -> p h + q.
             let mut p = 1.0f32;
@@ -890,7 +882,7 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
             #[unroll]
             for i in 0..seg_len {
                 let e = (dt_l[i] * an).exp();
-                let v = du_l[i] * b_l[i];
+                let v = du_l[i] * lane_value(&b_l, &s_b, at, i, direct);
                 decay[i] = e;
                 input[i] = v;
                 q = e * q + v;
@@ -907,16 +899,11 @@ pub fn scan_fwd_chunk_kernel<F: Float>(
             }
             if direct {
                 lane_state_values(&s_c4, &mut c_l, bc, n, seg, segs, seg_len);
-            } else {
-                #[unroll]
-                for i in 0..seg_len {
-                    c_l[i] = s_c[at + i];
-                }
             }
             #[unroll]
             for i in 0..seg_len {
                 h = decay[i] * h + input[i];
-                y_l[i] += h * c_l[i];
+                y_l[i] += h * lane_value(&c_l, &s_c, at, i, direct);
             }
             if seg == segs - 1 {
                 s_h[next + n] = h;
@@ -1149,10 +1136,10 @@ pub fn scan_bwd_chunk_kernel<F: Float>(
                 softplus, tile, block, units,
             );
             stage_state_input::<F>(
-                b, &mut r_bc, &mut s_b, bi, t0, len, n_state, tile, units, seg_len, 0usize,
+                b, &mut r_bc, &mut s_b, bi, t0, len, n_state, tile, units, seg_len,
             );
             stage_state_input::<F>(
-                c, &mut r_bc, &mut s_c, bi, t0, len, n_state, tile, units, seg_len, 0usize,
+                c, &mut r_bc, &mut s_c, bi, t0, len, n_state, tile, units, seg_len,
             );
             sync_cube();
 
@@ -1672,8 +1659,8 @@ pub fn scan_bwd_kernel<F: Float>(
             dout, &r_g, &mut s_g, delta_bias, d0, t0, dim, len, 0u32, has_bias, softplus, tile,
             block, units,
         );
-        put_state_input::<F>(b, &r_b, &mut s_b, n_state, tile, units, 0usize, 0usize);
-        put_state_input::<F>(c, &r_c, &mut s_c, n_state, tile, units, 0usize, 0usize);
+        put_state_input::<F>(b, &r_b, &mut s_b, n_state, tile, units, 0usize);
+        put_state_input::<F>(c, &r_c, &mut s_c, n_state, tile, units, 0usize);
         sync_cube();
         // The previous tile's loads travel while this one is computed.
         if k > 0 {

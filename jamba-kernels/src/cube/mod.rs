@@ -258,6 +258,12 @@ fn time_contiguous<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
     t.meta.shape()[2] <= 1 || t.meta.strides()[2] == 1
 }
 
+/// Whether the chunked scan kernels may run in direct mode on these activations (the absent
+/// ones skipped): all in time order, and the mode not switched off (`JAMBA_REFERENCE`).
+fn direct_layout<R: CubeRuntime>(activations: &[Option<&CubeTensor<R>>]) -> bool {
+    activations.iter().flatten().all(|t| time_contiguous(t)) && use_kernel("scan_direct")
+}
+
 fn is_channel_last<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
     let strides = t.meta.strides();
     strides[1] == 1 && strides[2] != 1
@@ -838,11 +844,7 @@ where
         .map_or(SEG_UNKNOWN_UNITS, |n| n as usize);
     // The chunked kernels' direct mode where every activation has a time stride of 1 (`y`
     // takes the layout of `u`).
-    let direct = [Some(&u), Some(&delta), input.z.as_ref().map(|_| &z)]
-        .into_iter()
-        .flatten()
-        .all(time_contiguous)
-        && use_kernel("scan_direct");
+    let direct = direct_layout(&[Some(&u), Some(&delta), input.z.as_ref().map(|_| &z)]);
     let plan = chunk_plan_mode(
         hardware,
         d_state,
@@ -1008,11 +1010,7 @@ where
     // The chunked kernel's direct mode, as in the forward (the gradients take `u`'s layout).
     // The output gradient of a model whose scan ran in direct mode arrives channel-last (the
     // gradient of `y`'s transpose into `out_proj`): one copy puts it in time order.
-    let direct = [Some(&u), Some(&delta), input.z.as_ref().map(|_| &z)]
-        .into_iter()
-        .flatten()
-        .all(time_contiguous)
-        && use_kernel("scan_direct");
+    let direct = direct_layout(&[Some(&u), Some(&delta), input.z.as_ref().map(|_| &z)]);
     if direct && !time_contiguous(&dout) {
         dout = burn_cubecl::kernel::into_contiguous(dout);
     }
