@@ -68,6 +68,14 @@ struct Args {
     /// the rest of the process fails with it).
     #[arg(long)]
     matmul_tma: bool,
+    /// Time only these routines in `--matmul` (TMA ones included when named here).
+    #[arg(long, value_delimiter = ',')]
+    matmul_routines: Vec<String>,
+    /// After the timed decode steps of the first batch size, run this many more under a sampling
+    /// profiler of the host (1 kHz, CPU time of every thread) and print where the host's time
+    /// goes, by function and thread (needs the `host-profile` feature).
+    #[arg(long, default_value_t = 0)]
+    host_profile: usize,
     /// Time what a launch costs the host: 1000 operations in a row on tiny tensors (an
     /// element-wise add, and the decoding product `JambaBackend::linear` at 1x64x64), the time
     /// to issue them and the time until the device has run them, per operation.
@@ -156,7 +164,13 @@ where
                 [d[0], d[1], d[2]]
             })
             .collect();
-        matmul_timing::<B>(device, &shapes, dtype, args.matmul_tma);
+        matmul_timing::<B>(
+            device,
+            &shapes,
+            dtype,
+            args.matmul_tma,
+            &args.matmul_routines,
+        );
     }
     if args.no_model {
         return;
@@ -220,8 +234,13 @@ where
     }
 
     for &batch in args.batches.iter().filter(|&&b| b > 0) {
-        let mut cache =
-            model.new_cache_with_capacity(batch, args.prompt + args.warmup + args.steps + 1);
+        let profiled = if batch == args.batches[0] {
+            args.host_profile
+        } else {
+            0
+        };
+        let mut cache = model
+            .new_cache_with_capacity(batch, args.prompt + args.warmup + args.steps + profiled + 1);
         let t = Instant::now();
         let logits = model
             .prefill(&tokens(batch, args.prompt), &mut cache, args.chunk, false)
@@ -247,6 +266,12 @@ where
             continue;
         }
         let ms = median(times) * 1e3;
+        if profiled > 0 {
+            host_profile::run(profiled, || {
+                let logits = decode_step(&model, &mut cache, &next).unwrap();
+                let _ = logits.into_data();
+            });
+        }
         println!(
             "| decode, batch {batch} (prompt {}) | {ms:.2} ms/step ({:.1} tok/s) | prefill of the prompt {:.2?}, cache {:.1} MiB, host issues a step in {:.2} ms |",
             args.prompt,
@@ -447,6 +472,7 @@ fn matmul_timing<B: JambaBackend>(
     shapes: &[[usize; 3]],
     dtype: DType,
     tma: bool,
+    only: &[String],
 ) {
     if !B::KERNELS {
         println!("matmul routines: this backend has no kernels (Burn's matmul runs)");
@@ -455,7 +481,13 @@ fn matmul_timing<B: JambaBackend>(
     let before = jamba_kernels::matmul_routine();
     let mut totals: Vec<(&str, f64, bool)> = jamba_kernels::MATMUL_ROUTINES
         .iter()
-        .filter(|r| tma || !r.contains("tma"))
+        .filter(|r| {
+            if only.is_empty() {
+                tma || !r.contains("tma")
+            } else {
+                only.iter().any(|o| o == *r)
+            }
+        })
         .map(|r| (*r, 0.0, true))
         .collect();
     let mut burn_total = 0.0;
@@ -1370,5 +1402,97 @@ fn main() {
             );
             std::process::exit(2);
         }
+    }
+}
+
+/// Where the host's time goes during decoding steps: a sampling profiler (pprof, `SIGPROF` at
+/// 1 kHz of process CPU time, so a thread that waits is not sampled) over `steps` calls of
+/// `step`, summarised per thread by the functions on the sampled stacks.
+#[cfg(feature = "host-profile")]
+mod host_profile {
+    use std::collections::{HashMap, HashSet};
+
+    /// Rows printed per table.
+    const TOP: usize = 60;
+
+    pub fn run(steps: usize, mut step: impl FnMut()) {
+        let guard = match pprof::ProfilerGuardBuilder::default()
+            .frequency(1000)
+            .blocklist(&["libc", "libgcc", "pthread", "vdso"])
+            .build()
+        {
+            Ok(g) => g,
+            Err(e) => {
+                println!("host profile: the profiler did not start ({e})");
+                return;
+            }
+        };
+        let t = std::time::Instant::now();
+        for _ in 0..steps {
+            step();
+        }
+        let wall = t.elapsed();
+        let report = match guard.report().build() {
+            Ok(r) => r,
+            Err(e) => {
+                println!("host profile: no report ({e})");
+                return;
+            }
+        };
+        // Per thread: samples, and per function the samples where it is the innermost frame
+        // (self) and where it is anywhere on the stack (inclusive).
+        type Counts = HashMap<String, isize>;
+        let mut threads: HashMap<String, (isize, Counts, Counts)> = HashMap::new();
+        for (frames, &count) in &report.data {
+            let entry = threads.entry(frames.thread_name.clone()).or_default();
+            entry.0 += count;
+            let names: Vec<String> = frames
+                .frames
+                .iter()
+                .flat_map(|f| f.iter().map(|s| short(&s.name())))
+                .collect();
+            if let Some(first) = names.first() {
+                *entry.1.entry(first.clone()).or_default() += count;
+            }
+            let unique: HashSet<&String> = names.iter().collect();
+            for name in unique {
+                *entry.2.entry(name.clone()).or_default() += count;
+            }
+        }
+        println!(
+            "host profile: {steps} decoding steps in {:.1} ms ({:.3} ms per step), samples (1 ms of CPU time each) by thread:",
+            wall.as_secs_f64() * 1e3,
+            wall.as_secs_f64() * 1e3 / steps as f64
+        );
+        let mut order: Vec<_> = threads.iter().collect();
+        order.sort_by_key(|(_, v)| -v.0);
+        for (thread, (total, own, inclusive)) in order {
+            println!("== thread `{thread}`: {total} samples");
+            for (title, counts) in [("self", own), ("inclusive", inclusive)] {
+                let mut rows: Vec<_> = counts.iter().collect();
+                rows.sort_by_key(|(_, c)| -**c);
+                println!("-- {title}");
+                for (name, c) in rows.into_iter().take(TOP) {
+                    println!("{:6} {:5.1}%  {name}", c, 100.0 * *c as f64 / *total as f64);
+                }
+            }
+        }
+    }
+
+    /// A demangled name without its hash suffix, at most 200 characters.
+    fn short(name: &str) -> String {
+        let name = match name.rfind("::h") {
+            Some(i) if name.len() - i == 19 => &name[..i],
+            _ => name,
+        };
+        name.chars().take(200).collect()
+    }
+}
+
+/// Without the `host-profile` feature there is no profiler to run.
+#[cfg(not(feature = "host-profile"))]
+mod host_profile {
+    pub fn run(_steps: usize, _step: impl FnMut()) {
+        println!("host profile: rebuild with --features host-profile");
     }
 }
