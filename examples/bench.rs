@@ -71,9 +71,9 @@ struct Args {
     /// Time only these routines in `--matmul` (TMA ones included when named here).
     #[arg(long, value_delimiter = ',')]
     matmul_routines: Vec<String>,
-    /// After the timed decode steps of the first batch size, run this many more under a sampling
-    /// profiler of the host (1 kHz, CPU time of every thread) and print where the host's time
-    /// goes, by function and thread (needs the `host-profile` feature).
+    /// After the timed decode steps of the first batch size, run this many more while measuring
+    /// each host thread's time on the CPU and sampling their stacks, and print where the host's
+    /// time goes, by thread and function (needs the `host-profile` feature).
     #[arg(long, default_value_t = 0)]
     host_profile: usize,
     /// Time what a launch costs the host: 1000 operations in a row on tiny tensors (an
@@ -1346,11 +1346,13 @@ mod kernel_check {
                 );
             }
         }
-        // Decoding attention at the "block" shape (16 heads of 128 over 4 KV heads) and an odd one.
+        // Decoding attention at the "block" shape (16 heads of 128 over 4 KV heads) and an odd
+        // one, over the first `len` positions of buffers of 5 more (a KV cache's spare room).
         for (b, h, kvh, len, hd) in [(1, 16, 4, 520, 128), (3, 6, 2, 33, 80)] {
+            let cap = len + 5;
             let q = host(b * h * hd, Distribution::Normal(0.0, 1.0));
-            let k = host(b * kvh * len * hd, Distribution::Normal(0.0, 1.0));
-            let v = host(b * kvh * len * hd, Distribution::Normal(0.0, 1.0));
+            let k = host(b * kvh * cap * hd, Distribution::Normal(0.0, 1.0));
+            let v = host(b * kvh * cap * hd, Distribution::Normal(0.0, 1.0));
             for &(dtype, tol) in dtypes {
                 let r4 = |x: &[f32], s: [usize; 4]| {
                     Tensor::<Ref, 4>::from_data(TensorData::new(round(x, dtype), s), &rdev)
@@ -1358,13 +1360,18 @@ mod kernel_check {
                 let t4 = |x: &[f32], s: [usize; 4]| {
                     Tensor::<B, 4>::from_data(TensorData::new(x.to_vec(), s), dev).cast(dtype)
                 };
-                let (sq, skv) = ([b, h, 1, hd], [b, kvh, len, hd]);
+                let (sq, skv) = ([b, h, 1, hd], [b, kvh, cap, hd]);
                 let want = vals(reference::decode_attention(
                     r4(&q, sq),
-                    r4(&k, skv),
-                    r4(&v, skv),
+                    r4(&k, skv).narrow(2, 0, len),
+                    r4(&v, skv).narrow(2, 0, len),
                 ));
-                let got = vals(B::decode_attention(t4(&q, sq), t4(&k, skv), t4(&v, skv)));
+                let got = vals(B::decode_attention(
+                    t4(&q, sq),
+                    t4(&k, skv),
+                    t4(&v, skv),
+                    len,
+                ));
                 report(
                     format!("decode attention {:?} {dtype:?}", [b, h, kvh, len, hd]),
                     rel(&got, &want),
@@ -1405,9 +1412,11 @@ fn main() {
     }
 }
 
-/// Where the host's time goes during decoding steps: a sampling profiler (pprof, `SIGPROF` at
-/// 1 kHz of process CPU time, so a thread that waits is not sampled) over `steps` calls of
-/// `step`, summarised per thread by the functions on the sampled stacks.
+/// Where the host's time goes during decoding steps: each thread's time on the CPU over `steps`
+/// calls of `step` (Linux's `schedstat`, in ns), and a sampling profiler (pprof, `SIGPROF` per
+/// interval of process CPU time, so a waiting thread is not sampled) summarised per thread by
+/// the functions on the sampled stacks. The kernel delivers the signal at most once per tick
+/// (`CONFIG_HZ`), so the samples are shares, not a clock.
 #[cfg(feature = "host-profile")]
 mod host_profile {
     use std::collections::{HashMap, HashSet};
@@ -1427,11 +1436,13 @@ mod host_profile {
                 return;
             }
         };
+        let before = cpu_times();
         let t = std::time::Instant::now();
         for _ in 0..steps {
             step();
         }
         let wall = t.elapsed();
+        let after = cpu_times();
         let report = match guard.report().build() {
             Ok(r) => r,
             Err(e) => {
@@ -1460,10 +1471,23 @@ mod host_profile {
             }
         }
         println!(
-            "host profile: {steps} decoding steps in {:.1} ms ({:.3} ms per step), samples (1 ms of CPU time each) by thread:",
+            "host profile: {steps} decoding steps in {:.1} ms ({:.3} ms per step); time on the CPU per step, by thread:",
             wall.as_secs_f64() * 1e3,
             wall.as_secs_f64() * 1e3 / steps as f64
         );
+        let mut busy: Vec<(String, f64)> = after
+            .iter()
+            .map(|(tid, (name, ns))| {
+                let start = before.get(tid).map_or(0, |b| b.1);
+                (name.clone(), (ns - start) as f64 / 1e6 / steps as f64)
+            })
+            .filter(|(_, ms)| *ms > 0.001)
+            .collect();
+        busy.sort_by(|a, b| b.1.total_cmp(&a.1));
+        for (name, ms) in busy {
+            println!("   `{name}`: {ms:.3} ms");
+        }
+        println!("samples by thread and function:");
         let mut order: Vec<_> = threads.iter().collect();
         order.sort_by_key(|(_, v)| -v.0);
         for (thread, (total, own, inclusive)) in order {
@@ -1477,6 +1501,23 @@ mod host_profile {
                 }
             }
         }
+    }
+
+    /// Each thread's name and nanoseconds on the CPU so far, by thread id.
+    fn cpu_times() -> HashMap<String, (String, u64)> {
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return HashMap::new();
+        };
+        tasks
+            .filter_map(|task| {
+                let path = task.ok()?.path();
+                let name = std::fs::read_to_string(path.join("comm")).ok()?;
+                let stat = std::fs::read_to_string(path.join("schedstat")).ok()?;
+                let ns = stat.split_whitespace().next()?.parse().ok()?;
+                let tid = path.file_name()?.to_string_lossy().into_owned();
+                Some((tid, (name.trim().to_string(), ns)))
+            })
+            .collect()
     }
 
     /// A demangled name without its hash suffix, at most 200 characters.

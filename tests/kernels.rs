@@ -834,12 +834,20 @@ fn decode_attention_matches_reference() {
             let cap = len + 3;
             let cache = |x: &[f32]| {
                 Tensor::<B, 4>::from_data(TensorData::new(x.to_vec(), [b, kvh, cap, hd]), &dev)
-                    .narrow(2, 0, len)
             };
             let q = Tensor::<B, 4>::from_data(TensorData::new(q.to_vec(), [b, h, 1, hd]), &dev);
-            let out = B::decode_attention(q, cache(k), cache(v));
+            // The buffers read in place up to `len`, and a view narrowed to it.
+            let out = B::decode_attention(q.clone(), cache(k), cache(v), len);
+            let narrowed = B::decode_attention(
+                q,
+                cache(k).narrow(2, 0, len),
+                cache(v).narrow(2, 0, len),
+                len,
+            );
             assert_eq!(out.dims(), [b, h, 1, hd]);
-            to_f32_vec(out)
+            let out = to_f32_vec(out);
+            assert_eq!(out, to_f32_vec(narrowed), "in place and narrowed differ");
+            out
         }
         let s = [b, h, kvh, len, hd];
         let want = TensorData::new(run::<Ref>(&q, &k, &v, s), [b, h, 1, hd]);

@@ -683,9 +683,11 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
+        len: usize,
     ) -> Tensor<Self, 4> {
-        if !B::KERNELS {
-            return crate::reference::decode_attention(q, k, v);
+        if !B::KERNELS || len == 0 || len > k.dims()[2] {
+            let len = len.min(k.dims()[2]);
+            return crate::reference::decode_attention(q, k.narrow(2, 0, len), v.narrow(2, 0, len));
         }
         let [batch, heads, len_q, head_dim] = q.dims();
         let dtype = q.dtype();
@@ -697,7 +699,7 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
                 let mut it = prims.into_iter();
                 let mut next = || inner(it.next().unwrap());
                 let (q, k, v) = (next(), next(), next());
-                vec![raw(B::decode_attention(q, k, v))]
+                vec![raw(B::decode_attention(q, k, v, len))]
             }),
         );
         fwrap(outs.into_iter().next().unwrap())

@@ -409,17 +409,20 @@ pub trait JambaBackend: Backend {
     }
 
     /// Attention of one new position per sequence over its cached keys and values (decoding,
-    /// nothing masked): `q` `[batch, heads, 1, head_dim]`, `k`, `v` `[batch, kv_heads, len,
-    /// head_dim]` with `heads` a multiple of `kv_heads` (query head `j` reads KV head `j /
-    /// (heads / kv_heads)`: no repeated copy of the cache), scale `head_dim^-0.5`, scores and
-    /// softmax in f32. Returns `[batch, heads, 1, head_dim]` in `q`'s dtype. Backends with
-    /// kernels run one kernel (the planes of a cube per head share the keys, online softmax).
+    /// nothing masked): `q` `[batch, heads, 1, head_dim]`, `k`, `v` `[batch, kv_heads,
+    /// capacity, head_dim]` of which the first `len` positions are attended (a KV cache's
+    /// buffers, read in place: a narrowed view whose end is not aligned would be copied), with
+    /// `heads` a multiple of `kv_heads` (query head `j` reads KV head `j / (heads / kv_heads)`:
+    /// no repeated copy of the cache), scale `head_dim^-0.5`, scores and softmax in f32.
+    /// Returns `[batch, heads, 1, head_dim]` in `q`'s dtype. Backends with kernels run one
+    /// kernel (the planes of a cube per head share the keys, online softmax).
     fn decode_attention(
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
+        len: usize,
     ) -> Tensor<Self, 4> {
-        reference::decode_attention(q, k, v)
+        reference::decode_attention(q, k.narrow(2, 0, len), v.narrow(2, 0, len))
     }
 
     /// One decoding position of the scan: returns `y` `[batch, d_inner]` and the new state.
@@ -515,13 +518,18 @@ impl std::fmt::Display for UnknownMatmulRoutine {
 
 impl std::error::Error for UnknownMatmulRoutine {}
 
-/// The routine of [`matmul_routine`] unless chosen otherwise. On the H200 (bf16) it ran the
-/// "block" model's prefill products in half the time of Burn's matmul (1.97x over all of them,
-/// 1.2-2.4x per shape; BENCHMARKS.md), the fastest routine over all of them. A TMA routine was
-/// faster still on one shape, but another failed at launch on the next one (a failure that
-/// poisons the device's stream), so none of them is the default. Devices without tensor cores
+/// The routine of [`matmul_routine`] unless chosen otherwise, on devices with a tensor memory
+/// accelerator (TMA: Hopper and later); on the others [`DEFAULT_MATMUL_ROUTINE_NO_TMA`] runs
+/// instead. On the H200 (bf16) it ran every product of the "block" model's prefill at 208-292
+/// TFLOP/s, 1.3-1.6x the next fastest routine and 2.5-3.6x Burn's matmul (BENCHMARKS.md). It is
+/// launched only where the operands' strides meet TMA's alignment (see `cube::matmul`): a TMA
+/// launch that fails does so on the device's stream, which it leaves unusable.
+pub const DEFAULT_MATMUL_ROUTINE: &str = "specialized_tma_mma";
+
+/// The default routine where the device has no TMA: the fastest of the others over the "block"
+/// model's prefill products on the H200 (1.97x Burn's matmul). Devices without tensor cores
 /// decline it and run Burn's matmul.
-pub const DEFAULT_MATMUL_ROUTINE: &str = "double_cyclic_mma";
+pub const DEFAULT_MATMUL_ROUTINE_NO_TMA: &str = "double_cyclic_mma";
 
 /// A routine name, `burn` (Burn's matmul: `None`), or an error.
 fn parse_matmul_routine(name: &str) -> Result<Option<&'static str>, UnknownMatmulRoutine> {

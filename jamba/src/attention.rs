@@ -20,6 +20,9 @@ pub struct KvCache<B: Backend> {
     keys: Tensor<B, 4>,
     values: Tensor<B, 4>,
     len: usize,
+    /// Stands in the buffers while an append holds them (see [`KvCache::append`]), kept so
+    /// that an append allocates nothing.
+    stand_in: Tensor<B, 4>,
 }
 
 impl<B: Backend> KvCache<B> {
@@ -37,6 +40,7 @@ impl<B: Backend> KvCache<B> {
             keys: Tensor::zeros(shape, (device, dtype)),
             values: Tensor::zeros(shape, (device, dtype)),
             len: 0,
+            stand_in: Tensor::empty([0, 0, 0, 0], (device, dtype)),
         }
     }
 
@@ -68,6 +72,12 @@ impl<B: Backend> KvCache<B> {
         )
     }
 
+    /// The key and value buffers `[batch, kv_heads, capacity, head_dim]`, of which the first
+    /// [`len`](Self::len) positions are filled (for kernels that read them in place).
+    pub fn buffers(&self) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        (self.keys.clone(), self.values.clone())
+    }
+
     /// Appends `[batch, kv_heads, n, head_dim]` keys and values, growing by whole blocks if needed.
     pub fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) {
         let [batch, heads, n, hd] = k.dims();
@@ -84,11 +94,9 @@ impl<B: Backend> KvCache<B> {
         let range = [0..batch, 0..heads, self.len..needed, 0..hd];
         // Moving the buffers out leaves them uniquely owned (unless a fork shares them), so Burn
         // writes in place instead of copying the whole cache.
-        let (device, dtype) = (k.device(), k.dtype());
-        let placeholder = || Tensor::empty([1, 1, 1, 1], (&device, dtype));
-        let keys = std::mem::replace(&mut self.keys, placeholder());
+        let keys = std::mem::replace(&mut self.keys, self.stand_in.clone());
         self.keys = keys.slice_assign(range.clone(), k);
-        let values = std::mem::replace(&mut self.values, placeholder());
+        let values = std::mem::replace(&mut self.values, self.stand_in.clone());
         self.values = values.slice_assign(range, v);
         self.len = needed;
     }
@@ -136,13 +144,20 @@ impl<B: jamba_kernels::JambaBackend> JambaAttention<B> {
         let q = heads(self.q_proj.forward(hidden.clone()), nh);
         let mut k = heads(self.k_proj.forward(hidden.clone()), nkv);
         let mut v = heads(self.v_proj.forward(hidden), nkv);
+        let decoding = len == 1 && matches!(mask, AttentionMask::None);
+        let mut seen = len;
         if let Some(cache) = cache {
             cache.append(k, v);
-            (k, v) = cache.get();
+            seen = cache.len();
+            // Decoding reads the buffers in place; the other paths take the filled positions.
+            (k, v) = match decoding {
+                true => cache.buffers(),
+                false => cache.get(),
+            };
         }
-        if len == 1 && matches!(mask, AttentionMask::None) {
-            // Decoding: the KV heads are shared inside the kernel, the cache is not repeated.
-            let out = B::decode_attention(q, k, v);
+        if decoding {
+            // The KV heads are shared inside the kernel, the cache is not repeated.
+            let out = B::decode_attention(q, k, v, seen);
             return self.o_proj.forward(out.reshape([batch, 1, nh * hd]));
         }
         let out = match mask {

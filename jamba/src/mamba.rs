@@ -49,6 +49,9 @@ pub struct MambaConstants<B: Backend> {
     pub delta_bias: Option<Tensor<B, 1>>,
     pub conv_weight: Tensor<B, 2>,
     pub conv_bias: Option<Tensor<B, 1>>,
+    /// An empty tensor that stands in a state's fields while the decoding kernels hold the
+    /// states (so that they update them in place), kept so that a step allocates none.
+    pub stand_in: Tensor<B, 3>,
 }
 
 /// Depthwise causal conv1d weights, `conv1d.weight` `[d_inner, 1, d_conv]` as in PyTorch.
@@ -226,13 +229,13 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
     ) -> Tensor<B, 3> {
         let [batch, _, width] = hidden.dims();
         let di = self.d_inner;
-        let device = hidden.device();
         let constants = state
             .constants
             .get_or_insert_with(|| self.ssm_constants())
             .clone();
         // Take the states out so that the kernels hold their only reference.
-        let placeholder = || Tensor::<B, 3>::empty([0, 0, 0], (&device, DType::F32));
+        let stand_in = constants.stand_in.clone();
+        let placeholder = || stand_in.clone();
         let conv_state = std::mem::replace(&mut state.conv, placeholder());
         let (x, z) = match mask {
             // in_proj and the conv step: one kernel where the backend has it.
@@ -318,6 +321,7 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
                 .reshape([self.d_inner, self.d_conv])
                 .cast(DType::F32),
             conv_bias: self.conv1d.bias.as_ref().map(|b| b.val().cast(DType::F32)),
+            stand_in: Tensor::empty([0, 0, 0], (&self.d.val().device(), DType::F32)),
         }
     }
 

@@ -417,6 +417,15 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
             }
         }
         let device = self.device();
+        if tokens.ids.len() == 1 && !options.training {
+            // One token (decoding at batch 1): its embedding row as a view of the table, with no
+            // upload of the id and no gather.
+            let embed = self.model.embed_tokens.val();
+            let hidden = embed.dims()[1];
+            let row = embed.narrow(0, tokens.ids[0] as usize, 1);
+            let x = row.reshape([1, 1, hidden]);
+            return Ok(self.forward_embedded(x, None, cache, options));
+        }
         let ids = Tensor::<B, 2, Int>::from_data(
             TensorData::new(tokens.ids.clone(), [tokens.batch, tokens.len]),
             &device,
@@ -512,11 +521,38 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         &self,
         input_ids: Tensor<B, 2, Int>,
         attention_mask: Option<Tensor<B, 2, Int>>,
+        cache: Option<&mut HybridCache<B>>,
+        options: &ForwardOptions,
+    ) -> JambaOutput<B> {
+        let embed = self.model.embed_tokens.val();
+        let mut x = burn::tensor::module::embedding(embed.clone(), input_ids.clone());
+        if let (true, Some(pad)) = (options.training, self.config.pad_token_id) {
+            // `nn.Embedding(padding_idx=pad)`: the padding row gets no gradient from the lookup
+            // (a tied LM head still trains it).
+            let is_pad = input_ids
+                .clone()
+                .equal_elem(pad as i64)
+                .unsqueeze_dim::<3>(2)
+                .expand(x.dims());
+            x = x.mask_where(
+                is_pad,
+                burn::tensor::module::embedding(embed.detach(), input_ids),
+            );
+        }
+        self.forward_embedded(x, attention_mask, cache, options)
+    }
+
+    /// The layers, the final norm and the LM head on the token embeddings `x` `[batch, len,
+    /// hidden]` (the embedding table's dtype).
+    fn forward_embedded(
+        &self,
+        x: Tensor<B, 3>,
+        attention_mask: Option<Tensor<B, 2, Int>>,
         mut cache: Option<&mut HybridCache<B>>,
         options: &ForwardOptions,
     ) -> JambaOutput<B> {
-        let [batch, len] = input_ids.dims();
-        let device = input_ids.device();
+        let [batch, len, _] = x.dims();
+        let device = x.device();
         let dtype = self.dtype();
         let past = cache.as_ref().map_or(0, |c| c.seq_len);
 
@@ -542,21 +578,6 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
             isolate_padding: options.isolate_padding,
         };
 
-        let embed = self.model.embed_tokens.val();
-        let mut x = burn::tensor::module::embedding(embed.clone(), input_ids.clone());
-        if let (true, Some(pad)) = (options.training, self.config.pad_token_id) {
-            // `nn.Embedding(padding_idx=pad)`: the padding row gets no gradient from the lookup
-            // (a tied LM head still trains it).
-            let is_pad = input_ids
-                .clone()
-                .equal_elem(pad as i64)
-                .unsqueeze_dim::<3>(2)
-                .expand(x.dims());
-            x = x.mask_where(
-                is_pad,
-                burn::tensor::module::embedding(embed.detach(), input_ids),
-            );
-        }
         let mut x = x.cast(DType::F32);
         let mut hidden_states = Vec::new();
         let mut router_logits = Vec::new();

@@ -781,6 +781,7 @@ pub fn decode_attention_kernel<F: Float>(
     v: &Tensor<F>,
     out: &mut Tensor<F>,
     scale: f32,
+    len: usize,
     #[comptime] per_lane: usize,
     #[comptime] max_planes: usize,
     #[comptime] head_dim: usize,
@@ -790,7 +791,6 @@ pub fn decode_attention_kernel<F: Float>(
     let b = CUBE_POS_Y as usize;
     let heads = q.shape(1);
     let kv = head / (heads / k.shape(1));
-    let len = k.shape(2);
     let plane = PLANE_DIM as usize;
     let planes = CUBE_DIM_X as usize / plane;
     let plane_idx = UNIT_POS_X as usize / plane;
@@ -1427,11 +1427,13 @@ where
 /// Units per cube of decoding attention.
 const ATTENTION_UNITS: usize = 256;
 
-/// See [`crate::JambaBackend::decode_attention`]; `q`, `k`, `v` of one dtype.
+/// See [`crate::JambaBackend::decode_attention`]; `q`, `k`, `v` of one dtype, `len` at most
+/// the buffers' capacity.
 pub(crate) fn decode_attention<R, F, I, BT>(
     q: BTensor<Cube<R, F, I, BT>, 4>,
     k: BTensor<Cube<R, F, I, BT>, 4>,
     v: BTensor<Cube<R, F, I, BT>, 4>,
+    len: usize,
 ) -> BTensor<Cube<R, F, I, BT>, 4>
 where
     R: CubeRuntime,
@@ -1457,6 +1459,7 @@ where
             prim(v).into_tensor_arg(),
             prim(out.clone()).into_tensor_arg(),
             (head_dim as f32).powf(-0.5),
+            len,
             head_dim.div_ceil(plane_min),
             ATTENTION_UNITS / plane_min,
             head_dim,

@@ -8,6 +8,7 @@
 
 use burn::tensor::{DType, Tensor};
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
+use cubecl::features::Tma;
 use cubek::matmul::{
     components::tile::TileMatmulKind,
     definition::{MatmulElems, MatmulGlobalElems},
@@ -102,13 +103,24 @@ where
     if !matches!(dtype, DType::F16 | DType::BF16) || rhs.dtype() != dtype {
         return None;
     }
-    let strategy = strategy(crate::matmul_routine()?)?;
     let ([_, k], [_, n]) = (lhs.dims(), rhs.dims());
     if !k.is_multiple_of(ROUTINE_DIM_MULTIPLE) || !n.is_multiple_of(ROUTINE_DIM_MULTIPLE) {
         crate::note_matmul_fallback();
         return None;
     }
     let (l, r) = (prim(lhs.clone()), prim(rhs.clone()));
+    let mut name = crate::matmul_routine()?;
+    if name.contains("tma") {
+        let has_tma = l.client.properties().features.tma.contains(Tma::Base);
+        if !has_tma && name == crate::DEFAULT_MATMUL_ROUTINE {
+            name = crate::DEFAULT_MATMUL_ROUTINE_NO_TMA;
+        } else if !has_tma || !tma_aligned(&l) || !tma_aligned(&r) {
+            // A TMA launch that fails leaves the stream unusable: decline before it.
+            crate::note_matmul_fallback();
+            return None;
+        }
+    }
+    let strategy = strategy(name)?;
     let out = burn_cubecl::kernel::matmul::init_matmul_output(&l, &r, dtype);
     let client = out.client.clone();
     let mut dtypes = MatmulElems::from_globals(&MatmulGlobalElems {
@@ -131,6 +143,21 @@ where
             None
         }
     }
+}
+
+/// Whether a tensor meets the alignment that a TMA descriptor of it needs (checked by the CUDA
+/// runtime when the kernel is launched): every stride but the unit one a multiple of 16 bytes,
+/// and the start of the data at a multiple of 16 bytes (Burn makes a view only at an offset
+/// aligned to the device's memory alignment; other slices are copied).
+fn tma_aligned<R: CubeRuntime>(t: &burn_cubecl::tensor::CubeTensor<R>) -> bool {
+    let size = t.dtype.size();
+    let strides_ok = t
+        .meta
+        .strides()
+        .iter()
+        .all(|&s| s == 1 || (s * size).is_multiple_of(16));
+    let offset_ok = t.handle.offset_start.unwrap_or(0).is_multiple_of(16);
+    strides_ok && offset_ok
 }
 
 /// [`routine_matmul`], else Burn's matmul.

@@ -577,11 +577,13 @@ where
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
+        len: usize,
     ) -> Tensor<Self, 4> {
         let [batch, heads, len_q, head_dim] = q.dims();
-        let [kb, kv_heads, len, kd] = k.dims();
+        let [kb, kv_heads, capacity, kd] = k.dims();
         if len_q != 1
             || len == 0
+            || len > capacity
             || batch == 0
             || kb != batch
             || kd != head_dim
@@ -595,9 +597,10 @@ where
             || v.dtype() != q.dtype()
             || !use_kernel("decode_attention")
         {
-            return crate::reference::decode_attention(q, k, v);
+            let len = len.min(capacity);
+            return crate::reference::decode_attention(q, k.narrow(2, 0, len), v.narrow(2, 0, len));
         }
-        decode::decode_attention(q, k, v)
+        decode::decode_attention(q, k, v, len)
     }
 
     fn causal_attention(
