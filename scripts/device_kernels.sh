@@ -11,9 +11,6 @@
 # LAUNCH=1 (default) times what a launch costs the host (bench --launch-overhead).
 # TMA=1 times cubek's TMA matmul routines (TMA_ROUTINES) on the block model's products (or
 # TMA_SHAPES), one process per routine and shape (a failed TMA launch poisons the process's stream).
-# RUNNER=1 times decoding at batch 1 and 8 with the device's work on the caller's thread (the
-# default of vendor/cubecl-common) and on CubeCL's runner thread (CUBECL_DEVICE_RUNNER=thread),
-# three processes each, unfused and fused.
 # HOST_PROFILE=1 samples the host during decoding steps at batch 1 (bench --host-profile; needs a
 # build with --features host-profile and an unstripped bench).
 # SCAN=0, SCAN_KERNELS=0, SCAN_BLOCKS=0, ATTENTION=0, TRAIN=0, MOE=0, MATMUL=0, UNFUSED_DECODE=0, LAUNCH=0,
@@ -97,18 +94,6 @@ for r in ${TMA_ROUTINES:-specialized_tma_mma double_tma_mma}; do
   for s in ${TMA_SHAPES:-16384x2048x8192 16384x4096x2048 16384x2048x7168 16384x7168x2048 2048x2048x14336 2048x7168x2048 16384x128x4096 16384x2048x2048 4099x2048x2048 1000x2048x14336}; do
     timeout 60 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --matmul $s --matmul-routines $r 2>&1 \
         | grep -E "^\| matmul|panicked|rror" | head -4
-  done
-done
-fi
-if [ "${RUNNER:-0}" = 1 ]; then
-echo "== decoding (block model, bf16): device work on the caller's thread (default) and on CubeCL's runner thread"
-for be in cuda-unfused cuda; do
-  for runner in caller thread; do
-    for i in 1 2 3; do
-      echo "-- $be, $runner, process $i"
-      env $([ $runner = thread ] && echo CUBECL_DEVICE_RUNNER=thread) "$bin/bench" --config benches/configs/block.json \
-          --backend $be --dtype bf16 --prompt 512 --batches 1,8 --steps 16 --warmup 4 2>&1 | grep decode
-    done
   done
 done
 fi
