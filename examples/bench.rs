@@ -76,6 +76,10 @@ struct Args {
     /// time goes, by thread and function (needs the `host-profile` feature).
     #[arg(long, default_value_t = 0)]
     host_profile: usize,
+    /// Make the model's weights under Burn's persistent allocation mode (one device): CubeCL
+    /// then keeps them out of the sliced pools that every later allocation searches.
+    #[arg(long)]
+    persistent_weights: bool,
     /// Time what a launch costs the host: 1000 operations in a row on tiny tensors (an
     /// element-wise add, and the decoding product `JambaBackend::linear` at 1x64x64), the time
     /// to issue them and the time until the device has run them, per operation.
@@ -184,6 +188,14 @@ where
     let model = if devices.len() > 1 {
         let map = jamba::parallel::DeviceMap::new(devices.clone()).expect("devices");
         JambaForCausalLM::<B>::init_on(&cfg, &map, dtype).expect("model")
+    } else if args.persistent_weights {
+        // Everything allocated while the weights are made goes to the persistent pool; fused
+        // operations are run inside, before the mode ends.
+        B::memory_persistent_allocations(device, (), |_| {
+            let model = JambaForCausalLM::<B>::init(&cfg, device, dtype).expect("model");
+            B::sync(device).unwrap();
+            model
+        })
     } else {
         JambaForCausalLM::<B>::init(&cfg, device, dtype).expect("model")
     };
