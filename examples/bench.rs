@@ -76,8 +76,9 @@ struct Args {
     /// time goes, by thread and function (needs the `host-profile` feature).
     #[arg(long, default_value_t = 0)]
     host_profile: usize,
-    /// Make the model's weights under Burn's persistent allocation mode (one device): CubeCL
-    /// then keeps them out of the sliced pools that every later allocation searches.
+    /// Make the model's weights under Burn's persistent allocation mode: CubeCL then keeps them
+    /// out of the sliced pools that every later allocation searches (one device only: ignored
+    /// with several `--devices`).
     #[arg(long)]
     persistent_weights: bool,
     /// Time what a launch costs the host: 1000 operations in a row on tiny tensors (an
@@ -1375,8 +1376,9 @@ mod kernel_check {
                 let (sq, skv) = ([b, h, 1, hd], [b, kvh, cap, hd]);
                 let want = vals(reference::decode_attention(
                     r4(&q, sq),
-                    r4(&k, skv).narrow(2, 0, len),
-                    r4(&v, skv).narrow(2, 0, len),
+                    r4(&k, skv),
+                    r4(&v, skv),
+                    len,
                 ));
                 let got = vals(B::decode_attention(
                     t4(&q, sq),

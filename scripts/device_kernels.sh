@@ -103,7 +103,7 @@ for be in cuda-unfused cuda; do
   echo "-- $be"
   "$bin/bench" --config benches/configs/block.json --backend $be --dtype bf16 --prompt 512 \
       --batches 1 --steps 16 --warmup 4 --host-profile 600 > "$out/host-profile-$be.txt" 2>&1
-  grep -E "decode|host profile|^== thread" "$out/host-profile-$be.txt"
+  grep -E "decode|host profile|^   \`|^== thread" "$out/host-profile-$be.txt"
 done
 fi
 if [ "${ATTENTION:-1}" = 1 ]; then

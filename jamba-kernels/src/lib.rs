@@ -422,7 +422,7 @@ pub trait JambaBackend: Backend {
         v: Tensor<Self, 4>,
         len: usize,
     ) -> Tensor<Self, 4> {
-        reference::decode_attention(q, k.narrow(2, 0, len), v.narrow(2, 0, len))
+        reference::decode_attention(q, k, v, len)
     }
 
     /// One decoding position of the scan: returns `y` `[batch, d_inner]` and the new state.

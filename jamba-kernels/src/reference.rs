@@ -326,15 +326,17 @@ pub fn mamba_step<B: JambaBackend>(input: MambaStep<B>) -> (Tensor<B, 2>, Tensor
     })
 }
 
-/// Attention of one query per head over every cached key (decoding), KV heads shared by
-/// `heads / kv_heads` query heads; scores, softmax and output in f32.
+/// Attention of one query per head over the first `len` cached keys of `k`, `v` (decoding),
+/// KV heads shared by `heads / kv_heads` query heads; scores, softmax and output in f32.
 pub fn decode_attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
+    len: usize,
 ) -> Tensor<B, 4> {
     let [batch, heads, len_q, head_dim] = q.dims();
-    let [_, kv_heads, len, _] = k.dims();
+    let (k, v) = (k.narrow(2, 0, len), v.narrow(2, 0, len));
+    let kv_heads = k.dims()[1];
     let groups = heads / kv_heads;
     let repeat = |x: Tensor<B, 4>| {
         x.cast(DType::F32)

@@ -417,7 +417,7 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
             }
         }
         let device = self.device();
-        if tokens.ids.len() == 1 && !options.training {
+        if tokens.ids.len() == 1 && !tokens.has_padding() && !options.training {
             // One token (decoding at batch 1): its embedding row as a view of the table, with no
             // upload of the id and no gather.
             let embed = self.model.embed_tokens.val();

@@ -597,8 +597,7 @@ where
             || v.dtype() != q.dtype()
             || !use_kernel("decode_attention")
         {
-            let len = len.min(capacity);
-            return crate::reference::decode_attention(q, k.narrow(2, 0, len), v.narrow(2, 0, len));
+            return crate::reference::decode_attention(q, k, v, len);
         }
         decode::decode_attention(q, k, v, len)
     }
