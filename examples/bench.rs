@@ -240,9 +240,11 @@ where
         }
         let s = median(times);
         println!(
-            "| prefill, batch {batch}, {len} tokens | {:.1} k tok/s ({:.1} ms) |",
+            "| prefill, batch {batch}, {len} tokens | {:.1} k tok/s ({:.1} ms) | matmul routine {}, products through cuBLAS so far {} |",
             (batch * len) as f64 / s / 1e3,
-            s * 1e3
+            s * 1e3,
+            jamba_kernels::matmul_routine().unwrap_or("burn"),
+            jamba_kernels::cublas_products()
         );
     }
 

@@ -11,6 +11,7 @@
 # LAUNCH=1 (default) times what a launch costs the host (bench --launch-overhead).
 # TMA=1 times cubek's TMA matmul routines (TMA_ROUTINES) on the block model's products (or
 # TMA_SHAPES), one process per routine and shape (a failed TMA launch poisons the process's stream).
+# CUBLAS=1 compares the cuBLAS routine with cubek's TMA routine (products, checks, prefill).
 # HOST_PROFILE=1 samples the host during decoding steps at batch 1 (bench --host-profile; needs a
 # build with --features host-profile and an unstripped bench).
 # SCAN=0, SCAN_KERNELS=0, SCAN_BLOCKS=0, ATTENTION=0, TRAIN=0, MOE=0, MATMUL=0, UNFUSED_DECODE=0, LAUNCH=0,
@@ -19,6 +20,46 @@ set -uo pipefail
 bin=$1; out=$2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 date -u
+# cuBLAS is loaded at run time (libcublas.so.N): where the loader does not know it, the CUDA
+# toolkit's directory or PyTorch's wheel is searched for it.
+if ! ldconfig -p | grep -q "libcublas\.so"; then
+  for d in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib \
+      $(python3 -c "import nvidia.cublas, os; print(os.path.join(nvidia.cublas.__path__[0], 'lib'))" 2>/dev/null); do
+    if ls "$d"/libcublas.so* > /dev/null 2>&1; then export LD_LIBRARY_PATH=$d:${LD_LIBRARY_PATH:-}; break; fi
+  done
+fi
+echo "cuBLAS: $(ldconfig -p | grep -o 'libcublas\.so[.0-9]*' | sort -u | tr '\n' ' ') LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}"
+if [ "${CUBLAS:-0}" = 1 ]; then
+echo "== matmul, bf16, the block model's products: cuBLAS (the default routine) against cubek's TMA routine, checked against Burn's matmul"
+timeout 200 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --matmul \
+    16384x2048x8192,16384x4096x2048,16384x2048x7168,16384x7168x2048,2048x2048x14336,2048x7168x2048,16384x4096x160,16384x128x4096,16384x2048x2048,4099x2048x2048,600x2048x2048 \
+    --matmul-routines cublas,specialized_tma_mma 2>&1 | grep -E "^\||best|panicked|rror"
+echo "== kernel checks with every routine product and every attention through cuBLAS (JAMBA_CUBLAS_MIN_ROWS=1 JAMBA_CUBLAS_ATTENTION_MIN_QUERIES=1), unfused then fused"
+for be in cuda-unfused cuda; do
+  JAMBA_CUBLAS_MIN_ROWS=1 JAMBA_CUBLAS_ATTENTION_MIN_QUERIES=1 JAMBA_FLASH_MIN_SCORES=0 "$bin/bench" --backend $be --check-kernels --no-model 2>&1 | tee /tmp/check-cublas-$be.txt | grep -v " ok$"
+  grep "attention" /tmp/check-cublas-$be.txt | tail -4
+done
+echo "== causal attention alone, bf16, 16 heads of 128 over 4 KV heads: through cuBLAS (JAMBA_CUBLAS_ATTENTION_MIN_QUERIES=1), then the flash kernel (JAMBA_REFERENCE=attention_cublas)"
+JAMBA_CUBLAS_ATTENTION_MIN_QUERIES=1 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --attention 1024,4096,16384 2>&1 | grep -i "attention"
+JAMBA_REFERENCE=attention_cublas "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --attention 1024,4096,16384 2>&1 | grep -i "attention"
+if [ -x "$bin/jamba" ]; then
+  echo "== the fixtures in bf16 with every routine product and attention through cuBLAS"
+  mkdir -p /tmp/w3
+  JAMBA_CUBLAS_MIN_ROWS=1 JAMBA_CUBLAS_ATTENTION_MIN_QUERIES=1 bash scripts/device_forward_check.sh "$bin/jamba" /tmp/w3 2>&1 | grep -v "^loaded\|^forward of"
+fi
+echo "== MoE experts of one block layer alone: per-expert products through cuBLAS, then through cubek's TMA routine"
+"$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 4096,16384 2>&1 | grep "^|"
+JAMBA_MATMUL=specialized_tma_mma "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 4096,16384 2>&1 | grep "^|"
+echo "== block model, bf16, prefill with the flash attention kernel instead (JAMBA_REFERENCE=attention_cublas)"
+JAMBA_REFERENCE=attention_cublas "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 \
+    --batches 0 --prefill 4096,16384,8x2048 --chunk 16384
+echo "== block model, bf16, prefill with cubek's TMA routine instead (JAMBA_MATMUL=specialized_tma_mma)"
+JAMBA_MATMUL=specialized_tma_mma "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 \
+    --batches 0 --prefill 4096,16384,8x2048 --chunk 16384
+echo "== block model, bf16, decode at batch 32 with its products through cuBLAS too (JAMBA_CUBLAS_MIN_ROWS=1)"
+JAMBA_CUBLAS_MIN_ROWS=1 "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 --prompt 512 \
+    --batches 32 --steps 16 --warmup 4 2>&1 | grep decode
+fi
 if [ "${CHECKS:-1}" = 1 ]; then
 if [ -x "$bin/jamba" ]; then
   echo "== the fixtures on CUDA: jamba forward (f32, bf16) and greedy decoding (f32)"
@@ -213,8 +254,8 @@ for n in 16384 0; do
 done
 # Two prefills ran (one untimed, one timed); the model's set-up is subtracted.
 python3 scripts/ncu_per_step.py "$out/ncu-prefill16384.txt" "$out/ncu-prefill0.txt" 2 | head -30
-echo "== ncu: the tensor-core flash attention kernel at 16384 tokens (16 heads of 128 over 4 KV heads, bf16)"
-timeout 120 ncu --clock-control none -k regex:flash_attention --launch-count 1 --section SpeedOfLight --section LaunchStats \
+echo "== ncu: the causal softmax of the attention through cuBLAS at 16384 tokens (16 heads of 128 over 4 KV heads, bf16; the last block of queries)"
+timeout 120 ncu --clock-control none -k regex:causal_softmax --launch-skip 15 --launch-count 1 --section SpeedOfLight --section LaunchStats \
     --section Occupancy --section WarpStateStats "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model \
     --attention 16384 > "$out/ncu-attention.txt" 2>&1
 grep -E "Duration|Registers Per|Achieved Occupancy|Warp Cycles Per Issued|Block Limit Registers|Block Limit Shared|Compute \(SM\) Throughput|Memory Throughput" "$out/ncu-attention.txt"

@@ -1415,6 +1415,65 @@ fn causal_attention_matches_reference() {
     }
 }
 
+/// The causal softmax between the two products of the attention through cuBLAS (which itself
+/// runs only on CUDA) against a loop in f64: every row's softmax over the keys its query sees,
+/// exactly 0 past them. Rows up to 513 keys (two and a fraction strides of the cube), one key,
+/// queries after cached positions (`first_visible > 1`), scores of magnitude 30 (the online
+/// maximum's rescaling). f32 within 1e-5 (one rounding per term of the sum); f16 output within
+/// 1e-3 (probabilities at most 1, rounded to 2^-11 relative).
+#[test]
+fn causal_softmax_matches_loop() {
+    no_overrides();
+    // (heads, rows per head, keys, first_visible, score scale)
+    for (heads, rows, keys, first, scale) in [
+        (1, 1, 1, 1, 1.0f32),
+        (3, 7, 7, 1, 1.0),
+        (2, 5, 300, 296, 30.0),
+        (1, 33, 513, 481, 4.0),
+        (2, 9, 40, 1, 4.0),
+    ] {
+        let x: Vec<f32> = random(heads * rows * keys, Distribution::Normal(0.0, 1.0))
+            .into_iter()
+            .map(|v| v * scale)
+            .collect();
+        let mut want = vec![0.0f32; x.len()];
+        for r in 0..heads * rows {
+            let visible = (first + r % rows).min(keys);
+            let row = &x[r * keys..(r + 1) * keys];
+            let m = row[..visible]
+                .iter()
+                .fold(f64::MIN, |m, &v| m.max(v as f64));
+            let sum: f64 = row[..visible].iter().map(|&v| (v as f64 - m).exp()).sum();
+            for j in 0..visible {
+                want[r * keys + j] = ((row[j] as f64 - m).exp() / sum) as f32;
+            }
+        }
+        let want = TensorData::new(want, [heads * rows * keys]);
+        for dtype in [DType::F32, DType::F16] {
+            let name =
+                format!("causal softmax [{heads}, {rows}, {keys}] from {first} x{scale} {dtype:?}");
+            let scores = Tensor::<Cube, 3>::from_data(
+                TensorData::new(x.clone(), [heads, rows, keys]),
+                &Default::default(),
+            );
+            let got = jamba_kernels::cube::attention::causal_softmax(scores, first, dtype);
+            assert_eq!(got.dtype(), dtype);
+            let got = to_f32_vec(got);
+            for r in 0..heads * rows {
+                let visible = (first + r % rows).min(keys);
+                assert!(
+                    got[r * keys + visible..(r + 1) * keys]
+                        .iter()
+                        .all(|&p| p == 0.0),
+                    "{name}: row {r} has weight past its {visible} visible keys"
+                );
+            }
+            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-3 };
+            assert_close(&name, &got, &want, tol);
+        }
+    }
+}
+
 /// The reference itself against a scalar loop over positions: grouped queries and queries
 /// after cached positions see exactly keys `0..=len_k - len_q + i` of KV head `h / groups`.
 #[test]

@@ -499,7 +499,34 @@ pub const MATMUL_ROUTINES: &[&str] = &[
     "specialized_tma_cmma",
     "specialized_tma_mma",
     "simple_unit",
+    CUBLAS_ROUTINE,
 ];
+
+/// The routine that runs the products of at least [`cublas_min_rows`] rows through cuBLAS on
+/// CUDA (feature `cublas`; the library is loaded at run time: `libcublas.so`), enqueued on
+/// CubeCL's stream, and every other product through [`DEFAULT_CUBEK_ROUTINE`] (see
+/// `cube::cublas`). On the other runtimes, without the feature, or where cuBLAS does not load,
+/// it is [`DEFAULT_CUBEK_ROUTINE`] alone.
+pub const CUBLAS_ROUTINE: &str = "cublas";
+
+/// Rows from which [`CUBLAS_ROUTINE`] hands a product to cuBLAS, unless
+/// `JAMBA_CUBLAS_MIN_ROWS` says otherwise: by default every product that reaches the routine
+/// (more than [`decode_max_rows`] rows). Each costs the host three round trips to CubeCL's device
+/// thread for its operands' addresses, which the faster products repaid even in decoding at
+/// batch 32 on the H200 (13.6 against 16.1 ms per step, BENCHMARKS.md); a larger value keeps
+/// products of fewer rows on cubek's routine.
+pub const CUBLAS_MIN_ROWS: usize = 1;
+
+/// [`CUBLAS_MIN_ROWS`] or `JAMBA_CUBLAS_MIN_ROWS`.
+pub fn cublas_min_rows() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("JAMBA_CUBLAS_MIN_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(CUBLAS_MIN_ROWS)
+    })
+}
 
 /// A name that is not one of [`MATMUL_ROUTINES`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -518,13 +545,17 @@ impl std::fmt::Display for UnknownMatmulRoutine {
 
 impl std::error::Error for UnknownMatmulRoutine {}
 
-/// The routine of [`matmul_routine`] unless chosen otherwise, on devices with a tensor memory
-/// accelerator (TMA: Hopper and later); on the others [`DEFAULT_MATMUL_ROUTINE_NO_TMA`] runs
-/// instead. On the H200 (bf16) it ran every product of the "block" model's prefill at 208-292
+/// The routine of [`matmul_routine`] unless chosen otherwise: [`CUBLAS_ROUTINE`], which runs
+/// the large products through cuBLAS on CUDA and the rest through [`DEFAULT_CUBEK_ROUTINE`].
+pub const DEFAULT_MATMUL_ROUTINE: &str = CUBLAS_ROUTINE;
+
+/// cubek's routine for the products that [`DEFAULT_MATMUL_ROUTINE`] does not hand to cuBLAS,
+/// on devices with a tensor memory accelerator (TMA: Hopper and later); on the others
+/// [`DEFAULT_MATMUL_ROUTINE_NO_TMA`] runs instead. On the H200 (bf16) it ran every product of the "block" model's prefill at 208-292
 /// TFLOP/s, 1.3-1.6x the next fastest routine and 2.5-3.6x Burn's matmul (BENCHMARKS.md). It is
 /// launched only where the operands' strides meet TMA's alignment (see `cube::matmul`): a TMA
 /// launch that fails does so on the device's stream, which it leaves unusable.
-pub const DEFAULT_MATMUL_ROUTINE: &str = "specialized_tma_mma";
+pub const DEFAULT_CUBEK_ROUTINE: &str = "specialized_tma_mma";
 
 /// The default routine where the device has no TMA: the fastest of the others over the "block"
 /// model's prefill products on the H200 (1.97x Burn's matmul). Devices without tensor cores
@@ -579,6 +610,36 @@ pub fn set_matmul_routine(name: Option<&str>) -> Result<(), UnknownMatmulRoutine
         .write()
         .unwrap_or_else(|e| e.into_inner()) = chosen;
     Ok(())
+}
+
+/// Queries from which [`JambaBackend::causal_attention`] runs through cuBLAS on CUDA (feature
+/// `cublas`, with [`CUBLAS_ROUTINE`] chosen): two products per block of queries with the scores
+/// in memory between them, instead of the flash kernels. `JAMBA_CUBLAS_ATTENTION_MIN_QUERIES`
+/// overrides it; `JAMBA_REFERENCE=attention_cublas` turns it off.
+pub const CUBLAS_ATTENTION_MIN_QUERIES: usize = 1024;
+
+/// [`CUBLAS_ATTENTION_MIN_QUERIES`] or `JAMBA_CUBLAS_ATTENTION_MIN_QUERIES`.
+pub fn cublas_attention_min_queries() -> usize {
+    static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *ROWS.get_or_init(|| {
+        std::env::var("JAMBA_CUBLAS_ATTENTION_MIN_QUERIES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(CUBLAS_ATTENTION_MIN_QUERIES)
+    })
+}
+
+static CUBLAS_PRODUCTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many products ran through cuBLAS ([`CUBLAS_ROUTINE`]) in this process: 0 where the
+/// runtime is not CUDA or the library did not load.
+pub fn cublas_products() -> usize {
+    CUBLAS_PRODUCTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(feature = "cublas")]
+pub(crate) fn note_cublas_products(n: usize) {
+    CUBLAS_PRODUCTS.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
 }
 
 static MATMUL_FALLBACKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

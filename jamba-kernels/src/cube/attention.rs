@@ -936,3 +936,135 @@ where
     }
     out
 }
+
+/// Units per cube of [`causal_softmax_kernel`] (one cube per row of scores).
+const SOFTMAX_BLOCK: u32 = 256;
+
+/// The causal softmax of a block of score rows in memory (attention through matmuls,
+/// `cube::cublas`): `scores` holds `rows` rows of `row_len` f32 scores (already scaled), row `r`
+/// belonging to query `r % rows_per_head` of its head, which sees the first `first_visible + r %
+/// rows_per_head` keys (at most `row_len`). `probs` (same layout, the inputs' dtype) gets the
+/// softmax over the visible keys and 0 for the others. One cube per row: an online maximum and
+/// sum per unit, combined through shared memory (no plane operations: any plane size).
+#[cube(launch_unchecked)]
+pub fn causal_softmax_kernel<F: Float>(
+    scores: &Tensor<f32>,
+    probs: &mut Tensor<F>,
+    rows: usize,
+    rows_per_head: usize,
+    row_len: usize,
+    first_visible: usize,
+    #[comptime] block: u32,
+    #[define(F)] _dtype: StorageType,
+) {
+    let row = CUBE_POS_X as usize + CUBE_POS_Y as usize * CUBE_COUNT_X as usize;
+    if row >= rows {
+        terminate!();
+    }
+    let tid = UNIT_POS_X as usize;
+    let visible = usize::min(first_visible + row % rows_per_head, row_len);
+    let base = row * row_len;
+    // A finite floor: exp(floor - floor) of a unit without keys is multiplied by its zero sum.
+    let mut m = f32::new(-1.0e30);
+    let mut l = f32::new(0.0);
+    let mut j = tid;
+    while j < visible {
+        let x = scores[base + j];
+        if x > m {
+            l = l * (m - x).exp() + 1.0;
+            m = x;
+        } else {
+            l += (x - m).exp();
+        }
+        j += block as usize;
+    }
+    let mut sm = SharedMemory::<f32>::new(block as usize);
+    let mut sl = SharedMemory::<f32>::new(block as usize);
+    sm[tid] = m;
+    sl[tid] = l;
+    sync_cube();
+    let mut stride = CUBE_DIM_X as usize / 2;
+    while stride > 0 {
+        if tid < stride {
+            let (m1, m2) = (sm[tid], sm[tid + stride]);
+            let mx = f32::max(m1, m2);
+            sl[tid] = sl[tid] * (m1 - mx).exp() + sl[tid + stride] * (m2 - mx).exp();
+            sm[tid] = mx;
+        }
+        sync_cube();
+        stride /= 2;
+    }
+    let mx = sm[0];
+    let inv = 1.0 / sl[0];
+    let mut j = tid;
+    while j < row_len {
+        let p = if j < visible {
+            (scores[base + j] - mx).exp() * inv
+        } else {
+            f32::new(0.0)
+        };
+        probs[base + j] = F::cast_from(p);
+        j += block as usize;
+    }
+}
+
+/// Launches [`causal_softmax_kernel`] on the first `rows * row_len` scores of `scores` (a flat
+/// f32 buffer) into the same span of `probs` (a flat buffer of the inputs' dtype).
+pub(crate) fn launch_causal_softmax<R: CubeRuntime>(
+    scores: &CubeTensor<R>,
+    probs: &CubeTensor<R>,
+    rows: usize,
+    rows_per_head: usize,
+    row_len: usize,
+    first_visible: usize,
+) {
+    let cubes = rows.max(1) as u32;
+    let x = cubes.min(65535);
+    let count = CubeCount::Static(x, cubes.div_ceil(x), 1);
+    unsafe {
+        causal_softmax_kernel::launch_unchecked::<R>(
+            &scores.client,
+            count,
+            CubeDim::new_1d(SOFTMAX_BLOCK),
+            scores.clone().into_tensor_arg(),
+            probs.clone().into_tensor_arg(),
+            rows,
+            rows_per_head,
+            row_len,
+            first_visible,
+            SOFTMAX_BLOCK,
+            probs.dtype.into(),
+        );
+    }
+}
+
+/// The causal softmax of `scores` `[heads, rows_per_head, row_len]` (f32, contiguous) into
+/// `dtype`, query `i` of each head seeing the first `first_visible + i` keys: what the
+/// matmul-based attention runs between its two products, exposed for the tests.
+pub fn causal_softmax<R, F, I, BT>(
+    scores: BTensor<Cube<R, F, I, BT>, 3>,
+    first_visible: usize,
+    dtype: DType,
+) -> BTensor<Cube<R, F, I, BT>, 3>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let [heads, rows_per_head, row_len] = scores.dims();
+    let n = heads * rows_per_head * row_len;
+    // Flat buffers: the kernel indexes rows of `row_len` without strides.
+    let flat = scores.cast(DType::F32).reshape([n]);
+    let scores = burn_cubecl::kernel::into_contiguous(prim(flat));
+    let probs = BTensor::<Cube<R, F, I, BT>, 1>::empty([n], (&scores.device, dtype));
+    launch_causal_softmax(
+        &scores,
+        &prim(probs.clone()),
+        heads * rows_per_head,
+        rows_per_head,
+        row_len,
+        first_visible,
+    );
+    probs.reshape([heads, rows_per_head, row_len])
+}

@@ -1,4 +1,4 @@
-//! Large f16/bf16 matmuls through a chosen cubek routine ([`crate::matmul_routine`]).
+//! Large f16/bf16 matmuls through a chosen cubek routine or cuBLAS ([`crate::matmul_routine`]).
 //!
 //! Without Burn's `autotune` feature, Burn runs every matmul through one routine (cubek's
 //! `Strategy::Auto`: the simple cyclic tensor-core kernel), which reaches a tenth of an H200's
@@ -103,16 +103,24 @@ where
     if !matches!(dtype, DType::F16 | DType::BF16) || rhs.dtype() != dtype {
         return None;
     }
-    let ([_, k], [_, n]) = (lhs.dims(), rhs.dims());
+    let mut name = crate::matmul_routine()?;
+    let ([m, k], [_, n]) = (lhs.dims(), rhs.dims());
+    if name == crate::CUBLAS_ROUTINE {
+        if m >= crate::cublas_min_rows() {
+            if let Some(out) = cublas_matmul(lhs, rhs) {
+                return Some(out);
+            }
+        }
+        name = crate::DEFAULT_CUBEK_ROUTINE;
+    }
     if !k.is_multiple_of(ROUTINE_DIM_MULTIPLE) || !n.is_multiple_of(ROUTINE_DIM_MULTIPLE) {
         crate::note_matmul_fallback();
         return None;
     }
     let (l, r) = (prim(lhs.clone()), prim(rhs.clone()));
-    let mut name = crate::matmul_routine()?;
     if name.contains("tma") {
         let has_tma = l.client.properties().features.tma.contains(Tma::Base);
-        if !has_tma && name == crate::DEFAULT_MATMUL_ROUTINE {
+        if !has_tma && name == crate::DEFAULT_CUBEK_ROUTINE {
             name = crate::DEFAULT_MATMUL_ROUTINE_NO_TMA;
         } else if !has_tma || !tma_aligned(&l) || !tma_aligned(&r) {
             // A TMA launch that fails leaves the stream unusable: decline before it.
@@ -142,6 +150,30 @@ where
             crate::note_matmul_fallback();
             None
         }
+    }
+}
+
+/// `lhs @ rhs` through cuBLAS (see `cube::cublas`); `None` (nothing run) where cuBLAS cannot
+/// take it: not CUDA, built without the `cublas` feature, no cuBLAS, an operand without a unit
+/// stride.
+fn cublas_matmul<R, F, I, BT>(
+    lhs: &Tensor<Cube<R, F, I, BT>, 2>,
+    rhs: &Tensor<Cube<R, F, I, BT>, 2>,
+) -> Option<Tensor<Cube<R, F, I, BT>, 2>>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    #[cfg(feature = "cublas")]
+    {
+        super::cublas::matmul(&prim(lhs.clone()), &prim(rhs.clone())).map(wrap)
+    }
+    #[cfg(not(feature = "cublas"))]
+    {
+        let _ = (lhs, rhs);
+        None
     }
 }
 
@@ -178,7 +210,10 @@ where
 mod tests {
     #[test]
     fn every_routine_has_a_strategy() {
-        for name in crate::MATMUL_ROUTINES {
+        for name in crate::MATMUL_ROUTINES
+            .iter()
+            .filter(|r| **r != crate::CUBLAS_ROUTINE)
+        {
             assert!(super::strategy(name).is_some(), "{name}");
         }
         assert!(super::strategy("fastest").is_none());

@@ -4,6 +4,8 @@
 #![allow(clippy::type_complexity)]
 
 pub mod attention;
+#[cfg(feature = "cublas")]
+mod cublas;
 mod decode;
 pub mod kernels;
 mod matmul;
@@ -361,7 +363,8 @@ fn elemwise_launch(n: usize) -> (CubeCount, CubeDim) {
 /// their time stride is 1), `scan_seg` (the forward scan that splits the sequence into segments walked twice;
 /// without either, the one that walks each channel's sequence in one pass runs), `attention`, `attention_mma` (the portable flash attention instead of the
 /// tensor-core one), `attention_direct` (the tensor-core flash attention from staged tiles), `attention_one_pass`
-/// (its two passes over the keys instead of one), or `all`) run the tensor-op reference instead of the kernel: a switch to
+/// (its two passes over the keys instead of one), `attention_cublas` (the flash kernels instead of the
+/// attention through cuBLAS), or `all`) run the tensor-op reference instead of the kernel: a switch to
 /// isolate a kernel when results differ.
 fn use_kernel(op: &str) -> bool {
     static DISABLED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
@@ -610,6 +613,17 @@ where
         let [batch, heads, len_q, _] = q.dims();
         let len_k = k.dims()[2];
         let scores = batch * heads * len_q * len_k;
+        #[cfg(feature = "cublas")]
+        if len_q >= crate::cublas_attention_min_queries()
+            && crate::matmul_routine() == Some(crate::CUBLAS_ROUTINE)
+            && use_kernel("attention_cublas")
+        {
+            if let Some(out) =
+                cublas::causal_attention(&prim(q.clone()), &prim(k.clone()), &prim(v.clone()))
+            {
+                return wrap(out);
+            }
+        }
         match attention::flash_kernel(&q, &k, &v) {
             Some(kernel)
                 if crate::flash_attention_pays(scores, kernel != attention::FlashKernel::Units) =>
