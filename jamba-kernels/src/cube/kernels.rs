@@ -1910,23 +1910,25 @@ pub fn conv_fwd_kernel<F: Float>(
     #[comptime] has_bias: bool,
     #[comptime] has_init: bool,
     #[comptime] silu: bool,
+    #[comptime] channel_fast: bool,
     #[define(F)] _dtype: StorageType,
 ) {
     let batch = x.shape(0);
     let dim = x.shape(1);
     let len = x.shape(2);
-    let pos = ABSOLUTE_POS;
-    if pos >= batch * dim * len {
+    // The grid's x axis walks the fast axis (channels when their stride is 1, else time), its y
+    // and z axes the rows of the other two: one division per unit, none of the flat index.
+    let fast = if comptime!(channel_fast) { dim } else { len };
+    let slow = if comptime!(channel_fast) { len } else { dim };
+    let fi = CUBE_POS_X as usize * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+    let row = CUBE_POS_Y as usize + CUBE_POS_Z as usize * CUBE_COUNT_Y as usize;
+    if fi >= fast || row >= batch * slow {
         terminate!();
     }
-    let channel_fast = x.stride(1) == 1 || x.stride(2) != 1;
-    let mut di = pos % dim;
-    let mut t = (pos / dim) % len;
-    if !channel_fast {
-        t = pos % len;
-        di = (pos / len) % dim;
-    }
-    let bi = pos / (dim * len);
+    let bi = row / slow;
+    let si = row - bi * slow;
+    let di = if comptime!(channel_fast) { fi } else { si };
+    let t = if comptime!(channel_fast) { si } else { fi };
     let mut v = conv_pre::<F>(x, init, weight, bias, bi, di, t, width, has_bias, has_init);
     if silu {
         v *= sigmoid_f32(v);

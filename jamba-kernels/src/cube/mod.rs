@@ -346,6 +346,19 @@ fn step_launch(n: usize) -> (CubeCount, CubeDim) {
     )
 }
 
+/// A grid of `rows` rows (the y axis, continued on z past 65535) of `width` units each (the x
+/// axis, [`ELEMWISE_BLOCK`] per cube): kernels that index a unit by (row, column) without
+/// dividing a flat index.
+fn rows_launch(width: usize, rows: usize) -> (CubeCount, CubeDim) {
+    let x = width.div_ceil(ELEMWISE_BLOCK as usize).max(1) as u32;
+    let rows = rows.max(1) as u32;
+    let y = rows.min(65535);
+    (
+        CubeCount::Static(x, y, rows.div_ceil(y)),
+        CubeDim::new_1d(ELEMWISE_BLOCK),
+    )
+}
+
 fn elemwise_launch(n: usize) -> (CubeCount, CubeDim) {
     let cubes = n.div_ceil(ELEMWISE_BLOCK as usize).max(1) as u32;
     // Stay under the 65535 limit of one grid dimension.
@@ -1263,7 +1276,11 @@ where
     let channel_last = is_channel_last(&x);
     let y = empty_like_layout(&input.x, dtype, channel_last);
     let client = x.client.clone();
-    let (count, dim) = elemwise_launch(batch * d * len);
+    let strides = x.meta.strides();
+    // The kernel's choice of fast axis, made here for its grid.
+    let channel_fast = strides[1] == 1 || strides[2] != 1;
+    let (fast, slow) = if channel_fast { (d, len) } else { (len, d) };
+    let (count, dim) = rows_launch(fast, batch * slow);
     unsafe {
         kernels::conv_fwd_kernel::launch_unchecked::<R>(
             &client,
@@ -1278,6 +1295,7 @@ where
             input.bias.is_some(),
             input.initial_state.is_some(),
             input.silu,
+            channel_fast,
             dtype.into(),
         );
     }

@@ -16,7 +16,7 @@ use burn_cubecl::{
 use super::moe_kernels::{
     self as k, GEMM_UNITS, MMA_PLANE, MMA_PLANES, MMA_TILE, ROUTE_UNITS, TILE_M, TILE_N,
 };
-use super::{elemwise_launch, grid, prim};
+use super::{elemwise_launch, grid, prim, rows_launch};
 use crate::{MoeGrads, MoeInput};
 
 type Cube<R, F, I, BT> = CubeBackend<R, F, I, BT>;
@@ -351,7 +351,7 @@ where
     let act = Tensor::<Cube<R, F, I, BT>, 2>::empty([rows, two_i / 2], (&gu.device(), dtype));
     let g = prim(gu.clone());
     let client = g.client.clone();
-    let (count, dim) = elemwise_launch(rows * two_i / 2);
+    let (count, dim) = rows_launch(two_i / 2, rows);
     unsafe {
         k::swiglu_kernel::launch_unchecked::<R>(
             &client,
@@ -382,7 +382,7 @@ where
     let dgu = Tensor::<Cube<R, F, I, BT>, 2>::empty([rows, two_i], (&gu.device(), dtype));
     let g = prim(gu.clone());
     let client = g.client.clone();
-    let (count, dim) = elemwise_launch(rows * two_i / 2);
+    let (count, dim) = rows_launch(two_i / 2, rows);
     unsafe {
         k::swiglu_bwd_kernel::launch_unchecked::<R>(
             &client,

@@ -189,6 +189,16 @@ pub fn route_place_kernel<I: Numeric>(
     }
 }
 
+/// This unit's (row, column) in a grid of `super::rows_launch`: rows on the y and z axes,
+/// columns on x.
+#[cube]
+fn row_col() -> (usize, usize) {
+    (
+        CUBE_POS_Y as usize + CUBE_POS_Z as usize * CUBE_COUNT_Y as usize,
+        CUBE_POS_X as usize * CUBE_DIM_X as usize + UNIT_POS_X as usize,
+    )
+}
+
 /// The flat index of this unit in a 2-D grid of 1-D cubes.
 #[cube]
 fn flat_pos() -> usize {
@@ -266,13 +276,11 @@ pub fn swiglu_kernel<F: Float>(
     act: &mut Tensor<F>,
     #[define(F)] _dtype: StorageType,
 ) {
-    let idx = flat_pos();
+    let (row, i) = row_col();
     let inter = act.shape(1);
-    let row = idx / inter;
-    if row >= usize::cast_from(offsets[offsets.shape(0) - 1]) {
+    if i >= inter || row >= usize::cast_from(offsets[offsets.shape(0) - 1]) {
         terminate!();
     }
-    let i = idx % inter;
     let g = f32::cast_from(gu[row * gu.stride(0) + i * gu.stride(1)]);
     let u = f32::cast_from(gu[row * gu.stride(0) + (inter + i) * gu.stride(1)]);
     act[row * act.stride(0) + i * act.stride(1)] = F::cast_from(g * sigmoid(g) * u);
@@ -287,13 +295,11 @@ pub fn swiglu_bwd_kernel<F: Float>(
     dgu: &mut Tensor<F>,
     #[define(F)] _dtype: StorageType,
 ) {
-    let idx = flat_pos();
+    let (row, i) = row_col();
     let inter = dact.shape(1);
-    let row = idx / inter;
-    if row >= usize::cast_from(offsets[offsets.shape(0) - 1]) {
+    if i >= inter || row >= usize::cast_from(offsets[offsets.shape(0) - 1]) {
         terminate!();
     }
-    let i = idx % inter;
     let g = f32::cast_from(gu[row * gu.stride(0) + i * gu.stride(1)]);
     let u = f32::cast_from(gu[row * gu.stride(0) + (inter + i) * gu.stride(1)]);
     let da = f32::cast_from(dact[row * dact.stride(0) + i * dact.stride(1)]);
