@@ -511,7 +511,8 @@ pub const CUBLAS_ROUTINE: &str = "cublas";
 
 /// Rows from which [`CUBLAS_ROUTINE`] hands a product to cuBLAS, unless
 /// `JAMBA_CUBLAS_MIN_ROWS` says otherwise: by default every product that reaches the routine
-/// (more than [`decode_max_rows`] rows). Each costs the host three round trips to CubeCL's device
+/// (the linear layers' from more than [`decode_max_rows`] rows, [`JambaBackend::matmul`]'s at
+/// any size). Each costs the host three round trips to CubeCL's device
 /// thread for its operands' addresses, which the faster products repaid even in decoding at
 /// batch 32 on the H200 (13.6 against 16.1 ms per step, BENCHMARKS.md); a larger value keeps
 /// products of fewer rows on cubek's routine.

@@ -937,7 +937,8 @@ where
     out
 }
 
-/// Units per cube of [`causal_softmax_kernel`] (one cube per row of scores).
+/// Units per cube of [`causal_softmax_kernel`] (one cube per row of scores): a power of two, as
+/// its reduction halves the cube.
 const SOFTMAX_BLOCK: u32 = 256;
 
 /// The causal softmax of a block of score rows in memory (attention through matmuls,

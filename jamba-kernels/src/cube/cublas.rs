@@ -20,15 +20,13 @@ use cudarc::{
     driver::{result as drv, sys as drv_sys},
 };
 
-/// cuBLAS's workspace per device: NVIDIA's advice for Hopper (32 MiB).
-const WORKSPACE_BYTES: usize = 32 << 20;
-
-/// The cuBLAS handle and workspace of one device, with its primary context.
+/// The cuBLAS handle of one device, with its primary context. Its workspace is cuBLAS's default
+/// pool: `cublasSetStream` resets a workspace set by the caller to it anyway.
 struct Cublas {
     context: drv_sys::CUcontext,
     handle: blas_sys::cublasHandle_t,
     /// The stream of the last product. Products on another stream (another thread's) wait for
-    /// it first: the workspace is shared.
+    /// it first, so that no two streams' work on the handle overlaps.
     stream: drv_sys::CUstream,
 }
 
@@ -55,10 +53,6 @@ impl Cublas {
             let context = drv::primary_ctx::retain(dev).ok()?;
             drv::ctx::set_current(context).ok()?;
             let handle = blas::create_handle().ok()?;
-            let workspace = drv::malloc_sync(WORKSPACE_BYTES).ok()?;
-            blas_sys::cublasSetWorkspace_v2(handle, workspace as *mut c_void, WORKSPACE_BYTES)
-                .result()
-                .ok()?;
             Some(Self {
                 context,
                 handle,
@@ -69,7 +63,8 @@ impl Cublas {
 }
 
 /// How cuBLAS (column-major) sees a row-major view `[rows, cols]` with strides `[s0, s1]`: the
-/// operation to apply and the leading dimension. `None` when neither stride is 1.
+/// operation to apply and the leading dimension. `None` when neither stride is 1 or the leading
+/// dimension does not fit cuBLAS's 32-bit integers.
 fn operand(
     rows: usize,
     cols: usize,
@@ -80,12 +75,13 @@ fn operand(
     // A dimension of size 1 may carry any stride; the other's stride then decides.
     let row_major = s1 == 1 || cols == 1;
     let col_major = s0 == 1 || rows == 1;
+    let ld = |v: usize| i32::try_from(v.max(1)).ok();
     if row_major && (s0 >= cols.max(1) || rows == 1) {
         // Column-major `[cols, rows]` with leading dimension s0: the view's transpose.
-        Some((CUBLAS_OP_N, s0.max(cols).max(1) as i32))
+        Some((CUBLAS_OP_N, ld(s0.max(cols))?))
     } else if col_major && (s1 >= rows.max(1) || cols == 1) {
         // Column-major `[rows, cols]` with leading dimension s1.
-        Some((CUBLAS_OP_T, s1.max(rows).max(1) as i32))
+        Some((CUBLAS_OP_T, ld(s1.max(rows))?))
     } else {
         None
     }
@@ -191,7 +187,8 @@ pub(crate) fn matmul<R: CubeRuntime>(
     launched.then_some(out)
 }
 
-/// Scores per block of [`causal_attention`]: 2^28 f32 scores (1 GiB) and their probabilities.
+/// Scores per block of [`causal_attention`]: 2^28 f32 scores (1 GiB) and their probabilities
+/// (more only where one query's row over every head is longer: a block has at least one query).
 const ATTENTION_BLOCK_SCORES: usize = 1 << 28;
 
 /// One operand of a strided-batched product: a device address and a row-major view
@@ -264,7 +261,10 @@ unsafe fn gemm_batched(
 /// a batch stride of 0), [`super::attention::causal_softmax_kernel`] turns them into
 /// probabilities of the inputs' dtype (0 past each query's position), and a second product
 /// multiplies them by `v`. A block covers only the keys its last query sees, so the products
-/// skip most of the masked half. `None` (nothing launched) where cuBLAS cannot run it.
+/// skip most of the masked half. `None` where cuBLAS cannot run it: nothing launched where the
+/// runtime, dtypes, shapes or layouts rule it out; where a later step fails (a layout check of
+/// the second product, the driver), the work already enqueued is discarded with its buffers and
+/// the caller's fallback starts again from the unchanged inputs.
 pub(crate) fn causal_attention<R: CubeRuntime>(
     q: &CubeTensor<R>,
     k: &CubeTensor<R>,
@@ -280,6 +280,9 @@ pub(crate) fn causal_attention<R: CubeRuntime>(
     let [kb, kv_heads, len_k, kd] = k.meta.shape().dims::<4>();
     if k.meta.shape() != v.meta.shape()
         || [k.dtype, v.dtype] != [dtype, dtype]
+        || batch == 0
+        || heads == 0
+        || head_dim == 0
         || kb != batch
         || kd != head_dim
         || kv_heads == 0

@@ -1897,7 +1897,8 @@ fn conv_pre<F: Float>(
     acc
 }
 
-/// Causal depthwise conv1d forward, one unit per output element, channels fastest.
+/// Causal depthwise conv1d forward, one unit per output element; the grid's x axis walks the
+/// axis whose stride is 1 (`channel_fast`: channels, else time).
 #[cube(launch_unchecked)]
 #[allow(clippy::too_many_arguments)]
 pub fn conv_fwd_kernel<F: Float>(

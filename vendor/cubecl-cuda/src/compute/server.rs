@@ -227,6 +227,7 @@ impl ComputeServer for CudaServer {
         )?;
         let memory = binding.memory.clone();
         let mut resource = command.resource(binding)?;
+        // jamba patch: the stream that work on the resource is ordered on.
         resource.stream = command.streams.current().sys;
 
         Ok(ManagedResource::new(memory, resource))
