@@ -463,12 +463,7 @@ pub const DECODE_MAX_ROWS: usize = 8;
 /// the rows are few (decoding batches). `JAMBA_DECODE_MAX_ROWS` overrides [`DECODE_MAX_ROWS`].
 pub fn decode_max_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| {
-        std::env::var("JAMBA_DECODE_MAX_ROWS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(DECODE_MAX_ROWS)
-    })
+    env_usize(&ROWS, "JAMBA_DECODE_MAX_ROWS", DECODE_MAX_ROWS)
 }
 
 /// cubek's matmul routines that the CubeCL backends can run the large f16/bf16 products of
@@ -509,6 +504,17 @@ pub const MATMUL_ROUTINES: &[&str] = &[
 /// it is [`DEFAULT_CUBEK_ROUTINE`] alone.
 pub const CUBLAS_ROUTINE: &str = "cublas";
 
+/// The value of the environment variable `var` as a count, read once into `cell`; `default`
+/// where it is unset or not a number.
+fn env_usize(cell: &std::sync::OnceLock<usize>, var: &str, default: usize) -> usize {
+    *cell.get_or_init(|| {
+        std::env::var(var)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    })
+}
+
 /// Rows from which [`CUBLAS_ROUTINE`] hands a product to cuBLAS, unless
 /// `JAMBA_CUBLAS_MIN_ROWS` says otherwise: by default every product that reaches the routine
 /// (the linear layers' from more than [`decode_max_rows`] rows, [`JambaBackend::matmul`]'s at
@@ -521,12 +527,7 @@ pub const CUBLAS_MIN_ROWS: usize = 1;
 /// [`CUBLAS_MIN_ROWS`] or `JAMBA_CUBLAS_MIN_ROWS`.
 pub fn cublas_min_rows() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| {
-        std::env::var("JAMBA_CUBLAS_MIN_ROWS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(CUBLAS_MIN_ROWS)
-    })
+    env_usize(&ROWS, "JAMBA_CUBLAS_MIN_ROWS", CUBLAS_MIN_ROWS)
 }
 
 /// A name that is not one of [`MATMUL_ROUTINES`].
@@ -622,12 +623,11 @@ pub const CUBLAS_ATTENTION_MIN_QUERIES: usize = 1024;
 /// [`CUBLAS_ATTENTION_MIN_QUERIES`] or `JAMBA_CUBLAS_ATTENTION_MIN_QUERIES`.
 pub fn cublas_attention_min_queries() -> usize {
     static ROWS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *ROWS.get_or_init(|| {
-        std::env::var("JAMBA_CUBLAS_ATTENTION_MIN_QUERIES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(CUBLAS_ATTENTION_MIN_QUERIES)
-    })
+    env_usize(
+        &ROWS,
+        "JAMBA_CUBLAS_ATTENTION_MIN_QUERIES",
+        CUBLAS_ATTENTION_MIN_QUERIES,
+    )
 }
 
 static CUBLAS_PRODUCTS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);

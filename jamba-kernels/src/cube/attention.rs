@@ -1019,9 +1019,7 @@ pub(crate) fn launch_causal_softmax<R: CubeRuntime>(
     row_len: usize,
     first_visible: usize,
 ) {
-    let cubes = rows.max(1) as u32;
-    let x = cubes.min(65535);
-    let count = CubeCount::Static(x, cubes.div_ceil(x), 1);
+    let count = super::grid(rows, 1);
     unsafe {
         causal_softmax_kernel::launch_unchecked::<R>(
             &scores.client,

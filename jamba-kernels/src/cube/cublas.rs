@@ -101,90 +101,106 @@ pub(crate) fn available<R: CubeRuntime>(t: &CubeTensor<R>) -> bool {
         .is_some()
 }
 
-/// `lhs [m, k] @ rhs [k, n]` through cuBLAS, enqueued on CubeCL's stream. `None` (nothing
-/// launched) when the runtime is not CUDA, cuBLAS is missing, the dtypes are not both f16 or
-/// both bf16, or an operand has no unit stride; the caller then runs another routine.
+/// cuBLAS's type of f16 and bf16 data; `None` for the other dtypes.
+fn data_type(dtype: DType) -> Option<blas_sys::cudaDataType> {
+    match dtype {
+        DType::F16 => Some(blas_sys::cudaDataType::CUDA_R_16F),
+        DType::BF16 => Some(blas_sys::cudaDataType::CUDA_R_16BF),
+        _ => None,
+    }
+}
+
+/// The device addresses of `tensors` (on one CUDA device, `available` checked) and the stream
+/// that CubeCL has launched every earlier kernel of this thread on, with the resources that keep
+/// the memory from being handed out again while they are held. One blocking round trip to
+/// CubeCL's device thread per tensor: every kernel submitted before is on the stream after it.
+fn addresses<R: CubeRuntime>(
+    tensors: &[&CubeTensor<R>],
+) -> Option<(Vec<u64>, drv_sys::CUstream, impl Sized)> {
+    let first = tensors.first()?;
+    if TypeId::of::<R>() != TypeId::of::<CudaRuntime>() {
+        return None;
+    }
+    // SAFETY: `TypeId` says `R` is `CudaRuntime`, so this is the same type.
+    let client: &ComputeClient<CudaRuntime> =
+        unsafe { &*(&first.client as *const ComputeClient<R>).cast() };
+    let mut resources = Vec::with_capacity(tensors.len());
+    for t in tensors {
+        resources.push(client.get_resource(t.handle.clone()).ok()?);
+    }
+    let ptrs = resources.iter().map(|r| r.resource().ptr).collect();
+    let stream = resources.first()?.resource().stream;
+    (!stream.is_null()).then_some((ptrs, stream, resources))
+}
+
+/// Runs `f` on the cuBLAS handle of device `device`, its context current on this thread and
+/// the handle bound to `stream`; `None` where that fails.
+fn with_handle<T>(
+    device: usize,
+    stream: drv_sys::CUstream,
+    f: impl FnOnce(blas_sys::cublasHandle_t) -> Option<T>,
+) -> Option<T> {
+    let mut state = STATE.lock().unwrap_or_else(|e| e.into_inner());
+    let cublas = state.as_mut()?.get_mut(&device)?.as_mut()?;
+    // SAFETY: `stream` comes from `addresses`: CubeCL's live stream on this device.
+    unsafe { bind(cublas, stream)? };
+    f(cublas.handle)
+}
+
+/// `lhs [m, k] @ rhs [k, n]` through cuBLAS, enqueued on CubeCL's stream. `None` when the
+/// runtime is not CUDA, cuBLAS is missing, the dtypes are not both f16 or both bf16, or an
+/// operand has no unit stride (nothing launched); the caller then runs another routine.
 pub(crate) fn matmul<R: CubeRuntime>(
     lhs: &CubeTensor<R>,
     rhs: &CubeTensor<R>,
 ) -> Option<CubeTensor<R>> {
     let dtype = lhs.dtype;
-    let data_type = match dtype {
-        DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
-        DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
-        _ => return None,
-    };
+    let data_type = data_type(dtype)?;
     let ([m, k], [k2, n]) = (lhs.meta.shape().dims::<2>(), rhs.meta.shape().dims::<2>());
-    if k != k2 || rhs.dtype != dtype || lhs.device != rhs.device || !available(lhs) {
-        return None;
-    }
     let fits = |v: usize| i32::try_from(v).is_ok();
-    if !(fits(m) && fits(n) && fits(k)) || m == 0 || n == 0 {
+    if k != k2
+        || rhs.dtype != dtype
+        || lhs.device != rhs.device
+        || m == 0
+        || n == 0
+        || !(fits(m) && fits(n) && fits(k))
+        || !available(lhs)
+    {
         return None;
     }
-    let (op_a, lda) = operand(k, n, rhs.meta.strides())?;
-    let (op_b, ldb) = operand(m, k, lhs.meta.strides())?;
     let out = burn_cubecl::kernel::matmul::init_matmul_output(lhs, rhs, dtype);
-    // Burn may pad an output's rows (a pitched layout): its row stride is the leading dimension.
-    let (op_c, ldc) = operand(m, n, out.meta.strides())?;
-    if op_c != blas_sys::cublasOperation_t::CUBLAS_OP_N {
-        return None;
-    }
-    // SAFETY: `TypeId` says `R` is `CudaRuntime`, so this is the same type.
-    let client: &ComputeClient<CudaRuntime> =
-        unsafe { &*(&lhs.client as *const ComputeClient<R>).cast() };
-    // The addresses, and the stream that CubeCL has launched every earlier kernel of this
-    // thread on; the resources keep the memory from being handed out again meanwhile.
-    let mut resources = Vec::with_capacity(3);
-    for t in [lhs, rhs, &out] {
-        resources.push(client.get_resource(t.handle.clone()).ok()?);
-    }
-    let [l, r, o] = [0, 1, 2].map(|i| resources[i].resource().ptr);
-    let stream = resources[2].resource().stream;
-    if stream.is_null() {
-        return None;
-    }
-    let device = lhs.device.to_id().index_id as usize;
-    let mut state = STATE.lock().unwrap_or_else(|e| e.into_inner());
-    let cublas = state.as_mut()?.get_mut(&device)?.as_mut()?;
-    let (alpha, beta) = (1.0f32, 0.0f32);
-    // SAFETY: the addresses belong to live allocations of the sizes the shapes and strides say;
-    // the product is enqueued on the stream that CubeCL runs this thread's kernels on, so it
-    // runs after the kernels that wrote its inputs and before any later kernel, including one
-    // that reuses this memory once the tensors are dropped. The context is the device's
-    // primary one.
-    let launched = unsafe {
-        bind(cublas, stream)?;
-        // Row-major `out [m, n] = lhs @ rhs` is column-major `out^T [n, m] = rhs^T lhs^T`.
-        blas::gemm_ex(
-            cublas.handle,
-            op_a,
-            op_b,
-            n as i32,
-            m as i32,
-            k as i32,
-            &alpha as *const f32 as *const c_void,
-            r as *const c_void,
-            data_type,
-            lda,
-            l as *const c_void,
-            data_type,
-            ldb,
-            &beta as *const f32 as *const c_void,
-            o as *mut c_void,
-            data_type,
-            ldc,
-            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-        .is_ok()
+    let (ptrs, stream, held) = addresses(&[lhs, rhs, &out])?;
+    // Burn may pad an output's rows (a pitched layout): every view takes its strides as they are.
+    let view = |ptr: u64, t: &CubeTensor<R>| {
+        let ([rows, cols], s) = (t.meta.shape().dims::<2>(), t.meta.strides());
+        View {
+            ptr,
+            rows,
+            cols,
+            strides: [s[0], s[1]],
+            batch_stride: 0,
+        }
     };
-    drop(state);
-    drop(resources);
-    if launched {
-        crate::note_cublas_products(1);
-    }
-    launched.then_some(out)
+    let device = lhs.device.to_id().index_id as usize;
+    // SAFETY: the addresses belong to live allocations of the sizes the shapes and strides say
+    // (held until the product is enqueued); it is enqueued on the stream that CubeCL runs this
+    // thread's kernels on, so it runs after the kernels that wrote its inputs and before any
+    // later kernel, including one that reuses this memory once the tensors are dropped.
+    with_handle(device, stream, |handle| unsafe {
+        gemm_batched(
+            handle,
+            view(ptrs[0], lhs),
+            view(ptrs[1], rhs),
+            view(ptrs[2], &out),
+            1,
+            1.0,
+            data_type,
+            data_type,
+        )
+    })?;
+    drop(held);
+    crate::note_cublas_products(1);
+    Some(out)
 }
 
 /// Scores per block of [`causal_attention`]: 2^28 f32 scores (1 GiB) and their probabilities
@@ -202,8 +218,8 @@ struct View {
     batch_stride: usize,
 }
 
-/// `out[i] = alpha * lhs[i] @ rhs[i]` for `i < batch`, inputs of `in_type`, output of
-/// `out_type`, f32 accumulation. `None` when a layout has no unit stride.
+/// `out[i] = alpha * lhs[i] @ rhs[i]` for `i < batch` (`cublasGemmEx` for one), inputs of
+/// `in_type`, output of `out_type`, f32 accumulation. `None` when a layout has no unit stride.
 ///
 /// # Safety
 /// The views describe live device memory of their types; the handle's stream is the one that
@@ -225,6 +241,31 @@ unsafe fn gemm_batched(
         return None;
     }
     let beta = 0.0f32;
+    // Row-major `out [m, n] = lhs @ rhs` is column-major `out^T [n, m] = rhs^T lhs^T`.
+    if batch == 1 {
+        return blas::gemm_ex(
+            handle,
+            op_a,
+            op_b,
+            out.cols as i32,
+            out.rows as i32,
+            lhs.cols as i32,
+            &alpha as *const f32 as *const c_void,
+            rhs.ptr as *const c_void,
+            in_type,
+            lda,
+            lhs.ptr as *const c_void,
+            in_type,
+            ldb,
+            &beta as *const f32 as *const c_void,
+            out.ptr as *mut c_void,
+            out_type,
+            ldc,
+            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+        .ok();
+    }
     blas::gemm_strided_batched_ex(
         handle,
         op_a,
@@ -271,11 +312,7 @@ pub(crate) fn causal_attention<R: CubeRuntime>(
     v: &CubeTensor<R>,
 ) -> Option<CubeTensor<R>> {
     let dtype = q.dtype;
-    let data_type = match dtype {
-        DType::F16 => blas_sys::cudaDataType::CUDA_R_16F,
-        DType::BF16 => blas_sys::cudaDataType::CUDA_R_16BF,
-        _ => return None,
-    };
+    let data_type = data_type(dtype)?;
     let [batch, heads, len_q, head_dim] = q.meta.shape().dims::<4>();
     let [kb, kv_heads, len_k, kd] = k.meta.shape().dims::<4>();
     if k.meta.shape() != v.meta.shape()
@@ -322,18 +359,8 @@ pub(crate) fn causal_attention<R: CubeRuntime>(
         [n_scores].into(),
         dtype,
     );
-    // SAFETY: `TypeId` says `R` is `CudaRuntime` (checked by `available`), the same type.
-    let client: &ComputeClient<CudaRuntime> =
-        unsafe { &*(&q.client as *const ComputeClient<R>).cast() };
-    let mut resources = Vec::with_capacity(6);
-    for t in [q, k, v, &out, &scores, &probs] {
-        resources.push(client.get_resource(t.handle.clone()).ok()?);
-    }
-    let [qp, kp, vp, op, sp, pp] = [0, 1, 2, 3, 4, 5].map(|i| resources[i].resource().ptr);
-    let stream = resources[0].resource().stream;
-    if stream.is_null() {
-        return None;
-    }
+    let (ptrs, stream, held) = addresses(&[q, k, v, &out, &scores, &probs])?;
+    let [qp, kp, vp, op, sp, pp] = [0, 1, 2, 3, 4, 5].map(|i| ptrs[i]);
     let esize = dtype.size() as u64;
     let (sq, sk, sv, so) = (
         q.meta.strides(),
@@ -349,51 +376,38 @@ pub(crate) fn causal_attention<R: CubeRuntime>(
         let rows = block.min(len_q - q0);
         let keys = offset + q0 + rows;
         // Scores of this block: `[batch * heads, rows, keys]`, compact.
-        {
-            let mut state = STATE.lock().unwrap_or_else(|e| e.into_inner());
-            let cublas = state.as_mut()?.get_mut(&index)?.as_mut()?;
-            // SAFETY: as in `matmul`: live allocations, enqueued on CubeCL's stream.
-            unsafe {
-                bind(cublas, stream)?;
-                for b in 0..batch {
-                    for j in 0..kv_heads {
-                        let h = j * groups;
-                        let lhs = View {
-                            ptr: at(qp, b * sq[0] + h * sq[1] + q0 * sq[2], esize),
-                            rows,
-                            cols: head_dim,
-                            strides: [sq[2], 1],
-                            batch_stride: sq[1],
-                        };
-                        let rhs = View {
-                            ptr: at(kp, b * sk[0] + j * sk[1], esize),
-                            rows: head_dim,
-                            cols: keys,
-                            strides: [1, sk[2]],
-                            batch_stride: 0,
-                        };
-                        let s = View {
-                            ptr: at(sp, (b * heads + h) * rows * keys, 4),
-                            rows,
-                            cols: keys,
-                            strides: [keys, 1],
-                            batch_stride: rows * keys,
-                        };
-                        let f32_type = blas_sys::cudaDataType::CUDA_R_32F;
-                        gemm_batched(
-                            cublas.handle,
-                            lhs,
-                            rhs,
-                            s,
-                            groups,
-                            scale,
-                            data_type,
-                            f32_type,
-                        )?;
-                    }
+        // SAFETY: as in `matmul`: live allocations, enqueued on CubeCL's stream.
+        with_handle(index, stream, |handle| unsafe {
+            for b in 0..batch {
+                for j in 0..kv_heads {
+                    let h = j * groups;
+                    let lhs = View {
+                        ptr: at(qp, b * sq[0] + h * sq[1] + q0 * sq[2], esize),
+                        rows,
+                        cols: head_dim,
+                        strides: [sq[2], 1],
+                        batch_stride: sq[1],
+                    };
+                    let rhs = View {
+                        ptr: at(kp, b * sk[0] + j * sk[1], esize),
+                        rows: head_dim,
+                        cols: keys,
+                        strides: [1, sk[2]],
+                        batch_stride: 0,
+                    };
+                    let s = View {
+                        ptr: at(sp, (b * heads + h) * rows * keys, 4),
+                        rows,
+                        cols: keys,
+                        strides: [keys, 1],
+                        batch_stride: rows * keys,
+                    };
+                    let f32_type = blas_sys::cudaDataType::CUDA_R_32F;
+                    gemm_batched(handle, lhs, rhs, s, groups, scale, data_type, f32_type)?;
                 }
             }
-        }
+            Some(())
+        })?;
         super::attention::launch_causal_softmax(
             &scores,
             &probs,
@@ -404,12 +418,9 @@ pub(crate) fn causal_attention<R: CubeRuntime>(
         );
         // A round trip to CubeCL's device thread: the softmax is on the stream before the
         // product that reads it.
-        drop(client.get_resource(probs.handle.clone()).ok()?);
-        let mut state = STATE.lock().unwrap_or_else(|e| e.into_inner());
-        let cublas = state.as_mut()?.get_mut(&index)?.as_mut()?;
+        drop(addresses(&[&probs])?);
         // SAFETY: as above.
-        unsafe {
-            bind(cublas, stream)?;
+        with_handle(index, stream, |handle| unsafe {
             for b in 0..batch {
                 for j in 0..kv_heads {
                     let h = j * groups;
@@ -434,19 +445,21 @@ pub(crate) fn causal_attention<R: CubeRuntime>(
                         strides: [so[2], 1],
                         batch_stride: so[1],
                     };
-                    gemm_batched(cublas.handle, p, rhs, o, groups, 1.0, data_type, data_type)?;
+                    gemm_batched(handle, p, rhs, o, groups, 1.0, data_type, data_type)?;
                 }
             }
-        }
+            Some(())
+        })?;
         q0 += rows;
     }
-    drop(resources);
+    drop(held);
     crate::note_cublas_products(2 * batch * kv_heads * len_q.div_ceil(block));
     Some(out)
 }
 
 /// Makes the device's context current on this thread and the handle enqueue on `stream`,
-/// waiting for the previous stream first where it changes (the workspace is shared).
+/// waiting for the previous stream first where it changes (no two streams' work on one handle
+/// overlaps).
 ///
 /// # Safety
 /// `stream` is a live stream of the handle's device.
