@@ -11,7 +11,9 @@
 # LAUNCH=1 (default) times what a launch costs the host (bench --launch-overhead).
 # TMA=1 times cubek's TMA matmul routines (TMA_ROUTINES) on the block model's products (or
 # TMA_SHAPES), one process per routine and shape (a failed TMA launch poisons the process's stream).
-# CUBLAS=1 compares the cuBLAS routine with cubek's TMA routine (products, checks, prefill).
+# CUBLAS=1 compares the cuBLAS routine with cubek's TMA routine (products, checks, prefill);
+# CUBLAS_CHECKS=1 runs only its checks (everything through cuBLAS) and the attention's timings.
+# PREFILL_UNFUSED=1 gives the block model's prefill rows without fusion too.
 # HOST_PROFILE=1 samples the host during decoding steps at batch 1 (bench --host-profile; needs a
 # build with --features host-profile and an unstripped bench).
 # SCAN=0, SCAN_KERNELS=0, SCAN_BLOCKS=0, ATTENTION=0, TRAIN=0, MOE=0, MATMUL=0, UNFUSED_DECODE=0, LAUNCH=0,
@@ -34,19 +36,23 @@ echo "== matmul, bf16, the block model's products: cuBLAS (the default routine) 
 timeout 200 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --matmul \
     16384x2048x8192,16384x4096x2048,16384x2048x7168,16384x7168x2048,2048x2048x14336,2048x7168x2048,16384x4096x160,16384x128x4096,16384x2048x2048,4099x2048x2048,600x2048x2048 \
     --matmul-routines cublas,specialized_tma_mma 2>&1 | grep -E "^\||best|panicked|rror"
+fi
+if [ "${CUBLAS:-0}" = 1 ] || [ "${CUBLAS_CHECKS:-0}" = 1 ]; then
 echo "== kernel checks with every routine product and every attention through cuBLAS (JAMBA_CUBLAS_MIN_ROWS=1 JAMBA_CUBLAS_ATTENTION_MIN_QUERIES=1), unfused then fused"
 for be in cuda-unfused cuda; do
   JAMBA_CUBLAS_MIN_ROWS=1 JAMBA_CUBLAS_ATTENTION_MIN_QUERIES=1 JAMBA_FLASH_MIN_SCORES=0 "$bin/bench" --backend $be --check-kernels --no-model 2>&1 | tee /tmp/check-cublas-$be.txt | grep -v " ok$"
   grep "attention" /tmp/check-cublas-$be.txt | tail -4
 done
-echo "== causal attention alone, bf16, 16 heads of 128 over 4 KV heads: through cuBLAS (JAMBA_CUBLAS_ATTENTION_MIN_QUERIES=1), then the flash kernel (JAMBA_REFERENCE=attention_cublas)"
-JAMBA_CUBLAS_ATTENTION_MIN_QUERIES=1 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --attention 1024,4096,16384 2>&1 | grep -i "attention"
-JAMBA_REFERENCE=attention_cublas "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --attention 1024,4096,16384 2>&1 | grep -i "attention"
 if [ -x "$bin/jamba" ]; then
   echo "== the fixtures in bf16 with every routine product and attention through cuBLAS"
   mkdir -p /tmp/w3
   JAMBA_CUBLAS_MIN_ROWS=1 JAMBA_CUBLAS_ATTENTION_MIN_QUERIES=1 bash scripts/device_forward_check.sh "$bin/jamba" /tmp/w3 2>&1 | grep -v "^loaded\|^forward of"
 fi
+echo "== causal attention alone, bf16, 16 heads of 128 over 4 KV heads: through cuBLAS (JAMBA_CUBLAS_ATTENTION_MIN_QUERIES=1), then the flash kernel (JAMBA_REFERENCE=attention_cublas)"
+JAMBA_CUBLAS_ATTENTION_MIN_QUERIES=1 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --attention 1024,4096,16384 2>&1 | grep -i "attention"
+fi
+if [ "${CUBLAS:-0}" = 1 ]; then
+JAMBA_REFERENCE=attention_cublas "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --attention 1024,4096,16384 2>&1 | grep -i "attention"
 echo "== MoE experts of one block layer alone: per-expert products through cuBLAS, then through cubek's TMA routine"
 "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 4096,16384 2>&1 | grep "^|"
 JAMBA_MATMUL=specialized_tma_mma "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 4096,16384 2>&1 | grep "^|"
@@ -190,6 +196,11 @@ smi=$!
 kill $smi
 echo "peak GPU memory (nvidia-smi, MiB): $(sort -n /tmp/mem-model.log | tail -1)"
 fi
+if [ "${PREFILL_UNFUSED:-0}" = 1 ]; then
+echo "== block model, bf16, prefill without fusion (--backend cuda-unfused)"
+"$bin/bench" --config benches/configs/block.json --backend cuda-unfused --dtype bf16 \
+    --batches 0 --prefill 4096,16384,8x2048 --chunk 16384
+fi
 if [ "${CHUNKED:-1}" = 1 ]; then
 echo "== block model, bf16, prefill in chunks of 4096 (each chunk's queries over the cached keys)"
 nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > /tmp/mem-chunk.log &
@@ -244,16 +255,20 @@ for be in cuda cuda-unfused; do
 done
 fi
 if [ "${PREFILL_PROFILE:-0}" = 1 ]; then
-echo "== ncu: GPU time per kernel of one prefill of 16384 tokens in one chunk (block model, bf16, without fusion)"
+# PREFILL_PROFILE_BACKENDS (default cuda-unfused) names the backends profiled; with fusion the
+# fused element-wise kernels appear under Burn's names.
+for be in ${PREFILL_PROFILE_BACKENDS:-cuda-unfused}; do
+echo "== ncu: GPU time per kernel of one prefill of 16384 tokens in one chunk (block model, bf16, --backend $be)"
 for n in 16384 0; do
   args="--prefill 16384 --chunk 16384 --reps 1"
   [ $n = 0 ] && args=""
   timeout 200 ncu --clock-control none --print-summary per-kernel --metrics gpu__time_duration.sum \
-      "$bin/bench" --config benches/configs/block.json --backend cuda-unfused --dtype bf16 --batches 0 \
-      $args > "$out/ncu-prefill$n.txt" 2>&1
+      "$bin/bench" --config benches/configs/block.json --backend $be --dtype bf16 --batches 0 \
+      $args > "$out/ncu-$be-prefill$n.txt" 2>&1
 done
 # Two prefills ran (one untimed, one timed); the model's set-up is subtracted.
-python3 scripts/ncu_per_step.py "$out/ncu-prefill16384.txt" "$out/ncu-prefill0.txt" 2 | head -30
+python3 scripts/ncu_per_step.py "$out/ncu-$be-prefill16384.txt" "$out/ncu-$be-prefill0.txt" 2 | head -30
+done
 echo "== ncu: the causal softmax of the attention through cuBLAS at 16384 tokens (16 heads of 128 over 4 KV heads, bf16; the last block of queries)"
 timeout 120 ncu --clock-control none -k regex:causal_softmax --launch-skip 15 --launch-count 1 --section SpeedOfLight --section LaunchStats \
     --section Occupancy --section WarpStateStats "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model \

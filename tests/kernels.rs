@@ -207,8 +207,15 @@ fn conv_cases() -> Vec<(&'static str, ConvCase)> {
     plain.silu = false;
     let mut strided = ConvCase::new(3, 37, 129, 4);
     strided.channel_last = true;
+    // Lengths that are multiples of the vector width: the kernel that reads positions in
+    // vectors (with and without an initial state, width 4 over vectors of 4 and width 2).
+    let mut vec_no_init = ConvCase::new(2, 5, 64, 4);
+    vec_no_init.init = None;
     vec![
         ("b3 d37 l513 k4", ConvCase::new(3, 37, 513, 4)),
+        ("b3 d7 l36 k4 vectors", ConvCase::new(3, 7, 36, 4)),
+        ("b2 d5 l64 k4 vectors, no state", vec_no_init),
+        ("b1 d3 l8 k2 vectors", ConvCase::new(1, 3, 8, 2)),
         ("b2 d5 l1 k4", ConvCase::new(2, 5, 1, 4)),
         ("b2 d9 l7 k3 plain", plain),
         ("b3 d37 l129 k4 channel-last", strided),
@@ -412,6 +419,86 @@ fn rms_norm_matches_reference() {
                     &data(want.clone()),
                     tol,
                 );
+            }
+        }
+    }
+}
+
+#[test]
+fn swiglu_matches_reference() {
+    no_overrides();
+    // Vectors of 4 (f32, 1030 columns), of 2 and 1 (odd lengths), one element, and views: a
+    // transposed one (copied to contiguous) and row blocks whose offsets are odd (unaligned).
+    for (rows, cols) in [(1, 1), (3, 7), (5, 12), (4, 1030), (2, 6)] {
+        let n = (rows + 1) * cols;
+        let g = random(n, Distribution::Normal(0.0, 3.0));
+        let u = random(n, Distribution::Normal(0.5, 2.0));
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::F16, 2e-3)] {
+            for view in ["contiguous", "transposed", "offset rows"] {
+                fn input<B: Backend>(
+                    v: &[f32],
+                    rows: usize,
+                    cols: usize,
+                    dt: DType,
+                    view: &str,
+                ) -> Tensor<B, 2> {
+                    let dev = Default::default();
+                    let t = Tensor::<B, 2>::from_data(
+                        TensorData::new(v.to_vec(), [rows + 1, cols]),
+                        &dev,
+                    )
+                    .cast(dt);
+                    match view {
+                        "transposed" => t
+                            .reshape([(rows + 1) * cols])
+                            .narrow(0, 0, rows * cols)
+                            .reshape([cols, rows])
+                            .transpose(),
+                        "offset rows" => t.narrow(0, 1, rows),
+                        _ => t.narrow(0, 0, rows),
+                    }
+                }
+                // The reference in f32 on the inputs rounded to the dtype; f16 output: within
+                // one rounding (2^-11 relative) and the reference's own rounding of the SiLU.
+                let want = {
+                    // The inputs as the dtype rounds them (ndarray has no f16).
+                    let rounded = |v: &[f32]| {
+                        let t = to_f32_vec(input::<Cube>(v, rows, cols, dtype, view));
+                        Tensor::<Ref, 2>::from_data(
+                            TensorData::new(t, [rows, cols]),
+                            &Default::default(),
+                        )
+                    };
+                    reference::swiglu(rounded(&g), rounded(&u))
+                };
+                fn ours<B: JambaBackend>(g: Tensor<B, 2>, u: Tensor<B, 2>) -> (DType, Vec<f32>) {
+                    let t = B::swiglu(g, u);
+                    (t.dtype(), to_f32_vec(t))
+                }
+                for (label, (out_dtype, got)) in [
+                    (
+                        "cube",
+                        ours::<Cube>(
+                            input(&g, rows, cols, dtype, view),
+                            input(&u, rows, cols, dtype, view),
+                        ),
+                    ),
+                    (
+                        "fusion",
+                        ours::<Wgpu>(
+                            input(&g, rows, cols, dtype, view),
+                            input(&u, rows, cols, dtype, view),
+                        ),
+                    ),
+                ] {
+                    assert_eq!(out_dtype, dtype, "{label}: output takes the inputs' dtype");
+                    assert_close(
+                        &format!("{label} swiglu {rows}x{cols} {dtype:?} {view}"),
+                        &got,
+                        &data(want.clone()),
+                        tol,
+                    );
+                }
             }
         }
     }

@@ -761,6 +761,26 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
         outs.into_iter().map(fwrap).collect()
     }
 
+    fn swiglu(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        if !B::KERNELS || gate.dims() != up.dims() || gate.dtype() != up.dtype() {
+            return crate::reference::swiglu(gate, up);
+        }
+        let shape = gate.dims().to_vec();
+        let dtype = gate.dtype();
+        let outs = register::<B>(
+            "jamba_swiglu",
+            vec![fprim(gate), fprim(up)],
+            vec![(shape, dtype)],
+            Arc::new(move |prims| {
+                let mut it = prims.into_iter();
+                let gate = inner(it.next().unwrap());
+                let up = inner(it.next().unwrap());
+                vec![raw(B::swiglu(gate, up))]
+            }),
+        );
+        fwrap(outs.into_iter().next().unwrap())
+    }
+
     fn swiglu_mlp(
         x: Tensor<Self, 2>,
         gate: Tensor<Self, 2>,

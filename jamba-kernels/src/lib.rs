@@ -396,6 +396,14 @@ pub trait JambaBackend: Backend {
         reference::rms_norms(x, weights, eps)
     }
 
+    /// The SwiGLU activation `silu(gate) * up` of two tensors of one shape and dtype (what the
+    /// dense MLP applies between its products). Backends with kernels run one kernel that reads
+    /// each input once and computes in f32, rounding once to the dtype; the reference rounds the
+    /// SiLU first, as transformers does (one rounding of the dtype apart).
+    fn swiglu(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        reference::swiglu(gate, up)
+    }
+
     /// The dense SwiGLU MLP `down(silu(gate x) * up x)` on `x` `[rows, hidden]`, weights in HF
     /// layout (`gate`, `up` `[inter, hidden]`, `down` `[hidden, inter]`). Backends with kernels
     /// run two decoding kernels when `rows` is small.

@@ -263,15 +263,22 @@ pub fn rms_norms<B: JambaBackend>(
         .collect()
 }
 
-/// `down(silu(gate x) * up x)` through `B`'s [`JambaBackend::linear`].
+/// `silu(gate) * up` in the inputs' dtype (transformers' order: the SiLU is rounded before the
+/// product).
+pub fn swiglu<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
+    activation::silu(gate) * up
+}
+
+/// `down(silu(gate x) * up x)` through `B`'s [`JambaBackend::linear`] and
+/// [`JambaBackend::swiglu`].
 pub fn swiglu_mlp<B: JambaBackend>(
     x: Tensor<B, 2>,
     gate: Tensor<B, 2>,
     up: Tensor<B, 2>,
     down: Tensor<B, 2>,
 ) -> Tensor<B, 2> {
-    let g = activation::silu(<B as JambaBackend>::linear(x.clone(), gate, None));
-    let act = g * <B as JambaBackend>::linear(x, up, None);
+    let g = <B as JambaBackend>::linear(x.clone(), gate, None);
+    let act = B::swiglu(g, <B as JambaBackend>::linear(x, up, None));
     <B as JambaBackend>::linear(act, down, None)
 }
 

@@ -183,7 +183,11 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
             None => x,
         };
 
-        let ssm_params = self.x_proj.forward(x.clone().swap_dims(1, 2)); // [batch, len, r + 2n]
+        // [batch, len, r + 2n]
+        let ssm_params = match channels_major {
+            true => linear_channels_major(x.clone(), &self.x_proj),
+            false => self.x_proj.forward(x.clone().swap_dims(1, 2)),
+        };
         let [dt, b, c] = self.ssm_norms(ssm_params.reshape([batch * len, r + 2 * n]));
         let (dt, b, c) = (
             dt.reshape([batch, len, r]),
@@ -196,13 +200,20 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
             false => project(dt, self.dt_proj.weight.val()).swap_dims(1, 2),
         };
 
+        // [batch, n, len]: views of the norms' `[batch, len, n]`, or, with the projections'
+        // channels-major layout, copies whose positions are adjacent (mamba-ssm's layout: the
+        // scan then reads B and C along time; the copies are `n` values per position).
+        let (b, c) = match channels_major {
+            true => (time_major(b), time_major(c)),
+            false => (b.swap_dims(1, 2), c.swap_dims(1, 2)),
+        };
         let (a, d, delta_bias) = self.scan_constants();
         let out = B::selective_scan(SelectiveScanInput {
             u: x,
             delta: dt,
             a,
-            b: b.swap_dims(1, 2),
-            c: c.swap_dims(1, 2),
+            b,
+            c,
             d,
             z: Some(z),
             delta_bias,
@@ -214,7 +225,11 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
             s.ssm = out.last_state;
         }
         debug_assert_eq!(out.y.dims(), [batch, di, len]);
-        self.out_proj.forward(out.y.swap_dims(1, 2))
+        match channels_major {
+            // The scan's output takes `u`'s layout.
+            true => linear_channels_major(out.y, &self.out_proj),
+            false => self.out_proj.forward(out.y.swap_dims(1, 2)),
+        }
     }
 
     /// One decoding position (`hidden` `[batch, 1, hidden]`) through the decoding kernels,
@@ -365,10 +380,44 @@ fn last_inputs<B: Backend>(
     keep: usize,
 ) -> Tensor<B, 3> {
     let [batch, channels, len] = x.dims();
+    // Only the last `keep` positions are cast and joined: a prefill's `x` is long.
+    if len >= keep {
+        return x.narrow(2, len - keep, keep).cast(DType::F32);
+    }
     let previous = previous
         .unwrap_or_else(|| Tensor::zeros([batch, channels, keep], (&x.device(), DType::F32)));
-    let joined = Tensor::cat(vec![previous, x.cast(DType::F32)], 2);
-    joined.narrow(2, len, keep)
+    Tensor::cat(
+        vec![previous.narrow(2, len, keep - len), x.cast(DType::F32)],
+        2,
+    )
+}
+
+/// `x` `[batch, len, n]` as `[batch, n, len]` with the positions adjacent in memory: a reshape
+/// of the transposed view to fewer dimensions, which copies it into that layout.
+fn time_major<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [batch, len, n] = x.dims();
+    x.swap_dims(1, 2)
+        .reshape([batch * n, len])
+        .reshape([batch, n, len])
+}
+
+/// `x @ weight^T` for `x` `[batch, d_in, len]` laid out channels-major (positions adjacent),
+/// returned as `[batch, len, d_out]`. With one sequence, the product reads `x` through its
+/// transposed 2-D view (`[d_in, len]` reshaped while contiguous, then transposed: no copy);
+/// several sequences are brought to `[batch * len, d_in]` first (a copy: no 2-D view of that
+/// shape exists).
+fn linear_channels_major<B: JambaBackend>(x: Tensor<B, 3>, layer: &Linear<B>) -> Tensor<B, 3> {
+    let [batch, d_in, len] = x.dims();
+    if batch != 1 {
+        return layer.forward(x.swap_dims(1, 2));
+    }
+    let y = <B as JambaBackend>::linear(
+        x.reshape([d_in, len]).transpose(),
+        layer.weight.val(),
+        layer.bias.as_ref().map(|b| b.val()),
+    );
+    let d_out = y.dims()[1];
+    y.reshape([1, len, d_out])
 }
 
 /// `x @ weight^T` over the last dimension through `JambaBackend::linear`.

@@ -942,18 +942,22 @@ where
 const SOFTMAX_BLOCK: u32 = 256;
 
 /// The causal softmax of a block of score rows in memory (attention through matmuls,
-/// `cube::cublas`): `scores` holds `rows` rows of `row_len` f32 scores (already scaled), row `r`
-/// belonging to query `r % rows_per_head` of its head, which sees the first `first_visible + r %
-/// rows_per_head` keys (at most `row_len`). `probs` (same layout, the inputs' dtype) gets the
-/// softmax over the visible keys and 0 for the others. One cube per row: an online maximum and
-/// sum per unit, combined through shared memory (no plane operations: any plane size).
+/// `cube::cublas`): `scores` holds `rows` rows of `row_len` f32 scores (already scaled) `pitch`
+/// apart (a multiple of `N`), row `r` belonging to query `r % rows_per_head` of its head, which
+/// sees the first `first_visible + r % rows_per_head` keys (at most `row_len`). `probs` (same
+/// layout, the inputs' dtype) gets the softmax over the visible keys and 0 for the others up
+/// to `row_len` (what lies between `row_len` and `pitch` is neither read nor kept). One cube per
+/// row, `N` scores per load: an online maximum and sum per unit, combined through shared
+/// memory (no plane operations: any plane size).
 #[cube(launch_unchecked)]
-pub fn causal_softmax_kernel<F: Float>(
-    scores: &Tensor<f32>,
-    probs: &mut Tensor<F>,
+#[allow(clippy::too_many_arguments)]
+pub fn causal_softmax_kernel<F: Float, N: Size>(
+    scores: &Tensor<Vector<f32, N>>,
+    probs: &mut Tensor<Vector<F, N>>,
     rows: usize,
     rows_per_head: usize,
     row_len: usize,
+    pitch: usize,
     first_visible: usize,
     #[comptime] block: u32,
     #[define(F)] _dtype: StorageType,
@@ -962,20 +966,27 @@ pub fn causal_softmax_kernel<F: Float>(
     if row >= rows {
         terminate!();
     }
+    let n = scores.vector_size();
     let tid = UNIT_POS_X as usize;
     let visible = usize::min(first_visible + row % rows_per_head, row_len);
-    let base = row * row_len;
+    let base = row * (pitch / n);
     // A finite floor: exp(floor - floor) of a unit without keys is multiplied by its zero sum.
     let mut m = f32::new(-1.0e30);
     let mut l = f32::new(0.0);
     let mut j = tid;
-    while j < visible {
-        let x = scores[base + j];
-        if x > m {
-            l = l * (m - x).exp() + 1.0;
-            m = x;
-        } else {
-            l += (x - m).exp();
+    while j * n < visible {
+        let xs = scores[base + j];
+        #[unroll]
+        for e in 0..N::value() {
+            if j * n + e < visible {
+                let x = xs[e];
+                if x > m {
+                    l = l * (m - x).exp() + 1.0;
+                    m = x;
+                } else {
+                    l += (x - m).exp();
+                }
+            }
         }
         j += block as usize;
     }
@@ -998,38 +1009,49 @@ pub fn causal_softmax_kernel<F: Float>(
     let mx = sm[0];
     let inv = 1.0 / sl[0];
     let mut j = tid;
-    while j < row_len {
-        let p = if j < visible {
-            (scores[base + j] - mx).exp() * inv
-        } else {
-            f32::new(0.0)
-        };
-        probs[base + j] = F::cast_from(p);
+    while j * n < row_len {
+        let xs = scores[base + j];
+        let mut p = Vector::<F, N>::cast_from(xs);
+        #[unroll]
+        for e in 0..N::value() {
+            let v = if j * n + e < visible {
+                (xs[e] - mx).exp() * inv
+            } else {
+                f32::new(0.0)
+            };
+            p[e] = F::cast_from(v);
+        }
+        probs[base + j] = p;
         j += block as usize;
     }
 }
 
-/// Launches [`causal_softmax_kernel`] on the first `rows * row_len` scores of `scores` (a flat
-/// f32 buffer) into the same span of `probs` (a flat buffer of the inputs' dtype).
+/// Launches [`causal_softmax_kernel`] on the first `rows` rows of `scores` (a flat f32
+/// buffer, rows `pitch` apart) into the same span of `probs` (a flat buffer of the inputs'
+/// dtype), loading the widest vectors that divide `pitch`.
 pub(crate) fn launch_causal_softmax<R: CubeRuntime>(
     scores: &CubeTensor<R>,
     probs: &CubeTensor<R>,
     rows: usize,
     rows_per_head: usize,
     row_len: usize,
+    pitch: usize,
     first_visible: usize,
 ) {
     let count = super::grid(rows, 1);
+    let vector = super::aligned_vector_width(&[scores, probs], pitch);
     unsafe {
         causal_softmax_kernel::launch_unchecked::<R>(
             &scores.client,
             count,
             CubeDim::new_1d(SOFTMAX_BLOCK),
+            vector,
             scores.clone().into_tensor_arg(),
             probs.clone().into_tensor_arg(),
             rows,
             rows_per_head,
             row_len,
+            pitch,
             first_visible,
             SOFTMAX_BLOCK,
             probs.dtype.into(),
@@ -1062,6 +1084,7 @@ where
         &prim(probs.clone()),
         heads * rows_per_head,
         rows_per_head,
+        row_len,
         row_len,
         first_visible,
     );

@@ -206,6 +206,8 @@ pub(crate) fn matmul<R: CubeRuntime>(
 /// Scores per block of [`causal_attention`]: 2^28 f32 scores (1 GiB) and their probabilities
 /// (more only where one query's row over every head is longer: a block has at least one query).
 const ATTENTION_BLOCK_SCORES: usize = 1 << 28;
+/// Row pitch multiple of the score and probability blocks (keys): 16-byte loads of f32 scores.
+const SCORE_ROW_MULTIPLE: usize = 4;
 
 /// One operand of a strided-batched product: a device address and a row-major view
 /// `[rows, cols]` with its strides, in elements; `batch_stride` between the batch's matrices.
@@ -346,7 +348,9 @@ pub(crate) fn causal_attention<R: CubeRuntime>(
     if out.meta.strides()[3] != 1 {
         return None;
     }
-    let n_scores = batch * heads * block * len_k;
+    // Score rows are padded to a multiple of 4 keys so that the softmax loads 16 bytes at a time.
+    let pitch_of = |keys: usize| keys.next_multiple_of(SCORE_ROW_MULTIPLE);
+    let n_scores = batch * heads * block * pitch_of(len_k);
     let scores = burn_cubecl::ops::numeric::empty_device_dtype(
         client_r.clone(),
         device.clone(),
@@ -375,7 +379,8 @@ pub(crate) fn causal_attention<R: CubeRuntime>(
     while q0 < len_q {
         let rows = block.min(len_q - q0);
         let keys = offset + q0 + rows;
-        // Scores of this block: `[batch * heads, rows, keys]`, compact.
+        let pitch = pitch_of(keys);
+        // Scores of this block: `[batch * heads, rows, keys]`, rows `pitch` apart.
         // SAFETY: as in `matmul`: live allocations, enqueued on CubeCL's stream.
         with_handle(index, stream, |handle| unsafe {
             for b in 0..batch {
@@ -396,11 +401,11 @@ pub(crate) fn causal_attention<R: CubeRuntime>(
                         batch_stride: 0,
                     };
                     let s = View {
-                        ptr: at(sp, (b * heads + h) * rows * keys, 4),
+                        ptr: at(sp, (b * heads + h) * rows * pitch, 4),
                         rows,
                         cols: keys,
-                        strides: [keys, 1],
-                        batch_stride: rows * keys,
+                        strides: [pitch, 1],
+                        batch_stride: rows * pitch,
                     };
                     let f32_type = blas_sys::cudaDataType::CUDA_R_32F;
                     gemm_batched(handle, lhs, rhs, s, groups, scale, data_type, f32_type)?;
@@ -414,6 +419,7 @@ pub(crate) fn causal_attention<R: CubeRuntime>(
             batch * heads * rows,
             rows,
             keys,
+            pitch,
             offset + q0 + 1,
         );
         // A round trip to CubeCL's device thread: the softmax is on the stream before the
@@ -425,11 +431,11 @@ pub(crate) fn causal_attention<R: CubeRuntime>(
                 for j in 0..kv_heads {
                     let h = j * groups;
                     let p = View {
-                        ptr: at(pp, (b * heads + h) * rows * keys, esize),
+                        ptr: at(pp, (b * heads + h) * rows * pitch, esize),
                         rows,
                         cols: keys,
-                        strides: [keys, 1],
-                        batch_stride: rows * keys,
+                        strides: [pitch, 1],
+                        batch_stride: rows * pitch,
                     };
                     let rhs = View {
                         ptr: at(vp, b * sv[0] + j * sv[1], esize),

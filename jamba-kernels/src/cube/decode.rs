@@ -655,6 +655,52 @@ pub fn add_rms_norm_kernel<H: Float, W: Float>(
     }
 }
 
+/// [`add_rms_norm_kernel`] reading `N` adjacent columns per load (every row contiguous, the
+/// width, row strides and buffer offsets multiples of `N`: the host checks).
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn add_rms_norm_vec_kernel<H: Float, W: Float, N: Size>(
+    residual: &Tensor<Vector<f32, N>>,
+    h: &Tensor<Vector<H, N>>,
+    weight: &Tensor<Vector<W, N>>,
+    sum: &mut Tensor<Vector<f32, N>>,
+    out: &mut Tensor<Vector<W, N>>,
+    eps: f32,
+    #[comptime] units: usize,
+    #[define(H, W)] _dtypes: [StorageType; 2],
+) {
+    let row = flat_cube();
+    if row >= residual.shape(0) {
+        terminate!();
+    }
+    let n = residual.vector_size();
+    let dim = residual.shape(1);
+    let vectors = dim / n;
+    let (rb, hb) = (row * residual.stride(0) / n, row * h.stride(0) / n);
+    let (sb, ob) = (row * sum.stride(0) / n, row * out.stride(0) / n);
+    let tid = UNIT_POS_X as usize;
+    let mut acc = 0.0f32;
+    let mut i = tid;
+    while i < vectors {
+        let v = residual[rb + i] + Vector::<f32, N>::cast_from(h[hb + i]);
+        sum[sb + i] = v;
+        let sq = v * v;
+        #[unroll]
+        for e in 0..N::value() {
+            acc += sq[e];
+        }
+        i += units;
+    }
+    let total = cube_sum(acc, units);
+    let inv = Vector::<f32, N>::new(1.0f32 / (total / f32::cast_from(dim as u32) + eps).sqrt());
+    // Each unit reads back only what it wrote.
+    let mut i = tid;
+    while i < vectors {
+        out[ob + i] = Vector::<W, N>::cast_from(sum[sb + i] * inv) * weight[i];
+        i += units;
+    }
+}
+
 /// One decoding position of the Mamba mixer from `x_proj`'s output ([`crate::MambaStep`]):
 /// cube `(x, y)` = (block of `units` channels, batch row). Every cube first normalises its
 /// row's `[dt | B | C]` into shared memory (the row is `dt_rank + 2 d_state` wide, a few
@@ -1227,6 +1273,8 @@ where
 /// Units per cube of the residual norm, at most (a multiple of every plane size; many, so that
 /// each unit has few elements of a row to walk: a row of a decoding step is one cube).
 const NORM_UNITS: usize = 1024;
+/// Units per cube of [`add_rms_norm_vec_kernel`]: two vectors of 4 per unit on a 2048-wide row.
+const VEC_NORM_UNITS: usize = 256;
 /// Units per cube of the segment norms (Mamba's dt segment is `dt_rank` wide, 128 for
 /// Jamba-v0.1's shapes at most 256; B and C are `d_state` wide).
 const SEGMENT_NORM_UNITS: usize = 128;
@@ -1264,19 +1312,45 @@ where
         return (sum, out);
     }
     let residual = prim(residual);
+    let (h, weight) = (prim(h), prim(weight));
+    let (sum_p, out_p) = (prim(sum.clone()), prim(out.clone()));
     let client = residual.client.clone();
-    let units = cube_units(&client, NORM_UNITS);
     let x = (rows as u32).min(65535);
+    let count = CubeCount::Static(x, (rows as u32).div_ceil(x), 1);
+    let tensors = [&residual, &h, &weight, &sum_p, &out_p];
+    if tensors.iter().all(|t| t.meta.strides().last() == Some(&1)) {
+        // Vectors of 16 bytes of f32 (the widest the f32 tensors allow), a unit per few vectors.
+        let vector = super::aligned_vector_width(&tensors, dim);
+        let units = cube_units(&client, VEC_NORM_UNITS);
+        unsafe {
+            add_rms_norm_vec_kernel::launch_unchecked::<R>(
+                &client,
+                count,
+                CubeDim::new_1d(units as u32),
+                vector,
+                residual.into_tensor_arg(),
+                h.into_tensor_arg(),
+                weight.into_tensor_arg(),
+                sum_p.into_tensor_arg(),
+                out_p.into_tensor_arg(),
+                eps as f32,
+                units,
+                [h_dtype.into(), w_dtype.into()],
+            );
+        }
+        return (sum, out);
+    }
+    let units = cube_units(&client, NORM_UNITS);
     unsafe {
         add_rms_norm_kernel::launch_unchecked::<R>(
             &client,
-            CubeCount::Static(x, (rows as u32).div_ceil(x), 1),
+            count,
             CubeDim::new_1d(units as u32),
             residual.into_tensor_arg(),
-            prim(h).into_tensor_arg(),
-            prim(weight).into_tensor_arg(),
-            prim(sum.clone()).into_tensor_arg(),
-            prim(out.clone()).into_tensor_arg(),
+            h.into_tensor_arg(),
+            weight.into_tensor_arg(),
+            sum_p.into_tensor_arg(),
+            out_p.into_tensor_arg(),
             eps as f32,
             units,
             [h_dtype.into(), w_dtype.into()],

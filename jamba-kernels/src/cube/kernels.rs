@@ -1937,6 +1937,84 @@ pub fn conv_fwd_kernel<F: Float>(
     y[bi * y.stride(0) + di * y.stride(1) + t * y.stride(2)] = F::cast_from(v);
 }
 
+/// [`conv_fwd_kernel`] where positions are adjacent in memory, `N` consecutive outputs of one
+/// channel per unit: the unit loads its `N` inputs and the `N` before them (the last
+/// `width - 1` of which it uses, or the initial state at the start) as two vectors, and the
+/// channel's weights and bias once. The host checks `len`, the row strides and the buffers'
+/// offsets are multiples of `N`, and `N >= width - 1`.
+#[cube(launch_unchecked)]
+#[allow(clippy::too_many_arguments)]
+pub fn conv_fwd_vec_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
+    weight: &Tensor<f32>,
+    bias: &Tensor<f32>,
+    init: &Tensor<f32>,
+    y: &mut Tensor<Vector<F, N>>,
+    #[comptime] width: usize,
+    #[comptime] has_bias: bool,
+    #[comptime] has_init: bool,
+    #[comptime] silu: bool,
+    #[define(F)] _dtype: StorageType,
+) {
+    let n = x.vector_size();
+    let dim = x.shape(1);
+    let vi = CUBE_POS_X as usize * CUBE_DIM_X as usize + UNIT_POS_X as usize;
+    let row = CUBE_POS_Y as usize + CUBE_POS_Z as usize * CUBE_COUNT_Y as usize;
+    if vi >= x.shape(2) / n || row >= x.shape(0) * dim {
+        terminate!();
+    }
+    let bi = row / dim;
+    let di = row - bi * dim;
+    let xb = (bi * x.stride(0) + di * x.stride(1)) / n;
+    let cur = x[xb + vi];
+    // The `width - 1` inputs before this unit's first position.
+    let mut before = Array::<f32>::new(comptime!(width - 1));
+    if vi > 0 {
+        let prev = x[xb + vi - 1];
+        #[unroll]
+        for j in 0..comptime!(width - 1) {
+            before[j] = f32::cast_from(prev[comptime!(n - (width - 1) + j)]);
+        }
+    } else {
+        #[unroll]
+        for j in 0..comptime!(width - 1) {
+            let mut v = 0.0f32;
+            if has_init {
+                v = init[bi * init.stride(0) + di * init.stride(1) + j * init.stride(2)];
+            }
+            before[j] = v;
+        }
+    }
+    let mut w = Array::<f32>::new(width);
+    #[unroll]
+    for k in 0..width {
+        w[k] = weight[di * weight.stride(0) + k * weight.stride(1)];
+    }
+    let mut b0 = 0.0f32;
+    if has_bias {
+        b0 = bias[di * bias.stride(0)];
+    }
+    let mut out = cur;
+    #[unroll]
+    for l in 0..n {
+        let mut acc = b0;
+        #[unroll]
+        for k in 0..width {
+            // Padded position `l + k` of the window `[before | cur]`.
+            if comptime!(l + k < width - 1) {
+                acc += w[k] * before[comptime!(l + k)];
+            } else {
+                acc += w[k] * f32::cast_from(cur[comptime!(l + k - (width - 1))]);
+            }
+        }
+        if silu {
+            acc *= sigmoid_f32(acc);
+        }
+        out[l] = F::cast_from(acc);
+    }
+    y[(bi * y.stride(0) + di * y.stride(1)) / n + vi] = out;
+}
+
 /// Causal conv1d backward w.r.t. its inputs: one unit per padded position
 /// (`0..len + width - 1`); positions before `width - 1` go to `dinit`, the rest to `dx`.
 #[cube(launch_unchecked)]

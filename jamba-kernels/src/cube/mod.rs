@@ -359,6 +359,30 @@ fn rows_launch(width: usize, rows: usize) -> (CubeCount, CubeDim) {
     )
 }
 
+/// The widest vector (elements per load, among the client's optimized widths for the dtype of
+/// `tensors[0]`) that divides `width`, every stride of `tensors` but the last, and their
+/// buffers' offsets (in elements of each tensor's dtype): what a kernel reading rows of `width`
+/// adjacent elements in vectors of one lane count may use.
+fn aligned_vector_width<R: CubeRuntime>(tensors: &[&CubeTensor<R>], width: usize) -> usize {
+    let Some(first) = tensors.first() else {
+        return 1;
+    };
+    first
+        .client
+        .io_optimized_vector_sizes(first.dtype.size())
+        .find(|&v| {
+            width.is_multiple_of(v)
+                && tensors.iter().all(|t| {
+                    let strides = t.meta.strides();
+                    let rows = &strides[..strides.len().saturating_sub(1)];
+                    rows.iter().all(|s| s.is_multiple_of(v))
+                        && (t.handle.offset_start.unwrap_or(0) as usize)
+                            .is_multiple_of(v * t.dtype.size())
+                })
+        })
+        .unwrap_or(1)
+}
+
 fn elemwise_launch(n: usize) -> (CubeCount, CubeDim) {
     let cubes = n.div_ceil(ELEMWISE_BLOCK as usize).max(1) as u32;
     // Stay under the 65535 limit of one grid dimension.
@@ -372,7 +396,8 @@ fn elemwise_launch(n: usize) -> (CubeCount, CubeDim) {
 /// instead), `moe_grouped`, `moe_mma` (the portable grouped matmuls instead of the tensor-core
 /// ones), `route`, `scan_chunk` (the forward scan that splits a channel's tiles between the lanes of
 /// a plane), `scan_bwd_chunk` (its backward counterpart: the one-pass backward runs instead),
-/// `scan_direct` (the chunked scans stage every activation through shared memory even where
+/// `swiglu` (the dense MLP's activation), `conv_vec` (the conv forward's kernel that reads
+/// positions in vectors), `scan_direct` (the chunked scans stage every activation through shared memory even where
 /// their time stride is 1), `scan_seg` (the forward scan that splits the sequence into segments walked twice;
 /// without either, the one that walks each channel's sequence in one pass runs), `attention`, `attention_mma` (the portable flash attention instead of the
 /// tensor-core one), `attention_direct` (the tensor-core flash attention from staged tiles), `attention_one_pass`
@@ -561,6 +586,13 @@ where
             return crate::reference::rms_norms(x, weights, eps);
         }
         decode::rms_norms(x, weights, eps)
+    }
+
+    fn swiglu(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        if gate.dims() != up.dims() || gate.dtype() != up.dtype() || !use_kernel("swiglu") {
+            return crate::reference::swiglu(gate, up);
+        }
+        moe::swiglu_pair(gate, up)
     }
 
     fn swiglu_mlp(
@@ -1277,6 +1309,33 @@ where
     let y = empty_like_layout(&input.x, dtype, channel_last);
     let client = x.client.clone();
     let strides = x.meta.strides();
+    // Positions adjacent in memory (the prefill's channels-major layout): vectors of positions.
+    if !channel_last && strides[2] == 1 && len > 0 {
+        let y_p = prim(y.clone());
+        let vector = aligned_vector_width(&[&x, &y_p], len);
+        if vector > 1 && width >= 2 && vector + 1 >= width && use_kernel("conv_vec") {
+            let (count, dim) = rows_launch(len / vector, batch * d);
+            unsafe {
+                kernels::conv_fwd_vec_kernel::launch_unchecked::<R>(
+                    &client,
+                    count,
+                    dim,
+                    vector,
+                    x.into_tensor_arg(),
+                    w.into_tensor_arg(),
+                    b.into_tensor_arg(),
+                    init.into_tensor_arg(),
+                    y_p.into_tensor_arg(),
+                    width,
+                    input.bias.is_some(),
+                    input.initial_state.is_some(),
+                    input.silu,
+                    dtype.into(),
+                );
+            }
+            return y;
+        }
+    }
     // The kernel's choice of fast axis, made here for its grid.
     let channel_fast = strides[1] == 1 || strides[2] != 1;
     let (fast, slow) = if channel_fast { (d, len) } else { (len, d) };

@@ -140,6 +140,15 @@ fn route<R: CubeRuntime>(
     }
 }
 
+/// `t` itself when its last dimension's stride is 1 (what the vectorised kernels read), else a
+/// contiguous copy.
+fn columns_adjacent<R: CubeRuntime>(t: CubeTensor<R>) -> CubeTensor<R> {
+    match t.meta.strides().last() {
+        Some(1) => t,
+        _ => burn_cubecl::kernel::into_contiguous(t),
+    }
+}
+
 /// `[pairs, hidden]`: the token row of each sorted row, scaled by its routing weight if asked.
 fn gather<R, F, I, BT>(
     x: &Tensor<Cube<R, F, I, BT>, 2>,
@@ -156,14 +165,16 @@ where
     let [_, hidden] = x.dims();
     let dtype = x.dtype();
     let out = Tensor::<Cube<R, F, I, BT>, 2>::empty([routing.pairs, hidden], (&x.device(), dtype));
-    let x = prim(x.clone());
+    let x = columns_adjacent(prim(x.clone()));
     let client = x.client.clone();
-    let (count, dim) = elemwise_launch(routing.pairs * hidden);
+    let vector = super::aligned_vector_width(&[&x, &prim(out.clone())], hidden);
+    let (count, dim) = rows_launch(hidden / vector, routing.pairs);
     unsafe {
         k::moe_gather_kernel::launch_unchecked::<R>(
             &client,
             count,
             dim,
+            vector,
             x.into_tensor_arg(),
             prim(weights.clone()).into_tensor_arg(),
             routing.perm.clone().into_tensor_arg(),
@@ -193,14 +204,16 @@ where
     let [_, hidden] = y.dims();
     let dtype = y.dtype();
     let out = Tensor::<Cube<R, F, I, BT>, 2>::empty([tokens, hidden], (&y.device(), dtype));
-    let y = prim(y);
+    let y = columns_adjacent(prim(y));
     let client = y.client.clone();
-    let (count, dim) = elemwise_launch(tokens * hidden);
+    let vector = super::aligned_vector_width(&[&y, &prim(out.clone())], hidden);
+    let (count, dim) = rows_launch(hidden / vector, tokens);
     unsafe {
         k::moe_combine_kernel::launch_unchecked::<R>(
             &client,
             count,
             dim,
+            vector,
             y.into_tensor_arg(),
             prim(weights.clone()).into_tensor_arg(),
             routing.pos.clone().into_tensor_arg(),
@@ -349,17 +362,66 @@ where
     let [rows, two_i] = gu.dims();
     let dtype = gu.dtype();
     let act = Tensor::<Cube<R, F, I, BT>, 2>::empty([rows, two_i / 2], (&gu.device(), dtype));
-    let g = prim(gu.clone());
+    // The kernel reads rows whose columns are adjacent.
+    let g = columns_adjacent(prim(gu.clone()));
     let client = g.client.clone();
-    let (count, dim) = rows_launch(two_i / 2, rows);
+    let vector = super::aligned_vector_width(&[&g, &prim(act.clone())], two_i / 2);
+    let (count, dim) = rows_launch((two_i / 2) / vector, rows);
     unsafe {
         k::swiglu_kernel::launch_unchecked::<R>(
             &client,
             count,
             dim,
+            vector,
             g.into_tensor_arg(),
             routing.offsets.clone().into_tensor_arg(),
             prim(act.clone()).into_tensor_arg(),
+            dtype.into(),
+        );
+    }
+    act
+}
+
+/// `silu(gate) * up` through [`k::swiglu_pair_kernel`], the widest vectors that divide the
+/// length (contiguous copies of inputs that are not).
+pub(crate) fn swiglu_pair<R, F, I, BT>(
+    gate: Tensor<Cube<R, F, I, BT>, 2>,
+    up: Tensor<Cube<R, F, I, BT>, 2>,
+) -> Tensor<Cube<R, F, I, BT>, 2>
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let shape = gate.dims();
+    let dtype = gate.dtype();
+    let contiguous = |t: Tensor<Cube<R, F, I, BT>, 2>| {
+        let t = prim(t);
+        match t.is_contiguous() {
+            true => t,
+            false => burn_cubecl::kernel::into_contiguous(t),
+        }
+    };
+    let (g, u) = (contiguous(gate), contiguous(up));
+    let act = Tensor::<Cube<R, F, I, BT>, 2>::empty(shape, (&g.device, dtype));
+    let a = prim(act.clone());
+    let n = shape[0] * shape[1];
+    if n == 0 {
+        return act;
+    }
+    let vector = super::aligned_vector_width(&[&g, &u, &a], n);
+    let client = g.client.clone();
+    let (count, dim) = elemwise_launch(n / vector);
+    unsafe {
+        k::swiglu_pair_kernel::launch_unchecked::<R>(
+            &client,
+            count,
+            dim,
+            vector,
+            g.into_tensor_arg(),
+            u.into_tensor_arg(),
+            a.into_tensor_arg(),
             dtype.into(),
         );
     }

@@ -206,84 +206,115 @@ fn flat_pos() -> usize {
         + UNIT_POS_X as usize
 }
 
-/// `out[row] = x[token of perm[row]]`, times the pair's routing weight when `scaled`.
+/// `out[row] = x[token of perm[row]]`, times the pair's routing weight when `scaled`; `N`
+/// adjacent columns per unit (rows contiguous, `hidden` and the row strides multiples of `N`:
+/// the host checks).
 #[cube(launch_unchecked)]
-pub fn moe_gather_kernel<F: Float>(
-    x: &Tensor<F>,
+pub fn moe_gather_kernel<F: Float, N: Size>(
+    x: &Tensor<Vector<F, N>>,
     weights: &Tensor<F>,
     perm: &Tensor<u32>,
     offsets: &Tensor<u32>,
-    out: &mut Tensor<F>,
+    out: &mut Tensor<Vector<F, N>>,
     #[comptime] scaled: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let idx = flat_pos();
-    let h_len = x.shape(1);
-    let row = idx / h_len;
-    let h = idx % h_len;
-    if row >= usize::cast_from(offsets[offsets.shape(0) - 1]) {
+    let (row, h) = row_col();
+    let n = x.vector_size();
+    if h >= x.shape(1) / n || row >= usize::cast_from(offsets[offsets.shape(0) - 1]) {
         terminate!();
     }
     let top_k = weights.shape(1);
     let pair = usize::cast_from(perm[row]);
     let t = pair / top_k;
-    let mut v = x[t * x.stride(0) + h * x.stride(1)];
+    let v = x[t * x.stride(0) / n + h];
     if scaled {
-        let w = weights[t * weights.stride(0) + (pair % top_k) * weights.stride(1)];
-        v = F::cast_from(f32::cast_from(v) * f32::cast_from(w));
+        let w = f32::cast_from(weights[t * weights.stride(0) + (pair % top_k) * weights.stride(1)]);
+        let scaled = Vector::<f32, N>::cast_from(v) * Vector::<f32, N>::new(w);
+        out[row * out.stride(0) / n + h] = Vector::<F, N>::cast_from(scaled);
+    } else {
+        out[row * out.stride(0) / n + h] = v;
     }
-    out[row * out.stride(0) + h * out.stride(1)] = v;
 }
 
 /// `out[t] = sum_j w[t, j] * y[pos[t, j]]` over the pairs with a row here (`w` = 1 unless
-/// `weighted`): the inverse of the gather.
+/// `weighted`): the inverse of the gather, `N` adjacent columns per unit (as the gather).
 #[cube(launch_unchecked)]
-pub fn moe_combine_kernel<F: Float>(
-    y: &Tensor<F>,
+pub fn moe_combine_kernel<F: Float, N: Size>(
+    y: &Tensor<Vector<F, N>>,
     weights: &Tensor<F>,
     pos: &Tensor<u32>,
-    out: &mut Tensor<F>,
+    out: &mut Tensor<Vector<F, N>>,
     #[comptime] weighted: bool,
     #[define(F)] _dtype: StorageType,
 ) {
-    let idx = flat_pos();
-    let h_len = out.shape(1);
-    let t = idx / h_len;
-    if t >= out.shape(0) {
+    let (t, h) = row_col();
+    let n = y.vector_size();
+    if h >= out.shape(1) / n || t >= out.shape(0) {
         terminate!();
     }
-    let h = idx % h_len;
     let top_k = weights.shape(1);
-    let mut acc = 0.0f32;
+    let mut acc = Vector::<f32, N>::new(0.0);
     for j in 0..top_k {
         let row = pos[t * top_k + j];
         if row != NO_ROW {
-            let mut v = f32::cast_from(y[usize::cast_from(row) * y.stride(0) + h * y.stride(1)]);
+            let v = Vector::<f32, N>::cast_from(y[usize::cast_from(row) * y.stride(0) / n + h]);
             if weighted {
-                v *= f32::cast_from(weights[t * weights.stride(0) + j * weights.stride(1)]);
+                let w = f32::cast_from(weights[t * weights.stride(0) + j * weights.stride(1)]);
+                acc += v * Vector::<f32, N>::new(w);
+            } else {
+                acc += v;
             }
-            acc += v;
         }
     }
-    out[t * out.stride(0) + h * out.stride(1)] = F::cast_from(acc);
+    out[t * out.stride(0) / n + h] = Vector::<F, N>::cast_from(acc);
 }
 
-/// `act[r, i] = silu(gu[r, i]) * gu[r, I + i]` on the routed rows.
+/// `silu(g) * u` of `N` lanes in f32, cast to `F`.
+#[cube]
+fn swiglu_vector<F: Float, N: Size>(g: Vector<F, N>, u: Vector<F, N>) -> Vector<F, N> {
+    let g = Vector::<f32, N>::cast_from(g);
+    let u = Vector::<f32, N>::cast_from(u);
+    let one = Vector::<f32, N>::new(1.0);
+    // `0 - g`: CUDA's vector structs have no unary minus.
+    let neg = Vector::<f32, N>::new(0.0) - g;
+    Vector::<F, N>::cast_from(g / (one + neg.exp()) * u)
+}
+
+/// `act[r, i] = silu(gu[r, i]) * gu[r, I + i]` on the routed rows, `N` adjacent columns per
+/// unit (rows contiguous, `I` and the row strides multiples of `N`: the host checks).
 #[cube(launch_unchecked)]
-pub fn swiglu_kernel<F: Float>(
-    gu: &Tensor<F>,
+pub fn swiglu_kernel<F: Float, N: Size>(
+    gu: &Tensor<Vector<F, N>>,
     offsets: &Tensor<u32>,
-    act: &mut Tensor<F>,
+    act: &mut Tensor<Vector<F, N>>,
     #[define(F)] _dtype: StorageType,
 ) {
     let (row, i) = row_col();
-    let inter = act.shape(1);
+    let n = gu.vector_size();
+    let inter = act.shape(1) / n;
     if i >= inter || row >= usize::cast_from(offsets[offsets.shape(0) - 1]) {
         terminate!();
     }
-    let g = f32::cast_from(gu[row * gu.stride(0) + i * gu.stride(1)]);
-    let u = f32::cast_from(gu[row * gu.stride(0) + (inter + i) * gu.stride(1)]);
-    act[row * act.stride(0) + i * act.stride(1)] = F::cast_from(g * sigmoid(g) * u);
+    let g = gu[row * gu.stride(0) / n + i];
+    let u = gu[row * gu.stride(0) / n + inter + i];
+    act[row * act.stride(0) / n + i] = swiglu_vector::<F, N>(g, u);
+}
+
+/// `act = silu(gate) * up` over three contiguous buffers of one length, `N` elements per unit
+/// (the dense MLP's activation).
+#[cube(launch_unchecked)]
+pub fn swiglu_pair_kernel<F: Float, N: Size>(
+    gate: &Tensor<Vector<F, N>>,
+    up: &Tensor<Vector<F, N>>,
+    act: &mut Tensor<Vector<F, N>>,
+    #[define(F)] _dtype: StorageType,
+) {
+    let i = flat_pos();
+    if i >= act.len() {
+        terminate!();
+    }
+    act[i] = swiglu_vector::<F, N>(gate[i], up[i]);
 }
 
 /// Backward of [`swiglu_kernel`]: `dgu = [dact * u * silu'(g), dact * silu(g)]`.
