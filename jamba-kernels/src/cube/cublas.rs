@@ -203,6 +203,69 @@ pub(crate) fn matmul<R: CubeRuntime>(
     Some(out)
 }
 
+/// `out[row0..row0 + m] = lhs [m, k] @ rhs [k, n]` through cuBLAS, written in place into rows
+/// of `out` (`[rows, n]`, the inputs' dtype), enqueued on CubeCL's stream. `false` (nothing
+/// launched) where [`matmul`] would return `None` or the rows do not fit `out`.
+pub(crate) fn matmul_into_rows<R: CubeRuntime>(
+    lhs: &CubeTensor<R>,
+    rhs: &CubeTensor<R>,
+    out: &CubeTensor<R>,
+    row0: usize,
+) -> bool {
+    let Some(data_type) = data_type(lhs.dtype) else {
+        return false;
+    };
+    let ([m, k], [k2, n]) = (lhs.meta.shape().dims::<2>(), rhs.meta.shape().dims::<2>());
+    let [rows, cols] = out.meta.shape().dims::<2>();
+    let fits = |v: usize| i32::try_from(v).is_ok();
+    if k != k2
+        || [rhs.dtype, out.dtype] != [lhs.dtype, lhs.dtype]
+        || lhs.device != rhs.device
+        || lhs.device != out.device
+        || m == 0
+        || n == 0
+        || cols != n
+        || row0 + m > rows
+        || !(fits(m) && fits(n) && fits(k))
+        || !available(lhs)
+    {
+        return false;
+    }
+    let Some((ptrs, stream, held)) = addresses(&[lhs, rhs, out]) else {
+        return false;
+    };
+    let view = |ptr: u64, t: &CubeTensor<R>, first: usize, rows: usize| {
+        let s = t.meta.strides();
+        View {
+            ptr: ptr + (first * s[0] * t.dtype.size()) as u64,
+            rows,
+            cols: t.meta.shape()[1],
+            strides: [s[0], s[1]],
+            batch_stride: 0,
+        }
+    };
+    let device = lhs.device.to_id().index_id as usize;
+    // SAFETY: as in `matmul`; the output view covers rows `row0..row0 + m` of `out`.
+    let done = with_handle(device, stream, |handle| unsafe {
+        gemm_batched(
+            handle,
+            view(ptrs[0], lhs, 0, m),
+            view(ptrs[1], rhs, 0, k),
+            view(ptrs[2], out, row0, m),
+            1,
+            1.0,
+            data_type,
+            data_type,
+        )
+    })
+    .is_some();
+    drop(held);
+    if done {
+        crate::note_cublas_products(1);
+    }
+    done
+}
+
 /// Scores per block of [`causal_attention`]: 2^28 f32 scores (1 GiB) and their probabilities
 /// (more only where one query's row over every head is longer: a block has at least one query).
 const ATTENTION_BLOCK_SCORES: usize = 1 << 28;
@@ -226,6 +289,7 @@ struct View {
 /// # Safety
 /// The views describe live device memory of their types; the handle's stream is the one that
 /// orders the memory's other uses.
+#[allow(clippy::too_many_arguments)]
 unsafe fn gemm_batched(
     handle: blas_sys::cublasHandle_t,
     lhs: View,

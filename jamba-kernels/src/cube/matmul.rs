@@ -181,6 +181,44 @@ where
 /// runtime when the kernel is launched): every stride but the unit one a multiple of 16 bytes,
 /// and the start of the data at a multiple of 16 bytes (Burn makes a view only at an offset
 /// aligned to the device's memory alignment; other slices are copied).
+/// `out[row0..row0 + m] = lhs @ rhs` in place where the routine is cuBLAS and it takes the
+/// product (f16/bf16, from [`crate::cublas_min_rows`] rows); `false` where nothing ran and
+/// the caller computes it another way.
+pub(crate) fn routine_matmul_into_rows<R, F, I, BT>(
+    lhs: &Tensor<Cube<R, F, I, BT>, 2>,
+    rhs: &Tensor<Cube<R, F, I, BT>, 2>,
+    out: &Tensor<Cube<R, F, I, BT>, 2>,
+    row0: usize,
+) -> bool
+where
+    R: CubeRuntime,
+    F: FloatElement,
+    I: IntElement,
+    BT: BoolElement,
+{
+    let dtype = lhs.dtype();
+    if !matches!(dtype, DType::F16 | DType::BF16)
+        || crate::matmul_routine() != Some(crate::CUBLAS_ROUTINE)
+        || lhs.dims()[0] < crate::cublas_min_rows()
+    {
+        return false;
+    }
+    #[cfg(feature = "cublas")]
+    {
+        super::cublas::matmul_into_rows(
+            &prim(lhs.clone()),
+            &prim(rhs.clone()),
+            &prim(out.clone()),
+            row0,
+        )
+    }
+    #[cfg(not(feature = "cublas"))]
+    {
+        let _ = (rhs, out, row0);
+        false
+    }
+}
+
 fn tma_aligned<R: CubeRuntime>(t: &burn_cubecl::tensor::CubeTensor<R>) -> bool {
     let size = t.dtype.size();
     let strides_ok = t

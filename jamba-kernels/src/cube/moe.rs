@@ -509,6 +509,30 @@ where
     BT: BoolElement,
 {
     let [_, n, k] = b.dims();
+    let experts: Vec<usize> = (0..offsets.len() - 1)
+        .filter(|&e| offsets[e + 1] > offsets[e])
+        .collect();
+    let total = offsets[offsets.len() - 1];
+    let weight = |e: usize| {
+        let w = b.clone().narrow(0, e, 1).reshape([n, k]);
+        match transpose {
+            true => w.transpose(),
+            false => w,
+        }
+    };
+    // Through cuBLAS each expert's product writes its rows of one output (no copies); a
+    // product it declines sends the whole call to the path below.
+    if !experts.is_empty() {
+        let cols = if transpose { n } else { k };
+        let out = Tensor::<Cube<R, F, I, BT>, 2>::empty([total, cols], (&a.device(), a.dtype()));
+        let in_place = experts.iter().all(|&e| {
+            let rows = a.clone().narrow(0, offsets[e], offsets[e + 1] - offsets[e]);
+            super::matmul::routine_matmul_into_rows(&rows, &weight(e), &out, offsets[e])
+        });
+        if in_place {
+            return out;
+        }
+    }
     let parts: Vec<_> = (0..offsets.len() - 1)
         .filter(|&e| offsets[e + 1] > offsets[e])
         .map(|e| {
