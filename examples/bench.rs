@@ -1115,6 +1115,26 @@ mod kernel_check {
                 );
             }
         }
+        // The SwiGLU activation at widths whose rows CUDA pads (1000, 7) and the block model's.
+        for (rows, cols) in [(5, 1000), (3, 7), (9, 7168)] {
+            let g = host(rows * cols, Distribution::Normal(0.0, 3.0));
+            let u = host(rows * cols, Distribution::Normal(0.5, 2.0));
+            for &(dtype, tol) in dtypes {
+                let want = reference::swiglu(
+                    r2(&round(&g, dtype), [rows, cols]),
+                    r2(&round(&u, dtype), [rows, cols]),
+                );
+                let got = vals(B::swiglu(
+                    t2(&g, [rows, cols], dtype),
+                    t2(&u, [rows, cols], dtype),
+                ));
+                report(
+                    format!("swiglu {rows}x{cols} {dtype:?}"),
+                    rel(&got, &vals(want)),
+                    tol,
+                );
+            }
+        }
         for (rows, dim) in [(1, 2048), (5, 4099)] {
             let r = host(rows * dim, Distribution::Normal(0.0, 2.0));
             let h = host(rows * dim, Distribution::Normal(0.0, 1.0));

@@ -428,13 +428,14 @@ fn rms_norm_matches_reference() {
 fn swiglu_matches_reference() {
     no_overrides();
     // Vectors of 4 (f32, 1030 columns), of 2 and 1 (odd lengths), one element, and views: a
-    // transposed one (copied to contiguous) and row blocks whose offsets are odd (unaligned).
+    // transposed one (copied), row blocks whose offsets are odd (unaligned), and rows twice as
+    // far apart as they are wide (each tensor's own row stride).
     for (rows, cols) in [(1, 1), (3, 7), (5, 12), (4, 1030), (2, 6)] {
         let n = (rows + 1) * cols;
         let g = random(n, Distribution::Normal(0.0, 3.0));
         let u = random(n, Distribution::Normal(0.5, 2.0));
         for (dtype, tol) in [(DType::F32, 1e-5), (DType::F16, 2e-3)] {
-            for view in ["contiguous", "transposed", "offset rows"] {
+            for view in ["contiguous", "transposed", "offset rows", "strided rows"] {
                 fn input<B: Backend>(
                     v: &[f32],
                     rows: usize,
@@ -455,6 +456,10 @@ fn swiglu_matches_reference() {
                             .reshape([cols, rows])
                             .transpose(),
                         "offset rows" => t.narrow(0, 1, rows),
+                        "strided rows" => {
+                            let t = t.narrow(0, 0, rows);
+                            Tensor::cat(vec![t.clone(), t], 1).narrow(1, 0, cols)
+                        }
                         _ => t.narrow(0, 0, rows),
                     }
                 }

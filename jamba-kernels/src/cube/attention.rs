@@ -946,7 +946,8 @@ const SOFTMAX_BLOCK: u32 = 256;
 /// apart (a multiple of `N`), row `r` belonging to query `r % rows_per_head` of its head, which
 /// sees the first `first_visible + r % rows_per_head` keys (at most `row_len`). `probs` (same
 /// layout, the inputs' dtype) gets the softmax over the visible keys and 0 for the others up
-/// to `row_len` (what lies between `row_len` and `pitch` is neither read nor kept). One cube per
+/// to `row_len` (the padding between `row_len` and `pitch` may be loaded, masked off, and
+/// written with zeros; no product reads it). One cube per
 /// row, `N` scores per load: an online maximum and sum per unit, combined through shared
 /// memory (no plane operations: any plane size).
 #[cube(launch_unchecked)]

@@ -177,10 +177,6 @@ where
     }
 }
 
-/// Whether a tensor meets the alignment that a TMA descriptor of it needs (checked by the CUDA
-/// runtime when the kernel is launched): every stride but the unit one a multiple of 16 bytes,
-/// and the start of the data at a multiple of 16 bytes (Burn makes a view only at an offset
-/// aligned to the device's memory alignment; other slices are copied).
 /// `out[row0..row0 + m] = lhs @ rhs` in place where the routine is cuBLAS and it takes the
 /// product (f16/bf16, from [`crate::cublas_min_rows`] rows); `false` where nothing ran and
 /// the caller computes it another way.
@@ -219,6 +215,10 @@ where
     }
 }
 
+/// Whether a tensor meets the alignment that a TMA descriptor of it needs (checked by the CUDA
+/// runtime when the kernel is launched): every stride but the unit one a multiple of 16 bytes,
+/// and the start of the data at a multiple of 16 bytes (Burn makes a view only at an offset
+/// aligned to the device's memory alignment; other slices are copied).
 fn tma_aligned<R: CubeRuntime>(t: &burn_cubecl::tensor::CubeTensor<R>) -> bool {
     let size = t.dtype.size();
     let strides_ok = t

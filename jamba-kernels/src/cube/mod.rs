@@ -359,17 +359,19 @@ fn rows_launch(width: usize, rows: usize) -> (CubeCount, CubeDim) {
     )
 }
 
-/// The widest vector (elements per load, among the client's optimized widths for the dtype of
-/// `tensors[0]`) that divides `width`, every stride of `tensors` but the last, and their
+/// The widest vector (elements per load, among the client's optimized widths for the widest
+/// dtype of `tensors`) that divides `width`, every stride of `tensors` but the last, and their
 /// buffers' offsets (in elements of each tensor's dtype): what a kernel reading rows of `width`
-/// adjacent elements in vectors of one lane count may use.
+/// adjacent elements in vectors of one lane count may use. The caller makes sure each tensor's
+/// last stride is 1.
 fn aligned_vector_width<R: CubeRuntime>(tensors: &[&CubeTensor<R>], width: usize) -> usize {
     let Some(first) = tensors.first() else {
         return 1;
     };
+    let widest = tensors.iter().map(|t| t.dtype.size()).max().unwrap_or(1);
     first
         .client
-        .io_optimized_vector_sizes(first.dtype.size())
+        .io_optimized_vector_sizes(widest)
         .find(|&v| {
             width.is_multiple_of(v)
                 && tensors.iter().all(|t| {

@@ -382,8 +382,8 @@ where
     act
 }
 
-/// `silu(gate) * up` through [`k::swiglu_pair_kernel`], the widest vectors that divide the
-/// length (contiguous copies of inputs that are not).
+/// `silu(gate) * up` through [`k::swiglu_pair_kernel`], in the widest vectors that divide the
+/// width and every row stride (inputs whose columns are not adjacent are copied first).
 pub(crate) fn swiglu_pair<R, F, I, BT>(
     gate: Tensor<Cube<R, F, I, BT>, 2>,
     up: Tensor<Cube<R, F, I, BT>, 2>,
@@ -394,25 +394,17 @@ where
     I: IntElement,
     BT: BoolElement,
 {
-    let shape = gate.dims();
+    let [rows, cols] = gate.dims();
     let dtype = gate.dtype();
-    let contiguous = |t: Tensor<Cube<R, F, I, BT>, 2>| {
-        let t = prim(t);
-        match t.is_contiguous() {
-            true => t,
-            false => burn_cubecl::kernel::into_contiguous(t),
-        }
-    };
-    let (g, u) = (contiguous(gate), contiguous(up));
-    let act = Tensor::<Cube<R, F, I, BT>, 2>::empty(shape, (&g.device, dtype));
-    let a = prim(act.clone());
-    let n = shape[0] * shape[1];
-    if n == 0 {
+    let (g, u) = (columns_adjacent(prim(gate)), columns_adjacent(prim(up)));
+    let act = Tensor::<Cube<R, F, I, BT>, 2>::empty([rows, cols], (&g.device, dtype));
+    if rows == 0 || cols == 0 {
         return act;
     }
-    let vector = super::aligned_vector_width(&[&g, &u, &a], n);
+    let a = prim(act.clone());
+    let vector = super::aligned_vector_width(&[&g, &u, &a], cols);
     let client = g.client.clone();
-    let (count, dim) = elemwise_launch(n / vector);
+    let (count, dim) = rows_launch(cols / vector, rows);
     unsafe {
         k::swiglu_pair_kernel::launch_unchecked::<R>(
             &client,
@@ -522,7 +514,12 @@ where
     };
     // Through cuBLAS each expert's product writes its rows of one output (no copies); a
     // product it declines sends the whole call to the path below.
-    if !experts.is_empty() {
+    let min_rows = crate::cublas_min_rows();
+    if !experts.is_empty()
+        && experts
+            .iter()
+            .all(|&e| offsets[e + 1] - offsets[e] >= min_rows)
+    {
         let cols = if transpose { n } else { k };
         let out = Tensor::<Cube<R, F, I, BT>, 2>::empty([total, cols], (&a.device(), a.dtype()));
         let in_place = experts.iter().all(|&e| {

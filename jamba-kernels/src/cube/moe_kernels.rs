@@ -301,8 +301,9 @@ pub fn swiglu_kernel<F: Float, N: Size>(
     act[row * act.stride(0) / n + i] = swiglu_vector::<F, N>(g, u);
 }
 
-/// `act = silu(gate) * up` over three contiguous buffers of one length, `N` elements per unit
-/// (the dense MLP's activation).
+/// `act[r] = silu(gate[r]) * up[r]` over rows whose columns are adjacent, `N` columns per unit
+/// (the dense MLP's activation). Each tensor keeps its own row stride: CUDA pads the rows of
+/// the buffers it allocates (the host checks the strides and the width are multiples of `N`).
 #[cube(launch_unchecked)]
 pub fn swiglu_pair_kernel<F: Float, N: Size>(
     gate: &Tensor<Vector<F, N>>,
@@ -310,11 +311,14 @@ pub fn swiglu_pair_kernel<F: Float, N: Size>(
     act: &mut Tensor<Vector<F, N>>,
     #[define(F)] _dtype: StorageType,
 ) {
-    let i = flat_pos();
-    if i >= act.len() {
+    let (row, i) = row_col();
+    let n = act.vector_size();
+    if i >= act.shape(1) / n || row >= act.shape(0) {
         terminate!();
     }
-    act[i] = swiglu_vector::<F, N>(gate[i], up[i]);
+    let g = gate[row * gate.stride(0) / n + i];
+    let u = up[row * up.stride(0) / n + i];
+    act[row * act.stride(0) / n + i] = swiglu_vector::<F, N>(g, u);
 }
 
 /// Backward of [`swiglu_kernel`]: `dgu = [dact * u * silu'(g), dact * silu(g)]`.
