@@ -403,9 +403,10 @@ fn time_major<B: Backend>(x: Tensor<B, 3>) -> Tensor<B, 3> {
 
 /// `x @ weight^T` for `x` `[batch, d_in, len]` laid out channels-major (positions adjacent),
 /// returned as `[batch, len, d_out]`. With one sequence, the product reads `x` through its
-/// transposed 2-D view (`[d_in, len]` reshaped while contiguous, then transposed: no copy);
-/// several sequences are brought to `[batch * len, d_in]` first (a copy: no 2-D view of that
-/// shape exists).
+/// transposed 2-D view (`[d_in, len]` reshaped while contiguous, then transposed: no copy
+/// unless the backend padded `x`'s rows, as CUDA does for lengths whose rows are not a multiple
+/// of its pitch); several sequences are brought to `[batch * len, d_in]` first (a copy: no 2-D
+/// view of that shape exists).
 fn linear_channels_major<B: JambaBackend>(x: Tensor<B, 3>, layer: &Linear<B>) -> Tensor<B, 3> {
     let [batch, d_in, len] = x.dims();
     if batch != 1 {
