@@ -76,11 +76,11 @@ struct Args {
     /// time goes, by thread and function (needs the `host-profile` feature).
     #[arg(long, default_value_t = 0)]
     host_profile: usize,
-    /// Make the model's weights under Burn's persistent allocation mode: CubeCL then keeps them
-    /// out of the sliced pools that every later allocation searches (one device only: ignored
-    /// with several `--devices`).
+    /// Make the weights of at most this many bytes under CubeCL's persistent allocation mode
+    /// instead of the model's default (`jamba::weights::PERSISTENT_MAX_BYTES`); 0 makes them all
+    /// in the pools of short-lived buffers (one device only: ignored with several `--devices`).
     #[arg(long)]
-    persistent_weights: bool,
+    persistent_max_bytes: Option<usize>,
     /// Time what a launch costs the host: 1000 operations in a row on tiny tensors (an
     /// element-wise add, and the decoding product `JambaBackend::linear` at 1x64x64), the time
     /// to issue them and the time until the device has run them, per operation.
@@ -122,7 +122,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn run<B: JambaBackend>(args: &Args, devices: Vec<B::Device>)
+/// Prints what the device's memory pools hold (CUDA only), after `what`.
+type MemoryReport<'a> = &'a dyn Fn(&str);
+
+fn run<B: JambaBackend>(args: &Args, devices: Vec<B::Device>, memory: MemoryReport)
 where
     Autodiff<B>: JambaBackend<Device = B::Device>,
 {
@@ -189,14 +192,13 @@ where
     let model = if devices.len() > 1 {
         let map = jamba::parallel::DeviceMap::new(devices.clone()).expect("devices");
         JambaForCausalLM::<B>::init_on(&cfg, &map, dtype).expect("model")
-    } else if args.persistent_weights {
-        // Everything allocated while the weights are made goes to the persistent pool; fused
-        // operations are run inside, before the mode ends.
-        B::memory_persistent_allocations(device, (), |_| {
-            let model = JambaForCausalLM::<B>::init(&cfg, device, dtype).expect("model");
-            B::sync(device).unwrap();
-            model
-        })
+    } else if let Some(bytes) = args.persistent_max_bytes {
+        let mut w = jamba::weights::Weights::random(cfg.initializer_range, device, dtype)
+            .with_persistent_max_bytes(bytes);
+        let model = JambaForCausalLM::<B>::build(&cfg, &mut w).expect("model");
+        B::sync(device).unwrap();
+        B::memory_cleanup(device);
+        model
     } else {
         JambaForCausalLM::<B>::init(&cfg, device, dtype).expect("model")
     };
@@ -211,6 +213,7 @@ where
         dtype,
         started.elapsed()
     );
+    memory("the model's set-up");
     let vocab = cfg.vocab_size as i64;
     let tokens = |batch: usize, len: usize| {
         let ids = (0..batch * len)
@@ -246,6 +249,7 @@ where
             jamba_kernels::matmul_routine().unwrap_or("burn"),
             jamba_kernels::cublas_products()
         );
+        memory(&format!("prefill {spec}"));
     }
 
     for &batch in args.batches.iter().filter(|&&b| b > 0) {
@@ -295,6 +299,7 @@ where
             cache.bytes() as f64 / (1 << 20) as f64,
             median(issue) * 1e3
         );
+        memory(&format!("decode batch {batch}"));
     }
 }
 
@@ -1429,15 +1434,27 @@ fn main() {
             .map(|&i| burn::backend::cuda::CudaDevice::new(i))
             .collect()
     };
+    #[cfg(feature = "cuda")]
+    let cuda_memory = |what: &str| {
+        let (in_use, reserved) = jamba_kernels::cuda_memory_usage(&cuda()[0]);
+        println!(
+            "memory after {what}: {:.0} MiB in use, {:.0} MiB reserved (CubeCL's pools on the first device)",
+            in_use as f64 / (1 << 20) as f64,
+            reserved as f64 / (1 << 20) as f64
+        );
+    };
+    let no_memory = |_: &str| {};
     let n = args.devices.0.len();
     match args.backend {
-        Backend::Ndarray => run::<burn::backend::NdArray>(&args, vec![Default::default(); n]),
+        Backend::Ndarray => {
+            run::<burn::backend::NdArray>(&args, vec![Default::default(); n], &no_memory)
+        }
         #[cfg(feature = "wgpu")]
-        Backend::Wgpu => run::<burn::backend::Wgpu>(&args, vec![Default::default(); n]),
+        Backend::Wgpu => run::<burn::backend::Wgpu>(&args, vec![Default::default(); n], &no_memory),
         #[cfg(feature = "cuda")]
-        Backend::Cuda => run::<burn::backend::Cuda>(&args, cuda()),
+        Backend::Cuda => run::<burn::backend::Cuda>(&args, cuda(), &cuda_memory),
         #[cfg(feature = "cuda")]
-        Backend::CudaUnfused => run::<jamba_kernels::CudaUnfused>(&args, cuda()),
+        Backend::CudaUnfused => run::<jamba_kernels::CudaUnfused>(&args, cuda(), &cuda_memory),
         #[allow(unreachable_patterns)]
         _ => {
             eprintln!(

@@ -14,6 +14,8 @@
 # CUBLAS=1 compares the cuBLAS routine with cubek's TMA routine (products, checks, prefill);
 # CUBLAS_CHECKS=1 runs only its checks (everything through cuBLAS) and the attention's timings.
 # PREFILL_UNFUSED=1 gives the block model's prefill rows without fusion too.
+# PERSIST=1 compares decoding and memory with the small weights made under the persistent
+# allocation mode (the default), none (bench --persistent-max-bytes 0) and all.
 # HOST_PROFILE=1 samples the host during decoding steps at batch 1 (bench --host-profile; needs a
 # build with --features host-profile and an unstripped bench).
 # SCAN=0, SCAN_KERNELS=0, SCAN_BLOCKS=0, ATTENTION=0, TRAIN=0, MOE=0, MATMUL=0, UNFUSED_DECODE=0, LAUNCH=0,
@@ -225,6 +227,27 @@ JAMBA_MATMUL=$best "$bin/bench" --config benches/configs/block.json --backend cu
     --batches 1 --steps 16 --warmup 4 --prompt 512 --prefill 4096,16384,8x2048 --chunk 16384
 echo "== MoE experts of one block layer alone with it (JAMBA_MATMUL=$best)"
 JAMBA_MATMUL=$best "$bin/bench" --backend cuda-unfused --dtype bf16 --no-model --moe 4096,16384
+fi
+if [ "${PERSIST:-0}" = 1 ]; then
+echo "== block model, bf16, decode at batch 1 and 8 with the weights of at most 8 MiB made under the persistent allocation mode (the default), with none (--persistent-max-bytes 0) and with all, alternating"
+for be in cuda-unfused cuda; do
+  for rep in $(seq ${PERSIST_REPS:-3}); do
+    for max in default 0 all; do
+      flag=; [ $max = 0 ] && flag="--persistent-max-bytes 0"; [ $max = all ] && flag="--persistent-max-bytes 18446744073709551615"
+      echo "-- $be $max $rep: $("$bin/bench" --config benches/configs/block.json --backend $be --dtype bf16 --prompt 512 \
+          --batches 1,8 --steps 16 --warmup 4 $flag 2>&1 | grep -E "^\| decode|panicked|rror" | cut -d'|' -f2,3,4 | tr '\n' ' ')"
+    done
+  done
+done
+for max in ${PERSIST_ROWS-0 18446744073709551615}; do
+echo "== block model, bf16, the rows of MODEL=1 with --persistent-max-bytes $max: memory to compare with the default's"
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > /tmp/mem-pooled.log &
+smi=$!
+"$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 --persistent-max-bytes $max --prompt 512 \
+    --batches 1,8,32 --steps 16 --warmup 4 --prefill 4096,16384,8x2048 --chunk 16384
+kill $smi
+echo "peak GPU memory (nvidia-smi, MiB): $(sort -n /tmp/mem-pooled.log | tail -1)"
+done
 fi
 if [ "${UNFUSED_DECODE:-1}" = 1 ]; then
 echo "== block model, decode without fusion"

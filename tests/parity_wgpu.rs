@@ -59,3 +59,27 @@ fn tiny_b_f16() {
 fn v01_shape_f16() {
     check_case("v01-shape", DType::F16, 3e-2);
 }
+
+/// The constructors make the small parameters under CubeCL's persistent allocation mode, waiting
+/// for the device around each (so that fusion's lazily run operations allocate inside the mode
+/// and no others do). A seed must still draw the same values as a build without the mode: the
+/// waits must not reorder the draws.
+#[test]
+fn persistent_parameters_equal_pooled_ones() {
+    use burn::tensor::backend::Backend;
+    use jamba::weights::Weights;
+    let device = Default::default();
+    let cfg = jamba::JambaConfig::from_file(fixture_dir("tiny-b").join("config.json")).unwrap();
+    B::seed(&device, 7);
+    let persistent = JambaForCausalLM::<B>::init(&cfg, &device, DType::F32).unwrap();
+    B::seed(&device, 7);
+    let mut w =
+        Weights::random(cfg.initializer_range, &device, DType::F32).with_persistent_max_bytes(0);
+    let pooled = JambaForCausalLM::<B>::build(&cfg, &mut w).unwrap();
+    let (a, b) = (persistent.named_params(), pooled.named_params());
+    assert_eq!(a.len(), b.len());
+    for (a, b) in a.iter().zip(&b) {
+        assert_eq!(a.name, b.name);
+        assert_eq!(a.param.data(), b.param.data(), "{}", a.name);
+    }
+}

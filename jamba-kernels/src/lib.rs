@@ -913,3 +913,17 @@ pub type CudaUnfused =
 /// wgpu without Burn's operation fusion (`burn::backend::Wgpu` is the fused one).
 #[cfg(feature = "wgpu")]
 pub type WgpuUnfused = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime, f32, i32, u32>;
+
+/// What CubeCL's memory management holds for the calling thread's stream on a CUDA device (the
+/// stream a model's work runs on, fused or not): bytes in use by live buffers, and bytes reserved
+/// from the driver (pages of the pools, persistent buffers). Reserved memory only grows until a
+/// cleanup, so after a workload it is that workload's peak.
+#[cfg(feature = "cuda")]
+pub fn cuda_memory_usage(device: &burn::backend::cuda::CudaDevice) -> (u64, u64) {
+    use burn_cubecl::cubecl::Runtime;
+    let client = burn_cubecl::cubecl::cuda::CudaRuntime::client(device);
+    match client.memory_usage() {
+        Ok(u) => (u.bytes_in_use, u.bytes_reserved),
+        Err(_) => (0, 0),
+    }
+}

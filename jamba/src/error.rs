@@ -73,6 +73,10 @@ pub enum JambaError {
     /// Work over several devices failed: a collective operation, or a replica that stopped.
     #[error("multi-device: {0}")]
     Parallel(String),
+
+    /// The device failed to run queued work (reported where the host waits for it).
+    #[error("device: {0}")]
+    Device(String),
 }
 
 impl JambaError {

@@ -14,7 +14,7 @@ use crate::error::{JambaError, Result};
 use crate::layer::{JambaDecoderLayer, LayerMasks, LayerState, Mixer};
 use crate::nn::{export_param, hub_split, Export, Linear, NamedParam, RmsNorm};
 use crate::parallel::{transfer, DeviceMap};
-use crate::weights::{Init, Weights};
+use crate::weights::{release_build_leftovers, Init, Weights};
 
 /// A batch of token ids on the host, row-major `[batch, len]`, with an optional 0/1 attention mask
 /// (0 marks padding, which Jamba expects on the left).
@@ -153,7 +153,9 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         config.validate()?;
         check_dtype::<B>(device, dtype)?;
         let mut w = Weights::random(config.initializer_range, device, dtype);
-        Self::build(config, &mut w)
+        let model = Self::build(config, &mut w)?;
+        release_build_leftovers::<B>(std::slice::from_ref(device))?;
+        Ok(model)
     }
 
     /// A fresh model spread over the devices of `map` (expert parallelism, for inference; see
@@ -165,7 +167,9 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         }
         let mut w = Weights::random(config.initializer_range, map.first(), dtype)
             .with_device_map(map.clone());
-        Self::build(config, &mut w)
+        let model = Self::build(config, &mut w)?;
+        release_build_leftovers::<B>(map.devices())?;
+        Ok(model)
     }
 
     /// [`Self::from_pretrained`] spread over the devices of `map` (expert parallelism, for
@@ -193,6 +197,7 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
             });
         let model = Self::build(&config, &mut w)?;
         w.finish()?;
+        release_build_leftovers::<B>(map.devices())?;
         Ok(model)
     }
 
@@ -237,10 +242,13 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         });
         let model = Self::build(config, &mut w)?;
         w.finish()?;
+        release_build_leftovers::<B>(std::slice::from_ref(device))?;
         Ok(model)
     }
 
-    /// Builds every module from `w` (random or checkpoint), in HF's parameter order.
+    /// Builds every module from `w` (random or checkpoint), in HF's parameter order. The
+    /// constructors above also free what the build left in the devices' pools
+    /// (`weights::release_build_leftovers`).
     pub fn build(config: &JambaConfig, w: &mut Weights<B>) -> Result<Self> {
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed_tokens = w.param(

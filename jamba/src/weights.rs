@@ -50,6 +50,8 @@ pub struct Weights<'a, B: Backend> {
     map: Option<DeviceMap<B::Device>>,
     dtype: DType,
     progress: Option<Progress<'a>>,
+    /// Parameters of at most this many bytes are made under the persistent allocation mode.
+    persistent_max_bytes: usize,
 }
 
 impl<'a, B: Backend> Weights<'a, B> {
@@ -61,6 +63,7 @@ impl<'a, B: Backend> Weights<'a, B> {
             map: None,
             dtype,
             progress: None,
+            persistent_max_bytes: PERSISTENT_MAX_BYTES,
         }
     }
 
@@ -75,12 +78,20 @@ impl<'a, B: Backend> Weights<'a, B> {
             map: None,
             dtype,
             progress: None,
+            persistent_max_bytes: PERSISTENT_MAX_BYTES,
         }
     }
 
     /// Calls `f` with each tensor's name as it is loaded (for progress reports on big checkpoints).
     pub fn with_progress(mut self, f: impl FnMut(&str) + 'a) -> Self {
         self.progress = Some(Box::new(f));
+        self
+    }
+
+    /// Makes the parameters of at most `bytes` under CubeCL's persistent allocation mode instead
+    /// of [`PERSISTENT_MAX_BYTES`] (0: none, `usize::MAX`: all).
+    pub fn with_persistent_max_bytes(mut self, bytes: usize) -> Self {
+        self.persistent_max_bytes = bytes;
         self
     }
 
@@ -120,16 +131,50 @@ impl<'a, B: Backend> Weights<'a, B> {
         if let (Some(f), 0) = (self.progress.as_mut(), rows.start) {
             f(key);
         }
-        match &mut self.source {
-            Source::Random { std } => Ok(random(part, init, *std, &self.device, self.dtype)),
+        let data = match &mut self.source {
+            Source::Random { .. } => None,
             Source::Checkpoint { .. } => {
                 let full = self.data(key, shape)?;
                 let row_bytes = full.num_elements() / shape[0].max(1) * full.dtype.size();
                 let bytes = full.as_bytes()[rows.start * row_bytes..rows.end * row_bytes].to_vec();
-                let data = TensorData::from_bytes_vec(bytes, part.to_vec(), full.dtype);
-                Ok(Tensor::from_data(data, (&self.device, self.dtype)))
+                Some(TensorData::from_bytes_vec(bytes, part.to_vec(), full.dtype))
             }
+        };
+        self.make(part, init, data)
+    }
+
+    /// The tensor of `shape` from checkpoint `data`, or drawn with `init` when there is none;
+    /// small ones under the persistent allocation mode ([`Self::with_persistent_max_bytes`]).
+    fn make<const D: usize>(
+        &self,
+        shape: [usize; D],
+        init: Init,
+        data: Option<TensorData>,
+    ) -> Result<Tensor<B, D>> {
+        let (device, dtype) = (self.device.clone(), self.dtype);
+        let std = match self.source {
+            Source::Random { std } => std,
+            Source::Checkpoint { .. } => 0.0,
+        };
+        let create = move || match data {
+            Some(data) => Tensor::from_data(data, (&device, dtype)),
+            None => random(shape, init, std, &device, dtype),
+        };
+        let bytes = shape.iter().product::<usize>() * dtype.size();
+        if bytes > self.persistent_max_bytes {
+            return Ok(create());
         }
+        // Under fusion, operations registered before (a large parameter's, a stack of experts)
+        // would otherwise run, and allocate, under the mode below.
+        B::sync(&self.device).map_err(|e| JambaError::Device(e.to_string()))?;
+        let device = self.device.clone();
+        B::memory_persistent_allocations(&self.device, create, move |create| {
+            let tensor = create();
+            // Under fusion the operations that make the tensor run lazily: run them (and so
+            // allocate their output) while the mode holds.
+            B::sync(&device).map(|()| tensor)
+        })
+        .map_err(|e| JambaError::Device(e.to_string()))
     }
 
     /// The float dtype parameters are created in.
@@ -163,13 +208,11 @@ impl<'a, B: Backend> Weights<'a, B> {
         if let Some(f) = self.progress.as_mut() {
             f(key);
         }
-        match &mut self.source {
-            Source::Random { std } => Ok(random(shape, init, *std, &self.device, self.dtype)),
-            Source::Checkpoint { .. } => {
-                let data = self.data(key, shape)?;
-                Ok(Tensor::from_data(data, (&self.device, self.dtype)))
-            }
-        }
+        let data = match &mut self.source {
+            Source::Random { .. } => None,
+            Source::Checkpoint { .. } => Some(self.data(key, shape)?),
+        };
+        self.make(shape, init, data)
     }
 
     /// A checkpoint tensor as host data in the parameters' dtype, checked against `shape`.
@@ -226,6 +269,30 @@ impl<'a, B: Backend> Weights<'a, B> {
         }
         Ok(())
     }
+}
+
+/// Parameters of at most this many bytes are made under CubeCL's persistent allocation mode.
+///
+/// Why: made in the pools that serve short-lived buffers, small parameters (norms, biases, the
+/// conv and SSM constants, `dt_proj`, `x_proj`, the router, the smaller attention projections)
+/// share the pages of a decoding step's activations, and every allocation searches and coalesces
+/// every page of its pool: at batch 1 that search was most of the host's time per step.
+/// Persistent allocations get one buffer each, outside those pools. Large parameters stay in the
+/// pools: a decoding step's buffers are far smaller, so they come from other pools, and the
+/// free part of the large parameters' pages serves the prefill's large activations (made
+/// persistent too, they left those activations to reserve pages of their own: 5 GB more for the
+/// "block" model's prefill rows on the H200). CubeCL also serves any later allocation of exactly
+/// a persistent buffer's size from persistent buffers; this bound keeps those small.
+pub const PERSISTENT_MAX_BYTES: usize = 8 << 20;
+
+/// Waits for `devices` and frees what building a model left in their pools (the persistent
+/// buffers of temporaries, pages only the build used).
+pub(crate) fn release_build_leftovers<B: Backend>(devices: &[B::Device]) -> Result<()> {
+    for device in devices {
+        B::sync(device).map_err(|e| JambaError::Device(e.to_string()))?;
+        B::memory_cleanup(device);
+    }
+    Ok(())
 }
 
 fn random<B: Backend, const D: usize>(
