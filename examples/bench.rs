@@ -189,6 +189,9 @@ where
     for d in &devices {
         B::seed(d, 0);
     }
+    if devices.len() > 1 && args.persistent_max_bytes.is_some() {
+        eprintln!("warning: --persistent-max-bytes applies to one device only; ignored");
+    }
     let model = if devices.len() > 1 {
         let map = jamba::parallel::DeviceMap::new(devices.clone()).expect("devices");
         JambaForCausalLM::<B>::init_on(&cfg, &map, dtype).expect("model")
@@ -196,8 +199,7 @@ where
         let mut w = jamba::weights::Weights::random(cfg.initializer_range, device, dtype)
             .with_persistent_max_bytes(bytes);
         let model = JambaForCausalLM::<B>::build(&cfg, &mut w).expect("model");
-        B::sync(device).unwrap();
-        B::memory_cleanup(device);
+        jamba::weights::release_build_leftovers::<B>(std::slice::from_ref(device)).expect("device");
         model
     } else {
         JambaForCausalLM::<B>::init(&cfg, device, dtype).expect("model")
@@ -1436,12 +1438,14 @@ fn main() {
     };
     #[cfg(feature = "cuda")]
     let cuda_memory = |what: &str| {
-        let (in_use, reserved) = jamba_kernels::cuda_memory_usage(&cuda()[0]);
-        println!(
+        match jamba_kernels::cuda_memory_usage(&cuda()[0]) {
+        Some((in_use, reserved)) => println!(
             "memory after {what}: {:.0} MiB in use, {:.0} MiB reserved (CubeCL's pools on the first device)",
             in_use as f64 / (1 << 20) as f64,
             reserved as f64 / (1 << 20) as f64
-        );
+        ),
+        None => println!("memory after {what}: the device reported an error"),
+    }
     };
     let no_memory = |_: &str| {};
     let n = args.devices.0.len();

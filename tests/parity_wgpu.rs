@@ -62,24 +62,42 @@ fn v01_shape_f16() {
 
 /// The constructors make the small parameters under CubeCL's persistent allocation mode, waiting
 /// for the device around each (so that fusion's lazily run operations allocate inside the mode
-/// and no others do). A seed must still draw the same values as a build without the mode: the
-/// waits must not reorder the draws.
+/// and no others do). A seed must still draw the same values as a build without the mode, with
+/// every parameter under it (the constructors' bound, above all of tiny-b's) and with only some
+/// (a bound of 4 KiB): the waits must not reorder the draws. (This binary's other tests draw
+/// nothing, so the seed is not shared.)
 #[test]
 fn persistent_parameters_equal_pooled_ones() {
     use burn::tensor::backend::Backend;
-    use jamba::weights::Weights;
+    use jamba::weights::{release_build_leftovers, Weights};
     let device = Default::default();
     let cfg = jamba::JambaConfig::from_file(fixture_dir("tiny-b").join("config.json")).unwrap();
-    B::seed(&device, 7);
-    let persistent = JambaForCausalLM::<B>::init(&cfg, &device, DType::F32).unwrap();
-    B::seed(&device, 7);
-    let mut w =
-        Weights::random(cfg.initializer_range, &device, DType::F32).with_persistent_max_bytes(0);
-    let pooled = JambaForCausalLM::<B>::build(&cfg, &mut w).unwrap();
-    let (a, b) = (persistent.named_params(), pooled.named_params());
-    assert_eq!(a.len(), b.len());
-    for (a, b) in a.iter().zip(&b) {
-        assert_eq!(a.name, b.name);
-        assert_eq!(a.param.data(), b.param.data(), "{}", a.name);
+    let build = |bound: Option<usize>| {
+        B::seed(&device, 7);
+        let model = match bound {
+            None => JambaForCausalLM::<B>::init(&cfg, &device, DType::F32).unwrap(),
+            Some(bound) => {
+                let mut w = Weights::random(cfg.initializer_range, &device, DType::F32)
+                    .with_persistent_max_bytes(bound);
+                let model = JambaForCausalLM::<B>::build(&cfg, &mut w).unwrap();
+                release_build_leftovers::<B>(std::slice::from_ref(&device)).unwrap();
+                model
+            }
+        };
+        model.named_params()
+    };
+    let pooled = build(Some(0));
+    for bound in [None, Some(4096)] {
+        let made = build(bound);
+        assert_eq!(made.len(), pooled.len());
+        for (a, b) in made.iter().zip(&pooled) {
+            assert_eq!(a.name, b.name);
+            assert_eq!(
+                a.param.data(),
+                b.param.data(),
+                "{} (bound {bound:?})",
+                a.name
+            );
+        }
     }
 }

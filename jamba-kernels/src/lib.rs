@@ -917,13 +917,12 @@ pub type WgpuUnfused = burn_cubecl::CubeBackend<burn::backend::wgpu::WgpuRuntime
 /// What CubeCL's memory management holds for the calling thread's stream on a CUDA device (the
 /// stream a model's work runs on, fused or not): bytes in use by live buffers, and bytes reserved
 /// from the driver (pages of the pools, persistent buffers). Reserved memory only grows until a
-/// cleanup, so after a workload it is that workload's peak.
+/// cleanup, so after a workload it is that workload's peak. `None` where the device reports an
+/// error instead.
 #[cfg(feature = "cuda")]
-pub fn cuda_memory_usage(device: &burn::backend::cuda::CudaDevice) -> (u64, u64) {
+pub fn cuda_memory_usage(device: &burn::backend::cuda::CudaDevice) -> Option<(u64, u64)> {
     use burn_cubecl::cubecl::Runtime;
     let client = burn_cubecl::cubecl::cuda::CudaRuntime::client(device);
-    match client.memory_usage() {
-        Ok(u) => (u.bytes_in_use, u.bytes_reserved),
-        Err(_) => (0, 0),
-    }
+    let usage = client.memory_usage().ok()?;
+    Some((usage.bytes_in_use, usage.bytes_reserved))
 }

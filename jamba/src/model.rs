@@ -248,7 +248,7 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
 
     /// Builds every module from `w` (random or checkpoint), in HF's parameter order. The
     /// constructors above also free what the build left in the devices' pools
-    /// (`weights::release_build_leftovers`).
+    /// ([`crate::weights::release_build_leftovers`]).
     pub fn build(config: &JambaConfig, w: &mut Weights<B>) -> Result<Self> {
         let (v, h) = (config.vocab_size, config.hidden_size);
         let embed_tokens = w.param(

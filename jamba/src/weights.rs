@@ -161,20 +161,27 @@ impl<'a, B: Backend> Weights<'a, B> {
             None => random(shape, init, std, &device, dtype),
         };
         let bytes = shape.iter().product::<usize>() * dtype.size();
-        if bytes > self.persistent_max_bytes {
+        if self.persistent_max_bytes == 0 || bytes > self.persistent_max_bytes {
             return Ok(create());
         }
         // Under fusion, operations registered before (a large parameter's, a stack of experts)
         // would otherwise run, and allocate, under the mode below.
         B::sync(&self.device).map_err(|e| JambaError::Device(e.to_string()))?;
         let device = self.device.clone();
-        B::memory_persistent_allocations(&self.device, create, move |create| {
-            let tensor = create();
-            // Under fusion the operations that make the tensor run lazily: run them (and so
-            // allocate their output) while the mode holds.
-            B::sync(&device).map(|()| tensor)
-        })
-        .map_err(|e| JambaError::Device(e.to_string()))
+        // CubeCL sets the mode back only when the closure returns: a panic inside (a device out
+        // of memory) is caught and resumed after it, so the mode never outlives the call.
+        let made = B::memory_persistent_allocations(&self.device, create, move |create| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let tensor = create();
+                // Under fusion the operations that make the tensor run lazily: run them (and so
+                // allocate their output) while the mode holds.
+                B::sync(&device).map(|()| tensor)
+            }))
+        });
+        match made {
+            Ok(made) => made.map_err(|e| JambaError::Device(e.to_string())),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
     }
 
     /// The float dtype parameters are created in.
@@ -281,13 +288,22 @@ impl<'a, B: Backend> Weights<'a, B> {
 /// pools: a decoding step's buffers are far smaller, so they come from other pools, and the
 /// free part of the large parameters' pages serves the prefill's large activations (made
 /// persistent too, they left those activations to reserve pages of their own: 5 GB more for the
-/// "block" model's prefill rows on the H200). CubeCL also serves any later allocation of exactly
-/// a persistent buffer's size from persistent buffers; this bound keeps those small.
+/// "block" model's prefill rows on the H200).
+///
+/// CubeCL also serves every later allocation of exactly a persistent buffer's (padded) size
+/// from persistent buffers, adding one when none is free and keeping it for reuse by that size
+/// only: activations the size of a norm's weight, optimizer states the size of a parameter. This
+/// bound keeps those sizes small. Parameters derived from several (the experts stacked
+/// into one) stay in the pools whatever their size. The mode is set and reset per parameter:
+/// a caller's own `memory_persistent_allocations` around a constructor ends at the first
+/// small parameter.
 pub const PERSISTENT_MAX_BYTES: usize = 8 << 20;
 
-/// Waits for `devices` and frees what building a model left in their pools (the persistent
-/// buffers of temporaries, pages only the build used).
-pub(crate) fn release_build_leftovers<B: Backend>(devices: &[B::Device]) -> Result<()> {
+/// Waits for `devices` and frees every free buffer and page that CubeCL holds for the calling
+/// thread on them (CubeCL's `memory_cleanup`): after building a model, the persistent buffers
+/// of its temporaries and the pages only the build used. The constructors call it; a model
+/// made with [`crate::JambaForCausalLM::build`] can.
+pub fn release_build_leftovers<B: Backend>(devices: &[B::Device]) -> Result<()> {
     for device in devices {
         B::sync(device).map_err(|e| JambaError::Device(e.to_string()))?;
         B::memory_cleanup(device);
