@@ -154,53 +154,14 @@ pub(crate) fn matmul<R: CubeRuntime>(
     lhs: &CubeTensor<R>,
     rhs: &CubeTensor<R>,
 ) -> Option<CubeTensor<R>> {
-    let dtype = lhs.dtype;
-    let data_type = data_type(dtype)?;
-    let ([m, k], [k2, n]) = (lhs.meta.shape().dims::<2>(), rhs.meta.shape().dims::<2>());
-    let fits = |v: usize| i32::try_from(v).is_ok();
-    if k != k2
-        || rhs.dtype != dtype
-        || lhs.device != rhs.device
-        || m == 0
-        || n == 0
-        || !(fits(m) && fits(n) && fits(k))
-        || !available(lhs)
-    {
+    // The checks that decline without cost come before the output is allocated;
+    // `matmul_into_rows` makes all of them.
+    data_type(lhs.dtype)?;
+    if rhs.dtype != lhs.dtype || !available(lhs) {
         return None;
     }
-    let out = burn_cubecl::kernel::matmul::init_matmul_output(lhs, rhs, dtype);
-    let (ptrs, stream, held) = addresses(&[lhs, rhs, &out])?;
-    // Burn may pad an output's rows (a pitched layout): every view takes its strides as they are.
-    let view = |ptr: u64, t: &CubeTensor<R>| {
-        let ([rows, cols], s) = (t.meta.shape().dims::<2>(), t.meta.strides());
-        View {
-            ptr,
-            rows,
-            cols,
-            strides: [s[0], s[1]],
-            batch_stride: 0,
-        }
-    };
-    let device = lhs.device.to_id().index_id as usize;
-    // SAFETY: the addresses belong to live allocations of the sizes the shapes and strides say
-    // (held until the product is enqueued); it is enqueued on the stream that CubeCL runs this
-    // thread's kernels on, so it runs after the kernels that wrote its inputs and before any
-    // later kernel, including one that reuses this memory once the tensors are dropped.
-    with_handle(device, stream, |handle| unsafe {
-        gemm_batched(
-            handle,
-            view(ptrs[0], lhs),
-            view(ptrs[1], rhs),
-            view(ptrs[2], &out),
-            1,
-            1.0,
-            data_type,
-            data_type,
-        )
-    })?;
-    drop(held);
-    crate::note_cublas_products(1);
-    Some(out)
+    let out = burn_cubecl::kernel::matmul::init_matmul_output(lhs, rhs, lhs.dtype);
+    matmul_into_rows(lhs, rhs, &out, 0).then_some(out)
 }
 
 /// `out[row0..row0 + m] = lhs [m, k] @ rhs [k, n]` through cuBLAS, written in place into rows
@@ -234,6 +195,7 @@ pub(crate) fn matmul_into_rows<R: CubeRuntime>(
     let Some((ptrs, stream, held)) = addresses(&[lhs, rhs, out]) else {
         return false;
     };
+    // Burn may pad an output's rows (a pitched layout): every view takes its strides as they are.
     let view = |ptr: u64, t: &CubeTensor<R>, first: usize, rows: usize| {
         let s = t.meta.strides();
         View {
@@ -245,7 +207,11 @@ pub(crate) fn matmul_into_rows<R: CubeRuntime>(
         }
     };
     let device = lhs.device.to_id().index_id as usize;
-    // SAFETY: as in `matmul`; the output view covers rows `row0..row0 + m` of `out`.
+    // SAFETY: the addresses belong to live allocations of the sizes the shapes and strides say
+    // (held until the product is enqueued), and the output view covers rows `row0..row0 + m`
+    // of `out`; it is enqueued on the stream that CubeCL runs this thread's kernels on, so it
+    // runs after the kernels that wrote its inputs and before any later kernel, including one
+    // that reuses this memory once the tensors are dropped.
     let done = with_handle(device, stream, |handle| unsafe {
         gemm_batched(
             handle,

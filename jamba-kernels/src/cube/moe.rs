@@ -501,9 +501,14 @@ where
     BT: BoolElement,
 {
     let [_, n, k] = b.dims();
+    let cols = if transpose { n } else { k };
     let experts: Vec<usize> = (0..offsets.len() - 1)
         .filter(|&e| offsets[e + 1] > offsets[e])
         .collect();
+    if experts.is_empty() {
+        return Tensor::zeros([1, cols], (&a.device(), a.dtype()));
+    }
+    let rows = |e: usize| a.clone().narrow(0, offsets[e], offsets[e + 1] - offsets[e]);
     let total = offsets[offsets.len() - 1];
     let weight = |e: usize| {
         let w = b.clone().narrow(0, e, 1).reshape([n, k]);
@@ -515,36 +520,22 @@ where
     // Through cuBLAS each expert's product writes its rows of one output (no copies); a
     // product it declines sends the whole call to the path below.
     let min_rows = crate::cublas_min_rows();
-    if !experts.is_empty()
-        && experts
-            .iter()
-            .all(|&e| offsets[e + 1] - offsets[e] >= min_rows)
+    if experts
+        .iter()
+        .all(|&e| offsets[e + 1] - offsets[e] >= min_rows)
     {
-        let cols = if transpose { n } else { k };
         let out = Tensor::<Cube<R, F, I, BT>, 2>::empty([total, cols], (&a.device(), a.dtype()));
         let in_place = experts.iter().all(|&e| {
-            let rows = a.clone().narrow(0, offsets[e], offsets[e + 1] - offsets[e]);
-            super::matmul::routine_matmul_into_rows(&rows, &weight(e), &out, offsets[e])
+            super::matmul::routine_matmul_into_rows(&rows(e), &weight(e), &out, offsets[e])
         });
         if in_place {
             return out;
         }
     }
-    let parts: Vec<_> = (0..offsets.len() - 1)
-        .filter(|&e| offsets[e + 1] > offsets[e])
-        .map(|e| {
-            let rows = a.clone().narrow(0, offsets[e], offsets[e + 1] - offsets[e]);
-            let w = b.clone().narrow(0, e, 1).reshape([n, k]);
-            match transpose {
-                true => super::matmul::matmul(rows, w.transpose()),
-                false => super::matmul::matmul(rows, w),
-            }
-        })
+    let parts = experts
+        .iter()
+        .map(|&e| super::matmul::matmul(rows(e), weight(e)))
         .collect();
-    if parts.is_empty() {
-        let cols = if transpose { n } else { k };
-        return Tensor::zeros([1, cols], (&a.device(), a.dtype()));
-    }
     Tensor::cat(parts, 0)
 }
 
