@@ -11,7 +11,7 @@ use std::time::Instant;
 use burn::backend::Autodiff;
 use burn::tensor::{DType, Distribution, Tensor};
 use clap::{Parser, ValueEnum};
-use jamba::generate::decode_step;
+use jamba::generate::{decode_step, decode_step_separate};
 use jamba::{JambaBackend, JambaConfig, JambaForCausalLM, TokenBatch};
 use jamba_kernels::SelectiveScanInput;
 
@@ -76,6 +76,10 @@ struct Args {
     /// time goes, by thread and function (needs the `host-profile` feature).
     #[arg(long, default_value_t = 0)]
     host_profile: usize,
+    /// Also time decode steps operation by operation (`decode_step_separate`: no composite
+    /// operation per layer), alternating step by step with the usual ones, and print their row.
+    #[arg(long)]
+    separate_decode_ops: bool,
     /// Make the weights of at most this many bytes under CubeCL's persistent allocation mode
     /// instead of the model's default (`jamba::weights::PERSISTENT_MAX_BYTES`); 0 makes them all
     /// in the pools of short-lived buffers (one device only: ignored with several `--devices`).
@@ -260,8 +264,9 @@ where
         } else {
             0
         };
-        let mut cache = model
-            .new_cache_with_capacity(batch, args.prompt + args.warmup + args.steps + profiled + 1);
+        let rounds = if args.separate_decode_ops { 2 } else { 1 };
+        let capacity = args.prompt + (args.warmup + args.steps) * rounds + profiled + 1;
+        let mut cache = model.new_cache_with_capacity(batch, capacity);
         let t = Instant::now();
         let logits = model
             .prefill(&tokens(batch, args.prompt), &mut cache, args.chunk, false)
@@ -269,23 +274,42 @@ where
         let _ = logits.into_data();
         let prefill = t.elapsed();
         let next: Vec<u32> = (0..batch as u32).map(|b| 5 + b).collect();
-        let (mut times, mut issue) = (Vec::new(), Vec::new());
+        // Per mode (0: one composite operation per layer, 1: operation by operation), the
+        // times of whole steps and of issuing them; with both, the modes alternate step by step.
+        let mut times = [Vec::new(), Vec::new()];
+        let mut issue = [Vec::new(), Vec::new()];
         for step in 0..args.warmup + args.steps {
-            sync();
-            let t = Instant::now();
-            let logits = decode_step(&model, &mut cache, &next).unwrap();
-            // Until here the host only issued the step's work (the device runs behind it).
-            let issued = t.elapsed().as_secs_f64();
-            // Reading the logits back is part of a real step (sampling happens on the host).
-            let _ = logits.into_data();
-            if step >= args.warmup {
-                times.push(t.elapsed().as_secs_f64());
-                issue.push(issued);
+            for mode in 0..rounds {
+                sync();
+                let t = Instant::now();
+                let logits = match mode {
+                    0 => decode_step(&model, &mut cache, &next),
+                    _ => decode_step_separate(&model, &mut cache, &next),
+                }
+                .unwrap();
+                // Until here the host only issued the step's work (the device runs behind it).
+                let issued = t.elapsed().as_secs_f64();
+                // Reading the logits back is part of a real step (sampling happens on the host).
+                let _ = logits.into_data();
+                if step >= args.warmup {
+                    times[mode].push(t.elapsed().as_secs_f64());
+                    issue[mode].push(issued);
+                }
             }
         }
-        if times.is_empty() {
+        if times[0].is_empty() {
             continue;
         }
+        if args.separate_decode_ops {
+            let ms = median(times[1].clone()) * 1e3;
+            println!(
+                "| decode, batch {batch}, operation by operation (alternating with the next row's steps) | {ms:.2} ms/step ({:.1} tok/s) | host issues a step in {:.2} ms |",
+                batch as f64 * 1e3 / ms,
+                median(issue[1].clone()) * 1e3
+            );
+        }
+        let [times, _] = times;
+        let [issue, _] = issue;
         let ms = median(times) * 1e3;
         if profiled > 0 {
             host_profile::run(profiled, || {

@@ -16,6 +16,8 @@
 # PREFILL_UNFUSED=1 gives the block model's prefill rows without fusion too.
 # PERSIST=1 compares decoding and memory with the small weights made under the persistent
 # allocation mode (the default), none (bench --persistent-max-bytes 0) and all.
+# COMPOSITE=1 times decoding with one composite operation per layer against operation by
+# operation (bench --separate-decode-ops), COMPOSITE_REPS processes per backend.
 # HOST_PROFILE=1 samples the host during decoding steps at batch 1 (bench --host-profile; needs a
 # build with --features host-profile and an unstripped bench).
 # SCAN=0, SCAN_KERNELS=0, SCAN_BLOCKS=0, ATTENTION=0, TRAIN=0, MOE=0, MATMUL=0, UNFUSED_DECODE=0, LAUNCH=0,
@@ -247,6 +249,16 @@ smi=$!
     --batches 1,8,32 --steps 16 --warmup 4 --prefill 4096,16384,8x2048 --chunk 16384
 kill $smi
 echo "peak GPU memory (nvidia-smi, MiB): $(sort -n /tmp/mem-pooled.log | tail -1)"
+done
+fi
+if [ "${COMPOSITE:-0}" = 1 ]; then
+echo "== block model, bf16, decode with one composite operation per layer and operation by operation (bench --separate-decode-ops: the two alternate step by step)"
+for rep in $(seq ${COMPOSITE_REPS:-3}); do
+  for be in cuda cuda-unfused; do
+    echo "-- $be $rep"
+    "$bin/bench" --config benches/configs/block.json --backend $be --dtype bf16 --prompt 512 \
+        --batches 1,8,32 --steps 16 --warmup 4 --separate-decode-ops 2>&1 | grep -E "^\| decode|panicked|rror" | cut -d'|' -f2,3,4
+  done
 done
 fi
 if [ "${UNFUSED_DECODE:-1}" = 1 ]; then

@@ -6,7 +6,7 @@ mod common;
 use burn::backend::NdArray;
 use burn::tensor::{backend::Backend, DType, TensorData};
 use common::*;
-use jamba::generate::{decode_step, GenerationConfig, SamplingConfig};
+use jamba::generate::{decode_step, decode_step_separate, GenerationConfig, SamplingConfig};
 use jamba::layer::LayerState;
 use jamba::{HybridCache, JambaBackend, JambaForCausalLM, TokenBatch};
 
@@ -286,4 +286,65 @@ fn cached_greedy_decoding_matches_transformers_on_wgpu() {
     for case in CASES {
         check_greedy_generation::<burn::backend::Wgpu>(case, &Default::default(), 1e-3);
     }
+}
+
+/// Decoding with one composite operation per layer (`jamba::step`) computes what the layers'
+/// operations compute one by one: at batch 3, over KV buffers that grow at the first step, with
+/// and without the Mamba projections' biases (tiny-b, tiny-a), on ndarray (whose MoE layers
+/// step operation by operation), on wgpu fused and on the CubeCL backend without fusion. The
+/// kernels and their order are the same either way, so f32 results agree to rounding (1e-5).
+fn check_composite_decoding<Bk: JambaBackend>(device: &Bk::Device, backend: &str) {
+    for case in ["tiny-a", "tiny-b"] {
+        let model = load::<Bk>(case, device);
+        let (batch, len) = (3, 5);
+        let ids: Vec<i64> = (0..batch * len)
+            .map(|i| (i as i64 * 37 + 5) % 256)
+            .collect();
+        let prompt = TokenBatch::new(ids, batch, len, None).unwrap();
+        let mut one = model.new_cache_with_capacity(batch, len);
+        model.prefill(&prompt, &mut one, len, false).unwrap();
+        let mut separate = one.clone();
+        let mut next = vec![3u32, 77, 250];
+        for step in 0..4 {
+            let got = to_f32_vec(decode_step(&model, &mut one, &next).unwrap());
+            let want = to_f32_vec(decode_step_separate(&model, &mut separate, &next).unwrap());
+            assert_close(
+                &format!("{backend} {case} step {step} logits"),
+                &got,
+                &TensorData::new(want.clone(), [want.len()]),
+                1e-5,
+            );
+            let vocab = model.config().vocab_size;
+            next = want
+                .chunks(vocab)
+                .map(|row| {
+                    let best = row.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1));
+                    best.unwrap().0 as u32
+                })
+                .collect();
+        }
+        assert_eq!(one.seq_len, separate.seq_len);
+        let (got, want) = (cache_values(&one), cache_values(&separate));
+        assert_eq!(got.len(), want.len());
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_close(
+                &format!("{backend} {case} cache tensor {i}"),
+                g,
+                &TensorData::new(w.clone(), [w.len()]),
+                1e-5,
+            );
+        }
+    }
+}
+
+#[test]
+fn composite_decoding_equals_separate_operations() {
+    check_composite_decoding::<B>(&Default::default(), "ndarray");
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn composite_decoding_equals_separate_operations_on_wgpu() {
+    check_composite_decoding::<burn::backend::Wgpu>(&Default::default(), "wgpu");
+    check_composite_decoding::<jamba_kernels::WgpuUnfused>(&Default::default(), "wgpu-unfused");
 }

@@ -16,9 +16,9 @@ use burn_fusion::{
 use burn_ir::{CustomOpIr, HandleContainer, OperationIr, TensorIr};
 
 use crate::{
-    CausalConv1dGrads, CausalConv1dInput, CausalConv1dUpdate, JambaBackend, MambaInProjStep,
-    MambaStep, MoeGrads, MoeInput, SelectiveScanGrads, SelectiveScanInput, SelectiveScanOutput,
-    SelectiveStateUpdate,
+    Args, CausalConv1dGrads, CausalConv1dInput, CausalConv1dUpdate, Composite, JambaBackend,
+    MambaInProjStep, MambaStep, MoeGrads, MoeInput, SelectiveScanGrads, SelectiveScanInput,
+    SelectiveScanOutput, SelectiveStateUpdate,
 };
 
 /// A tensor of the inner backend as a custom operation passes it: float or int (by the dtype of
@@ -1011,6 +1011,31 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
         );
         let mut outs = outs.into_iter();
         (fwrap(outs.next().unwrap()), fwrap(outs.next().unwrap()))
+    }
+
+    fn composite<C: Composite>(op: C, inputs: Args<Self>) -> Args<Self> {
+        let inputs = inputs.into_primitives();
+        if inputs.is_empty() {
+            // Nothing to order it after in the stream: run its operations one by one.
+            return crate::composite::run_here::<Self, C>(op, Args::from_primitives(inputs));
+        }
+        let outputs = op.outputs();
+        let specs = outputs.clone();
+        let outs = register::<B>(
+            C::NAME,
+            inputs,
+            outputs,
+            Arc::new(move |prims| {
+                let args = Args::<B>::from_primitives(prims.into_iter().map(|p| match p {
+                    Prim::Float(t) => t,
+                    Prim::Int(_) => unreachable!("a composite's inputs are float tensors"),
+                }));
+                let out = op.run::<B>(args);
+                out.check(C::NAME, &specs);
+                out.into_primitives().into_iter().map(Prim::Float).collect()
+            }),
+        );
+        Args::from_primitives(outs)
     }
 }
 

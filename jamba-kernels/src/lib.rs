@@ -4,8 +4,11 @@
 //! Every backend gets the tensor-op implementations in [`reference`] (which are also the test
 //! oracle). The CubeCL backends (CUDA, wgpu) override them with the kernels of [`cube`] (feature
 //! `cube`, enabled by `wgpu` and `cuda`), `Fusion<B>` registers those as custom operations, and
-//! `Autodiff<B>` differentiates the scan and the conv with their backward kernels.
+//! `Autodiff<B>` differentiates the scan and the conv with their backward kernels. A
+//! [`Composite`] groups several of these operations (a decoding step of a whole layer) into
+//! one, which a fused backend registers once.
 
+pub mod composite;
 pub mod reference;
 
 #[cfg(feature = "autodiff")]
@@ -16,6 +19,8 @@ pub mod cube;
 mod fusion;
 
 use burn::tensor::{backend::Backend, DType, Int, Tensor};
+
+pub use composite::{Args, Composite};
 
 /// `t` in `dtype`; no operation where it already is (a fused backend would record one).
 pub(crate) fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
@@ -458,6 +463,15 @@ pub trait JambaBackend: Backend {
     /// One decoding position of the conv: returns `y` `[batch, channels]` and the new state.
     fn causal_conv1d_update(input: CausalConv1dUpdate<Self>) -> (Tensor<Self, 2>, Tensor<Self, 3>) {
         reference::causal_conv1d_update(input)
+    }
+
+    /// Runs `op` on `inputs` as one operation (see [`composite`]): a fused backend registers
+    /// one operation for all of `op`'s, the others run them in turn.
+    ///
+    /// # Panics
+    /// When `op` returns other shapes or dtypes than its [`Composite::outputs`].
+    fn composite<C: Composite>(op: C, inputs: Args<Self>) -> Args<Self> {
+        composite::run_here::<Self, C>(op, inputs)
     }
 }
 

@@ -78,11 +78,11 @@ impl<B: Backend> KvCache<B> {
         (self.keys.clone(), self.values.clone())
     }
 
-    /// Appends `[batch, kv_heads, n, head_dim]` keys and values, growing by whole blocks if needed.
-    pub fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) {
-        let [batch, heads, n, hd] = k.dims();
+    /// Grows the buffers by whole blocks if `n` more positions do not fit.
+    pub fn reserve(&mut self, n: usize) {
         let needed = self.len + n;
         if needed > self.capacity() {
+            let [batch, heads, _, hd] = self.keys.dims();
             let extra = (needed - self.capacity()).div_ceil(KV_BLOCK) * KV_BLOCK;
             let grow = |t: Tensor<B, 4>| {
                 let pad = Tensor::zeros([batch, heads, extra, hd], (&t.device(), t.dtype()));
@@ -91,6 +91,35 @@ impl<B: Backend> KvCache<B> {
             self.keys = grow(self.keys.clone());
             self.values = grow(self.values.clone());
         }
+    }
+
+    /// Takes the key and value buffers out (an empty stand-in holds their place), so that an
+    /// operation that appends to them holds their only references and writes in place. Give
+    /// them back with [`KvCache::restore_buffers`].
+    pub(crate) fn take_buffers(&mut self) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        (
+            std::mem::replace(&mut self.keys, self.stand_in.clone()),
+            std::mem::replace(&mut self.values, self.stand_in.clone()),
+        )
+    }
+
+    /// Puts buffers taken by [`KvCache::take_buffers`] back, with `added` more positions filled.
+    pub(crate) fn restore_buffers(
+        &mut self,
+        keys: Tensor<B, 4>,
+        values: Tensor<B, 4>,
+        added: usize,
+    ) {
+        self.keys = keys;
+        self.values = values;
+        self.len += added;
+    }
+
+    /// Appends `[batch, kv_heads, n, head_dim]` keys and values, growing by whole blocks if needed.
+    pub fn append(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) {
+        let [batch, heads, n, hd] = k.dims();
+        let needed = self.len + n;
+        self.reserve(n);
         let range = [0..batch, 0..heads, self.len..needed, 0..hd];
         // Moving the buffers out leaves them uniquely owned (unless a fork shares them), so Burn
         // writes in place instead of copying the whole cache.

@@ -398,11 +398,31 @@ pub fn decode_step<B: JambaBackend>(
     cache: &mut HybridCache<B>,
     tokens: &[u32],
 ) -> Result<Tensor<B, 2>> {
+    step(model, cache, tokens, false)
+}
+
+/// [`decode_step`] operation by operation ([`ForwardOptions::separate_decode_ops`]): the same
+/// logits, for comparison.
+pub fn decode_step_separate<B: JambaBackend>(
+    model: &JambaForCausalLM<B>,
+    cache: &mut HybridCache<B>,
+    tokens: &[u32],
+) -> Result<Tensor<B, 2>> {
+    step(model, cache, tokens, true)
+}
+
+fn step<B: JambaBackend>(
+    model: &JambaForCausalLM<B>,
+    cache: &mut HybridCache<B>,
+    tokens: &[u32],
+    separate_decode_ops: bool,
+) -> Result<Tensor<B, 2>> {
     let ids = tokens.iter().map(|&t| t as i64).collect();
     let batch = TokenBatch::new(ids, tokens.len(), 1, None)?;
     let options = ForwardOptions {
         last_logits_only: true,
         isolate_padding: true,
+        separate_decode_ops,
         ..Default::default()
     };
     let logits = model.forward_with(&batch, Some(cache), &options)?.logits;

@@ -48,6 +48,9 @@ pub struct LayerMasks<B: Backend> {
     pub padding: Option<Tensor<B, 2>>,
     /// Keep padded positions from reaching real ones at all (see [`JambaMambaMixer::forward`]).
     pub isolate_padding: bool,
+    /// Run a decoding position through each layer operation by operation, not as one
+    /// composite operation ([`crate::step`]): the same result.
+    pub separate_decode_ops: bool,
 }
 
 impl<B: Backend> LayerMasks<B> {
@@ -57,6 +60,7 @@ impl<B: Backend> LayerMasks<B> {
             attention: self.attention.to_device(device),
             padding: self.padding.map(|m| crate::parallel::transfer(m, device)),
             isolate_padding: self.isolate_padding,
+            separate_decode_ops: self.separate_decode_ops,
         }
     }
 }
@@ -107,29 +111,42 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
         masks: &LayerMasks<B>,
         state: Option<&mut LayerState<B>>,
     ) -> (Tensor<B, 3>, Option<Tensor<B, 2>>) {
-        let (x, ff, router_logits) = self.forward_deferred(x, None, masks, state);
-        (x + ff.cast(DType::F32), router_logits)
+        let [batch, len, hidden] = x.dims();
+        let x = x.reshape([batch * len, hidden]);
+        let (x, ff, router_logits) = self.forward_rows(x, None, [batch, len], masks, state);
+        let x = x + ff.cast(DType::F32);
+        (x.reshape([batch, len, hidden]), router_logits)
     }
 
-    /// [`Self::forward`] with the last residual add left to the caller: `pending` is the
-    /// previous layer's feed-forward output, still to be added to `x`, and the returned triple
-    /// is the residual stream without this layer's feed-forward output, that output, and the
-    /// router logits. Each add then goes with the RMSNorm that follows it
-    /// ([`JambaBackend::add_rms_norm`]: one kernel where the backend has it).
-    pub fn forward_deferred(
+    /// [`Self::forward`] on the residual stream's rows `x` `[batch * len, hidden]` (f32), with
+    /// the last residual add left to the caller: `pending` is the previous layer's feed-forward
+    /// output, still to be added to `x`, and the returned triple is the stream without this
+    /// layer's feed-forward output, that output, and the router logits. Each add then goes with
+    /// the RMSNorm that follows it ([`JambaBackend::add_rms_norm`]: one kernel where the backend
+    /// has it), and the stream keeps one rank from layer to layer (a fused backend registers
+    /// every reshape).
+    ///
+    /// One decoding position without padding runs as one operation ([`crate::step`]).
+    pub fn forward_rows(
         &self,
-        x: Tensor<B, 3>,
-        pending: Option<Tensor<B, 3>>,
+        x: Tensor<B, 2>,
+        pending: Option<Tensor<B, 2>>,
+        [batch, len]: [usize; 2],
         masks: &LayerMasks<B>,
         state: Option<&mut LayerState<B>>,
-    ) -> (Tensor<B, 3>, Tensor<B, 3>, Option<Tensor<B, 2>>) {
-        let (x, h) = match pending {
-            Some(ff) => add_norm(x, ff, &self.input_layernorm),
-            None => {
-                let h = self.input_layernorm.forward(x.clone());
-                (x, h)
-            }
+    ) -> (Tensor<B, 2>, Tensor<B, 2>, Option<Tensor<B, 2>>) {
+        let one_step = len == 1
+            && !masks.separate_decode_ops
+            && masks.padding.is_none()
+            && matches!(masks.attention, AttentionMask::None)
+            && self.steps_as_one();
+        let state = match state {
+            Some(state) if one_step => return crate::step::decode_step(self, x, pending, state),
+            state => state,
         };
+        let hidden = x.dims()[1];
+        let (x, h) = add_norm(x, pending, &self.input_layernorm);
+        let h = h.reshape([batch, len, hidden]);
         let h = match (&self.mixer, state) {
             (Mixer::Attention(attn), Some(LayerState::Attention(kv))) => {
                 attn.forward(h, &masks.attention, Some(kv))
@@ -145,11 +162,12 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
                 "a layer's state always matches its mixer (the cache is built from the model)"
             ),
         };
-        let (x, h) = add_norm(x, h, &self.pre_ff_layernorm);
+        let h = h.reshape([batch * len, hidden]);
+        let (x, h) = add_norm(x, Some(h), &self.pre_ff_layernorm);
         let (h, router_logits) = match &self.feed_forward {
             FeedForward::Mlp(mlp) => (mlp.forward(h), None),
             FeedForward::Moe(moe) => {
-                let (out, logits) = moe.forward(h);
+                let (out, logits) = moe.forward_rows(h);
                 (out, Some(logits))
             }
         };
@@ -172,21 +190,18 @@ impl<B: JambaBackend> JambaDecoderLayer<B> {
     }
 }
 
-/// `x + h` (the f32 residual stream) and `norm` of that sum, in one pass where the backend can.
+/// `x + h` (the f32 residual stream, rows `[n, hidden]`) and `norm` of that sum, in one pass
+/// where the backend can; without `h`, `x` and its norm.
 pub(crate) fn add_norm<B: JambaBackend>(
-    x: Tensor<B, 3>,
-    h: Tensor<B, 3>,
+    x: Tensor<B, 2>,
+    h: Option<Tensor<B, 2>>,
     norm: &RmsNorm<B>,
-) -> (Tensor<B, 3>, Tensor<B, 3>) {
-    let [batch, len, hidden] = x.dims();
-    let (x, h) = B::add_rms_norm(
-        x.reshape([batch * len, hidden]),
-        h.reshape([batch * len, hidden]),
-        norm.weight.val(),
-        norm.eps,
-    );
-    (
-        x.reshape([batch, len, hidden]),
-        h.reshape([batch, len, hidden]),
-    )
+) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    match h {
+        Some(h) => B::add_rms_norm(x, h, norm.weight.val(), norm.eps),
+        None => {
+            let h = norm.forward(x.clone());
+            (x, h)
+        }
+    }
 }

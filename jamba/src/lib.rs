@@ -28,6 +28,7 @@ pub mod model;
 pub mod moe;
 pub mod nn;
 pub mod parallel;
+pub mod step;
 pub mod tokenizer;
 pub mod train;
 pub mod weights;

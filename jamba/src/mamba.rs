@@ -244,10 +244,7 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
     ) -> Tensor<B, 3> {
         let [batch, _, width] = hidden.dims();
         let di = self.d_inner;
-        let constants = state
-            .constants
-            .get_or_insert_with(|| self.ssm_constants())
-            .clone();
+        let constants = self.step_constants(state);
         // Take the states out so that the kernels hold their only reference.
         let stand_in = constants.stand_in.clone();
         let placeholder = || stand_in.clone();
@@ -310,6 +307,14 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
         });
         state.ssm = ssm_state;
         self.out_proj.forward(y).unsqueeze_dim(1)
+    }
+
+    /// The decoding constants of `state`, derived from the weights at its first step.
+    pub(crate) fn step_constants(&self, state: &mut MambaState<B>) -> MambaConstants<B> {
+        state
+            .constants
+            .get_or_insert_with(|| self.ssm_constants())
+            .clone()
     }
 
     /// The scan's `A = -exp(A_log)`, `D` and dt bias, f32.

@@ -429,10 +429,8 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
             // One token (decoding at batch 1): its embedding row as a view of the table, with no
             // upload of the id and no gather.
             let embed = self.model.embed_tokens.val();
-            let hidden = embed.dims()[1];
             let row = embed.narrow(0, tokens.ids[0] as usize, 1);
-            let x = row.reshape([1, 1, hidden]);
-            return Ok(self.forward_embedded(x, None, cache, options));
+            return Ok(self.forward_embedded(row, [1, 1], None, cache, options));
         }
         let ids = Tensor::<B, 2, Int>::from_data(
             TensorData::new(tokens.ids.clone(), [tokens.batch, tokens.len]),
@@ -547,19 +545,22 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
                 burn::tensor::module::embedding(embed.detach(), input_ids),
             );
         }
-        self.forward_embedded(x, attention_mask, cache, options)
+        let [batch, len, hidden] = x.dims();
+        let x = x.reshape([batch * len, hidden]);
+        self.forward_embedded(x, [batch, len], attention_mask, cache, options)
     }
 
-    /// The layers, the final norm and the LM head on the token embeddings `x` `[batch, len,
+    /// The layers, the final norm and the LM head on the token embeddings `x` `[batch * len,
     /// hidden]` (the embedding table's dtype).
     fn forward_embedded(
         &self,
-        x: Tensor<B, 3>,
+        x: Tensor<B, 2>,
+        [batch, len]: [usize; 2],
         attention_mask: Option<Tensor<B, 2, Int>>,
         mut cache: Option<&mut HybridCache<B>>,
         options: &ForwardOptions,
     ) -> JambaOutput<B> {
-        let [batch, len, _] = x.dims();
+        let hidden = x.dims()[1];
         let device = x.device();
         let dtype = self.dtype();
         let past = cache.as_ref().map_or(0, |c| c.seq_len);
@@ -584,6 +585,7 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
             attention: attention_mask_for(len, past, key_pad.clone(), batch, &device),
             padding: attention_mask.map(|m| m.float().cast(dtype)),
             isolate_padding: options.isolate_padding,
+            separate_decode_ops: options.separate_decode_ops,
         };
 
         let mut x = x.cast(DType::F32);
@@ -594,8 +596,8 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
         let mut here = device.clone();
         // Each layer's feed-forward output is added to the stream by the next norm
         // (`add_rms_norm`), except where the stream itself is needed first.
-        let mut pending: Option<Tensor<B, 3>> = None;
-        let settle = |x: Tensor<B, 3>, pending: &mut Option<Tensor<B, 3>>| match pending.take() {
+        let mut pending: Option<Tensor<B, 2>> = None;
+        let settle = |x: Tensor<B, 2>, pending: &mut Option<Tensor<B, 2>>| match pending.take() {
             Some(ff) => x + ff.cast(DType::F32),
             None => x,
         };
@@ -608,28 +610,34 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
             }
             if options.output_hidden_states {
                 x = settle(x, &mut pending);
-                hidden_states.push(x.clone());
+                hidden_states.push(x.clone().reshape([batch, len, hidden]));
             }
             let state = cache.as_mut().map(|c| &mut c.layers[i]);
-            let (out, ff, logits) = layer.forward_deferred(x, pending.take(), &masks, state);
+            let (out, ff, logits) =
+                layer.forward_rows(x, pending.take(), [batch, len], &masks, state);
             x = out;
             pending = Some(ff);
             router_logits.extend(logits);
         }
+        let mut rows = len;
         if options.last_logits_only && len > 1 {
-            x = x.narrow(1, len - 1, 1);
-            pending = pending.map(|ff| ff.narrow(1, len - 1, 1));
+            // The last position of each sequence.
+            fn last<B: Backend>(t: Tensor<B, 2>, [batch, len, hidden]: [usize; 3]) -> Tensor<B, 2> {
+                t.reshape([batch, len, hidden])
+                    .narrow(1, len - 1, 1)
+                    .reshape([batch, hidden])
+            }
+            x = last(x, [batch, len, hidden]);
+            pending = pending.map(|ff| last(ff, [batch, len, hidden]));
+            rows = 1;
         }
         let norm_device = self.model.final_layernorm.weight.val().device();
         if norm_device != here {
             x = transfer(settle(x, &mut pending), &norm_device);
         }
-        let x = match pending {
-            Some(ff) => crate::layer::add_norm(x, ff, &self.model.final_layernorm).1,
-            None => self.model.final_layernorm.forward(x),
-        };
+        let (_, x) = crate::layer::add_norm(x, pending, &self.model.final_layernorm);
         if options.output_hidden_states {
-            hidden_states.push(x.clone());
+            hidden_states.push(x.clone().reshape([batch, rows, hidden]));
         }
         let logits = match &self.lm_head {
             Some(head) => head.forward(transfer(x, &head.weight.val().device())),
@@ -637,13 +645,11 @@ impl<B: JambaBackend> JambaForCausalLM<B> {
             // `JambaBackend::linear` as an untied head (a decoding row reads it once).
             None => {
                 let embed = self.model.embed_tokens.val();
-                let [batch, len, hidden] = x.dims();
-                let x = transfer(x, &embed.device()).reshape([batch * len, hidden]);
-                let logits = <B as JambaBackend>::linear(x, embed, None);
-                let vocab = logits.dims()[1];
-                logits.reshape([batch, len, vocab])
+                <B as JambaBackend>::linear(transfer(x, &embed.device()), embed, None)
             }
         };
+        let vocab = logits.dims()[1];
+        let logits = logits.reshape([batch, rows, vocab]);
         if let Some(c) = cache {
             c.seq_len += len;
             c.padding = key_pad;
@@ -669,6 +675,10 @@ pub struct ForwardOptions {
     /// Keep padded positions from influencing real ones at all; see
     /// [`crate::mamba::JambaMambaMixer::forward`]. Off, the pass is exactly transformers'.
     pub isolate_padding: bool,
+    /// Decode (one new position per sequence, with a cache and no padding) operation by
+    /// operation instead of one composite operation per layer ([`crate::step`]). The result is
+    /// the same; a fused backend (`Cuda`, `Wgpu`) registers about twenty times more operations.
+    pub separate_decode_ops: bool,
 }
 
 impl<B: Backend> HybridCache<B> {

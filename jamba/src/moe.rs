@@ -211,8 +211,13 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
     /// The output is on the router's device; experts on other devices get the tokens there.
     pub fn forward(&self, x: Tensor<B, 3>) -> (Tensor<B, 3>, Tensor<B, 2>) {
         let [batch, len, hidden] = x.dims();
-        let tokens = batch * len;
-        let x = x.reshape([tokens, hidden]);
+        let (out, logits) = self.forward_rows(x.reshape([batch * len, hidden]));
+        (out.reshape([batch, len, hidden]), logits)
+    }
+
+    /// [`Self::forward`] on the tokens' rows `x` `[tokens, hidden]`.
+    pub fn forward_rows(&self, x: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let [tokens, hidden] = x.dims();
         let device = x.device();
         // Routing in f32: a near-tie between experts must not flip with the logits' rounding.
         // The weights `[tokens, k]` stay f32 here: the experts round them to the activations'
@@ -241,11 +246,7 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
                     first: group.first,
                 }));
             }
-            return (
-                out.expect("a layer has experts")
-                    .reshape([batch, len, hidden]),
-                router_logits,
-            );
+            return (out.expect("a layer has experts"), router_logits);
         }
 
         // Group (token, slot) pairs by expert on the host: routing is data-dependent.
@@ -292,7 +293,7 @@ impl<B: JambaBackend> JambaSparseMoeBlock<B> {
             add(part);
         }
         let out = out.unwrap_or_else(|| Tensor::zeros([tokens, hidden], (&device, x.dtype())));
-        (out.reshape([batch, len, hidden]), router_logits)
+        (out, router_logits)
     }
 
     pub(crate) fn export(&self, prefix: &str, out: &mut Export<B>) {
