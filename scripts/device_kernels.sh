@@ -18,6 +18,8 @@
 # allocation mode (the default), none (bench --persistent-max-bytes 0) and all.
 # COMPOSITE=1 times decoding with one composite operation per layer against operation by
 # operation (bench --separate-decode-ops), COMPOSITE_REPS processes per backend.
+# STAGING=1 compares decoding with and without the pinned staging ring of vendor/cubecl-cuda
+# (CUBECL_CUDA_STAGING_RING=0), STAGING_REPS rounds.
 # HOST_PROFILE=1 samples the host during decoding steps at batch 1 (bench --host-profile; needs a
 # build with --features host-profile and an unstripped bench).
 # SCAN=0, SCAN_KERNELS=0, SCAN_BLOCKS=0, ATTENTION=0, TRAIN=0, MOE=0, MATMUL=0, UNFUSED_DECODE=0, LAUNCH=0,
@@ -258,6 +260,17 @@ for rep in $(seq ${COMPOSITE_REPS:-3}); do
     echo "-- $be $rep"
     "$bin/bench" --config benches/configs/block.json --backend $be --dtype bf16 --prompt 512 \
         --batches 1,8,32 --steps 16 --warmup 4 --separate-decode-ops 2>&1 | grep -E "^\| decode|panicked|rror" | cut -d'|' -f2,3,4
+  done
+done
+fi
+if [ "${STAGING:-0}" = 1 ]; then
+echo "== block model, bf16, decode with the launches' metadata staged in the pinned ring (vendor/cubecl-cuda, the default) and through the pinned pool (CUBECL_CUDA_STAGING_RING=0), alternating processes"
+for rep in $(seq ${STAGING_REPS:-2}); do
+  for be in cuda cuda-unfused; do
+    for ring in 1 0; do
+      echo "-- $be ring=$ring $rep: $(CUBECL_CUDA_STAGING_RING=$ring "$bin/bench" --config benches/configs/block.json --backend $be --dtype bf16 --prompt 512 \
+          --batches 1,8,32 --steps 16 --warmup 4 2>&1 | grep -E "^\| decode|panicked|rror" | cut -d'|' -f2,3 | tr '\n' ' ')"
+    done
   done
 done
 fi

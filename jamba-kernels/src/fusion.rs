@@ -1021,6 +1021,7 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
         }
         let outputs = op.outputs();
         let specs = outputs.clone();
+        let client = inputs[0].client.clone();
         let outs = register::<B>(
             C::NAME,
             inputs,
@@ -1035,6 +1036,10 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
                 out.into_primitives().into_iter().map(Prim::Float).collect()
             }),
         );
+        // Hand the operation to the fusion thread now: its queue is otherwise passed on by
+        // blocks of 32 operations or at the next read, and a decoding step registers about ten
+        // (the thread would start on the first layer only when the step's logits are read).
+        client.flush_queue();
         Args::from_primitives(outs)
     }
 }

@@ -400,6 +400,38 @@ impl<'a> Command<'a> {
     /// * `Ok(Handle)` - A handle to the newly allocated and populated GPU memory.
     /// * `Err(IoError)` - If the allocation or data copy fails.
     pub fn create_with_data(&mut self, data: &[u8]) -> Result<Handle, IoError> {
+        // jamba patch: small uploads (a launch's metadata) are staged in the stream's ring of
+        // pinned memory instead of a slice of the pinned pool (see `staging_ring`).
+        if data.len() <= super::staging_ring::MAX_STAGED && super::staging_ring::enabled() {
+            let handle = self.empty(data.len() as u64)?;
+            let resource = self.resource(handle.clone().binding())?;
+            let stream = self.streams.current();
+            let sys = stream.sys;
+            let ring = stream
+                .staging_ring
+                .get_or_insert_with(|| super::staging_ring::StagingRing::new(sys));
+            if let Some(ring) = ring {
+                let src = ring.stage(data);
+                // SAFETY: `resource.ptr` is a device allocation of at least `data.len()` bytes,
+                // `src` holds `data.len()` bytes of pinned memory that stay untouched until this
+                // copy has run (the ring's invariant), and `sys` is the current stream.
+                let result = unsafe {
+                    cudarc::driver::sys::cuMemcpyHtoDAsync_v2(
+                        resource.ptr,
+                        src as *const c_void,
+                        data.len(),
+                        sys,
+                    )
+                };
+                if result != cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+                    return Err(IoError::Unknown {
+                        description: format!("cuMemcpyHtoDAsync_v2 failed: {result:?}"),
+                        backtrace: BackTrace::capture(),
+                    });
+                }
+                return Ok(handle);
+            }
+        }
         let mut staging =
             self.reserve_pinned(data.len(), None)
                 .ok_or_else(|| IoError::Unknown {

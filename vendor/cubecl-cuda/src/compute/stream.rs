@@ -26,6 +26,9 @@ pub struct Stream {
     pub memory_management_cpu: MemoryManagement<PinnedMemoryStorage>,
     pub errors: Vec<ServerError>,
     pub drop_queue: drop_queue::PendingDropQueue<Fence>,
+    /// jamba patch: the pinned ring the launches' metadata is staged in (allocated at the first
+    /// upload; `Some(None)` where the driver refused it).
+    pub staging_ring: Option<Option<super::staging_ring::StagingRing>>,
 }
 
 impl drop_queue::Fence for Fence {
@@ -79,6 +82,7 @@ impl EventStreamBackend for CudaStreamBackend {
             memory_management_cpu,
             errors: Vec::new(),
             drop_queue: Default::default(),
+            staging_ring: None,
         }
     }
 
