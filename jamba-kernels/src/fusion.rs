@@ -1037,7 +1037,7 @@ impl<B: FusionBackend + JambaBackend> JambaBackend for Fusion<B> {
             }),
         );
         // Hand the operation to the fusion thread now: its queue is otherwise passed on by
-        // blocks of 32 operations or at the next read, and a decoding step registers about ten
+        // blocks of 32 operations or at the next read, and a decoding step registers about 14
         // (the thread would start on the first layer only when the step's logits are read).
         client.flush_queue();
         Args::from_primitives(outs)
