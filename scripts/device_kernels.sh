@@ -19,7 +19,8 @@
 # COMPOSITE=1 times decoding with one composite operation per layer against operation by
 # operation (bench --separate-decode-ops), COMPOSITE_REPS processes per backend.
 # STAGING=1 compares decoding with and without the pinned staging ring of vendor/cubecl-cuda
-# (CUBECL_CUDA_STAGING_RING=0), STAGING_REPS rounds.
+# (CUBECL_CUDA_STAGING_RING=0), STAGING_REPS rounds; RING_STRESS=1 runs the checks with a ring of
+# 1 KiB, which changes halves every few launches.
 # HOST_PROFILE=1 samples the host during decoding steps at batch 1 (bench --host-profile; needs a
 # build with --features host-profile and an unstripped bench).
 # SCAN=0, SCAN_KERNELS=0, SCAN_BLOCKS=0, ATTENTION=0, TRAIN=0, MOE=0, MATMUL=0, UNFUSED_DECODE=0, LAUNCH=0,
@@ -83,6 +84,15 @@ echo "== kernel checks, CUDA without fusion"
 JAMBA_FLASH_MIN_SCORES=0 "$bin/bench" --backend cuda-unfused --check-kernels --no-model 2>&1 | tee /tmp/check-cuda-unfused.txt | grep -v " ok$"
 echo "== kernel checks, CUDA with fusion"
 JAMBA_FLASH_MIN_SCORES=0 "$bin/bench" --backend cuda --check-kernels --no-model 2>&1 | tee /tmp/check-cuda.txt | grep -v " ok$"
+fi
+if [ "${RING_STRESS:-0}" = 1 ]; then
+echo "== with a staging ring of 1 KiB (CUBECL_CUDA_STAGING_RING_BYTES=1024: it changes halves every few launches): kernel checks, the fixtures' greedy decoding, a decode row"
+for be in cuda-unfused cuda; do
+  CUBECL_CUDA_STAGING_RING_BYTES=1024 JAMBA_FLASH_MIN_SCORES=0 "$bin/bench" --backend $be --check-kernels --no-model 2>&1 | grep -v " ok$"
+done
+[ -x "$bin/jamba" ] && CUBECL_CUDA_STAGING_RING_BYTES=1024 bash scripts/device_generate_check.sh "$bin/jamba" /tmp/g-ring
+CUBECL_CUDA_STAGING_RING_BYTES=1024 "$bin/bench" --config benches/configs/block.json --backend cuda --dtype bf16 --prompt 512 \
+    --batches 1,8 --steps 16 --warmup 4 2>&1 | grep -E "^\| decode|panicked|rror"
 fi
 if [ "${SCAN:-1}" = 1 ]; then
 echo "== selective scan, bf16, mamba-ssm's layout"

@@ -15,7 +15,7 @@ use crate::layer::{FeedForward, JambaDecoderLayer, LayerState, Mixer};
 struct LayerStep {
     batch: usize,
     hidden: usize,
-    /// The activations' dtype (the norm weights').
+    /// The feed-forward output's dtype (the pre-feed-forward norm weight's).
     dtype: DType,
     /// The previous layer's feed-forward output is still to be added to the stream.
     pending: bool,
@@ -197,7 +197,7 @@ impl Composite for LayerStep {
                 (ff, Some(logits))
             }
         };
-        debug_assert!(a.is_empty(), "a layer step left inputs unread");
+        assert!(a.is_empty(), "a layer step left inputs unread");
         // The stream and the feed-forward output first (see `outputs`).
         let mut result = Args::new();
         result.push(x);
@@ -333,7 +333,7 @@ pub(crate) fn decode_step<B: JambaBackend>(
     let step = LayerStep {
         batch,
         hidden,
-        dtype: layer.input_layernorm.weight.val().dtype(),
+        dtype: layer.pre_ff_layernorm.weight.val().dtype(),
         pending: step_pending,
         input_eps: layer.input_layernorm.eps,
         pre_ff_eps: layer.pre_ff_layernorm.eps,

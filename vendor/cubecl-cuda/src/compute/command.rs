@@ -402,7 +402,7 @@ impl<'a> Command<'a> {
     pub fn create_with_data(&mut self, data: &[u8]) -> Result<Handle, IoError> {
         // jamba patch: small uploads (a launch's metadata) are staged in the stream's ring of
         // pinned memory instead of a slice of the pinned pool (see `staging_ring`).
-        if data.len() <= super::staging_ring::MAX_STAGED && super::staging_ring::enabled() {
+        if super::staging_ring::stages(data.len()) {
             let handle = self.empty(data.len() as u64)?;
             let resource = self.resource(handle.clone().binding())?;
             let stream = self.streams.current();

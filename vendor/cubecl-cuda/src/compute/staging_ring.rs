@@ -7,20 +7,21 @@
 //! free slice ran over every slice held and cost the device thread a quarter of its time.
 //!
 //! Here the bytes are copied into a fixed region of pinned memory, used as a ring, from which
-//! the asynchronous copy to the device reads. The ring has two halves. Moving from one half to
-//! the other records an event on the stream for the half left, and first waits for the event
-//! recorded when the half entered was last left: the copies staged there have then run (they
-//! are ordered on the same stream before that event). A half holds thousands of launches'
-//! metadata, so that wait has long completed in practice.
+//! the asynchronous copy to the device reads. The ring has two halves, and an upload never
+//! straddles them. Leaving a half records an event on the stream for it; entering a half first
+//! waits for the event recorded when it was last left, after which the copies staged there have
+//! run (they are ordered on the same stream before that event). A half holds thousands of
+//! launches' metadata, so that wait has long completed in practice.
 
 use super::sync::Fence;
 use cudarc::driver::sys::{CUresult, CUstream_st};
 use std::ffi::c_void;
 
-/// Bytes of the ring (two halves).
+/// Bytes of the ring (two halves), unless `CUBECL_CUDA_STAGING_RING_BYTES` says otherwise (a
+/// small ring wraps often: for tests).
 const RING_BYTES: usize = 4 << 20;
-/// Uploads larger than this go through the pinned-memory pool as before.
-pub const MAX_STAGED: usize = 64 << 10;
+/// Uploads larger than this (or than half the ring) go through the pinned-memory pool as before.
+const MAX_STAGED: usize = 64 << 10;
 /// Alignment of each staged upload.
 const ALIGN: usize = 16;
 
@@ -30,13 +31,47 @@ pub fn enabled() -> bool {
     *ENABLED.get_or_init(|| std::env::var("CUBECL_CUDA_STAGING_RING").map_or(true, |v| v != "0"))
 }
 
+/// The ring's size in bytes: a multiple of `2 * ALIGN`, at least 1 KiB.
+fn ring_bytes() -> usize {
+    static BYTES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *BYTES.get_or_init(|| {
+        std::env::var("CUBECL_CUDA_STAGING_RING_BYTES")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .map_or(RING_BYTES, |b| b.max(1 << 10).next_multiple_of(2 * ALIGN))
+    })
+}
+
+/// Whether an upload of `len` bytes is staged in the ring.
+pub fn stages(len: usize) -> bool {
+    len <= MAX_STAGED.min(ring_bytes() / 2) && enabled()
+}
+
+/// Where the next upload of `len` bytes goes (`len` at most half of `ring` and a multiple of
+/// `ALIGN`): with the current half `half` and its next free byte `offset`, the half to write in
+/// and the offset of the upload. The half changes exactly when the upload does not fit before
+/// the current half's end.
+fn place(ring: usize, half: usize, offset: usize, len: usize) -> (usize, usize) {
+    let half_bytes = ring / 2;
+    if offset + len <= (half + 1) * half_bytes {
+        (half, offset)
+    } else {
+        let next = 1 - half;
+        (next, next * half_bytes)
+    }
+}
+
 pub struct StagingRing {
     base: *mut u8,
+    bytes: usize,
     /// The stream whose copies read the ring.
     stream: *mut CUstream_st,
-    /// Next free byte.
+    /// The half written in (0 or 1).
+    half: usize,
+    /// Next free byte, within `half`.
     offset: usize,
-    /// Recorded when the half was last left; waited for before it is written again.
+    /// Recorded when the half was last left; taken (waited for) when it is entered again, so the
+    /// current half's entry is always `None`.
     left: [Option<Fence>; 2],
 }
 
@@ -47,6 +82,8 @@ unsafe impl Send for StagingRing {}
 impl core::fmt::Debug for StagingRing {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         f.debug_struct("StagingRing")
+            .field("bytes", &self.bytes)
+            .field("half", &self.half)
             .field("offset", &self.offset)
             .finish()
     }
@@ -56,56 +93,93 @@ impl StagingRing {
     /// Allocates the ring's pinned memory for the copies of `stream`; `None` where the driver
     /// refuses it.
     pub fn new(stream: *mut CUstream_st) -> Option<Self> {
+        let bytes = ring_bytes();
         let mut ptr: *mut c_void = std::ptr::null_mut();
-        // SAFETY: FFI call that writes a pointer to `RING_BYTES` of page-locked host memory.
-        let result = unsafe { cudarc::driver::sys::cuMemAllocHost_v2(&mut ptr, RING_BYTES) };
+        // SAFETY: FFI call that writes a pointer to `bytes` of page-locked host memory.
+        let result = unsafe { cudarc::driver::sys::cuMemAllocHost_v2(&mut ptr, bytes) };
         if result != CUresult::CUDA_SUCCESS || ptr.is_null() {
             return None;
         }
         Some(Self {
             base: ptr.cast(),
+            bytes,
             stream,
+            half: 0,
             offset: 0,
             left: [None, None],
         })
     }
 
-    /// Copies `data` (at most [`MAX_STAGED`] bytes) into the ring and returns where it lies; it
+    /// Copies `data` (for which [`stages`] holds) into the ring and returns where it lies; it
     /// stays there until a copy enqueued on the ring's stream after this call has run.
     pub fn stage(&mut self, data: &[u8]) -> *const u8 {
-        let stream = self.stream;
-        debug_assert!(data.len() <= MAX_STAGED);
-        let half = RING_BYTES / 2;
         let len = data.len().next_multiple_of(ALIGN).max(ALIGN);
-        let current = self.offset / half;
-        if self.offset + len > (current + 1) * half {
-            self.left[current] = Some(Fence::new(stream));
-            let next = 1 - current;
-            if let Some(fence) = self.left[next].take() {
-                // The copies staged in that half before it was left have run once it is reached.
+        assert!(len <= self.bytes / 2, "a staged upload fits in half the ring");
+        let (half, offset) = place(self.bytes, self.half, self.offset, len);
+        if half != self.half {
+            self.left[self.half] = Some(Fence::new(self.stream));
+            if let Some(fence) = self.left[half].take() {
+                // The copies staged in that half before it was left have run once this returns.
+                // It fails only after a sticky error of the context, which fails every later
+                // copy too.
                 let _ = fence.wait_sync();
             }
-            self.offset = next * half;
+            self.half = half;
         }
-        // SAFETY: `offset + len <= RING_BYTES` (a half is larger than `MAX_STAGED`), and no
-        // copy still reads this part of the ring (see the module docs).
-        let dst = unsafe { self.base.add(self.offset) };
+        // SAFETY: `offset + len` is within the current half (`place`), so within the
+        // allocation, and no copy still reads that part of the ring (see the module docs).
+        let dst = unsafe { self.base.add(offset) };
         unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), dst, data.len()) };
-        self.offset += len;
+        self.offset = offset + len;
         dst
     }
 }
 
 impl Drop for StagingRing {
     fn drop(&mut self) {
-        // Every copy enqueued so far has run once this is reached.
-        let _ = Fence::new(self.stream).wait_sync();
+        // SAFETY: the stream is valid while its ring lives; once it is synchronised, no copy
+        // reads the ring, which `cuMemAllocHost_v2` allocated in `new`. Errors are ignored: a
+        // destructor cannot report them.
+        unsafe {
+            let _ = cudarc::driver::sys::cuStreamSynchronize(self.stream);
+        }
         for fence in self.left.iter_mut().filter_map(Option::take) {
             let _ = fence.wait_sync();
         }
-        // SAFETY: allocated by `cuMemAllocHost_v2` in `new`, and no copy reads it any more.
         unsafe {
             cudarc::driver::sys::cuMemFreeHost(self.base.cast());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every upload lies within one half, inside the ring, after the previous one of its half;
+    /// the half changes exactly when the upload would cross its end, including uploads that end
+    /// exactly on a half's or the ring's last byte.
+    #[test]
+    fn uploads_stay_in_one_half() {
+        let ring = 1 << 10;
+        let half_bytes = ring / 2;
+        for sizes in [vec![64], vec![16, 48, 208, 512], vec![512], vec![32, 496]] {
+            let (mut half, mut offset) = (0, 0);
+            let mut switches = 0;
+            for i in 0..10_000 {
+                let len = sizes[i % sizes.len()];
+                let (h, at) = place(ring, half, offset, len);
+                assert!(at >= h * half_bytes && at + len <= (h + 1) * half_bytes);
+                if h == half {
+                    assert_eq!(at, offset);
+                } else {
+                    assert!(offset + len > (half + 1) * half_bytes, "switched too early");
+                    assert_eq!(at, h * half_bytes);
+                    switches += 1;
+                }
+                (half, offset) = (h, at + len);
+            }
+            assert!(switches > 10);
         }
     }
 }
