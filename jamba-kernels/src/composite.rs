@@ -97,12 +97,15 @@ impl<B: Backend> Args<B> {
         self.tensors.is_empty()
     }
 
+    // Used by `Fusion<B>`'s composite (feature `cube`).
+    #[cfg_attr(not(feature = "cube"), allow(dead_code))]
     pub(crate) fn from_primitives(tensors: impl IntoIterator<Item = FloatTensor<B>>) -> Self {
         Self {
             tensors: tensors.into_iter().collect(),
         }
     }
 
+    #[cfg_attr(not(feature = "cube"), allow(dead_code))]
     pub(crate) fn into_primitives(self) -> Vec<FloatTensor<B>> {
         self.tensors.into()
     }

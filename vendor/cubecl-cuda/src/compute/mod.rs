@@ -2,6 +2,7 @@ pub(crate) mod command;
 pub(crate) mod communication;
 pub(crate) mod context;
 pub(crate) mod io;
+pub(crate) mod ring_place;
 pub(crate) mod staging_ring;
 pub(crate) mod storage;
 pub(crate) mod stream;
