@@ -123,11 +123,12 @@ impl<B: Backend> KvCache<B> {
         let range = [0..batch, 0..heads, self.len..needed, 0..hd];
         // Moving the buffers out leaves them uniquely owned (unless a fork shares them), so Burn
         // writes in place instead of copying the whole cache.
-        let keys = std::mem::replace(&mut self.keys, self.stand_in.clone());
-        self.keys = keys.slice_assign(range.clone(), k);
-        let values = std::mem::replace(&mut self.values, self.stand_in.clone());
-        self.values = values.slice_assign(range, v);
-        self.len = needed;
+        let (keys, values) = self.take_buffers();
+        self.restore_buffers(
+            keys.slice_assign(range.clone(), k),
+            values.slice_assign(range, v),
+            n,
+        );
     }
 }
 

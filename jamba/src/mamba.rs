@@ -285,14 +285,9 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
             }
         };
 
-        // The norms, dt_proj and the state update: one kernel where the backend has it.
-        let ssm_params = self.x_proj.forward(x.clone()); // [batch, r + 2n]
         let ssm_state = std::mem::replace(&mut state.ssm, placeholder());
-        let (y, ssm_state) = B::mamba_step(MambaStep {
-            state: ssm_state,
-            x,
-            z: Some(z),
-            params: ssm_params,
+        let weights = SsmStepWeights {
+            x_proj: self.x_proj.weight.val(),
             norms: [
                 self.dt_layernorm.weight.val(),
                 self.b_layernorm.weight.val(),
@@ -303,10 +298,12 @@ impl<B: JambaBackend> JambaMambaMixer<B> {
             a: constants.a,
             d: constants.d,
             delta_bias: constants.delta_bias,
-            delta_softplus: true,
-        });
+            out_proj: self.out_proj.weight.val(),
+            out_bias: self.out_proj.bias.as_ref().map(|b| b.val()),
+        };
+        let (out, ssm_state) = ssm_step(x, z, ssm_state, weights);
         state.ssm = ssm_state;
-        self.out_proj.forward(y).unsqueeze_dim(1)
+        out.unsqueeze_dim(1)
     }
 
     /// The decoding constants of `state`, derived from the weights at its first step.
@@ -394,6 +391,51 @@ fn last_inputs<B: Backend>(
     Tensor::cat(
         vec![previous.narrow(2, len, keep - len), x.cast(DType::F32)],
         2,
+    )
+}
+
+/// What [`ssm_step`] reads: `x_proj` (no bias in Jamba), the dt, B and C norms, `dt_proj`, the
+/// decoding constants (see [`MambaConstants`]) and `out_proj`.
+pub(crate) struct SsmStepWeights<B: Backend> {
+    pub x_proj: Tensor<B, 2>,
+    pub norms: [Tensor<B, 1>; 3],
+    pub eps: f64,
+    pub dt_proj: Tensor<B, 2>,
+    pub a: Tensor<B, 2>,
+    pub d: Tensor<B, 1>,
+    pub delta_bias: Option<Tensor<B, 1>>,
+    pub out_proj: Tensor<B, 2>,
+    pub out_bias: Option<Tensor<B, 1>>,
+}
+
+/// One decoding position from the conv's output `x` and the gate `z` (`[batch, d_inner]`):
+/// `x_proj`, then the norms, `dt_proj` and the state update (one kernel where the backend has
+/// it, [`JambaBackend::mamba_step`]), then `out_proj`. Returns the mixer's output `[batch,
+/// hidden]` and the new SSM state (`state` is consumed: updated in place where it can be).
+/// The operation-by-operation step and the layer's composite step ([`crate::step`]) share it.
+pub(crate) fn ssm_step<B: JambaBackend>(
+    x: Tensor<B, 2>,
+    z: Tensor<B, 2>,
+    state: Tensor<B, 3>,
+    w: SsmStepWeights<B>,
+) -> (Tensor<B, 2>, Tensor<B, 3>) {
+    let params = <B as JambaBackend>::linear(x.clone(), w.x_proj, None); // [batch, r + 2n]
+    let (y, state) = B::mamba_step(MambaStep {
+        state,
+        x,
+        z: Some(z),
+        params,
+        norms: w.norms,
+        eps: w.eps,
+        dt_proj: w.dt_proj,
+        a: w.a,
+        d: w.d,
+        delta_bias: w.delta_bias,
+        delta_softplus: true,
+    });
+    (
+        <B as JambaBackend>::linear(y, w.out_proj, w.out_bias),
+        state,
     )
 }
 

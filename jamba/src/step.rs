@@ -7,9 +7,10 @@
 //! kernels are the same), which is what decoding at batch 1 is bound by there.
 
 use burn::tensor::{backend::Backend, DType, Tensor};
-use jamba_kernels::{Args, Composite, JambaBackend, MambaInProjStep, MambaStep, MoeInput};
+use jamba_kernels::{Args, Composite, JambaBackend, MambaInProjStep, MoeInput};
 
 use crate::layer::{FeedForward, JambaDecoderLayer, LayerState, Mixer};
+use crate::mamba::{ssm_step, SsmStepWeights};
 
 /// What a layer's step computes, beyond its tensors.
 struct LayerStep {
@@ -120,6 +121,7 @@ impl Composite for LayerStep {
                 let conv_state = a.take();
                 let conv_weight = a.take();
                 let conv_bias = a.take_opt(*conv_bias);
+                let ssm_state = a.take();
                 let (xc, z, conv_state) = B::mamba_in_proj_step(MambaInProjStep {
                     x: h,
                     weight,
@@ -128,29 +130,18 @@ impl Composite for LayerStep {
                     conv_weight,
                     conv_bias,
                 });
-                let params = <B as JambaBackend>::linear(xc.clone(), a.take(), None);
-                let norms = [a.take(), a.take(), a.take()];
-                let dt_proj = a.take();
-                let a_mat = a.take();
-                let d = a.take();
-                let delta_bias = a.take_opt(*delta_bias);
-                let state = a.take();
-                let (y, ssm_state) = B::mamba_step(MambaStep {
-                    state,
-                    x: xc,
-                    z: Some(z),
-                    params,
-                    norms,
+                let weights = SsmStepWeights {
+                    x_proj: a.take(),
+                    norms: [a.take(), a.take(), a.take()],
                     eps: *eps,
-                    dt_proj,
-                    a: a_mat,
-                    d,
-                    delta_bias,
-                    delta_softplus: true,
-                });
-                let out_weight = a.take();
-                let out_bias = a.take_opt(*out_bias);
-                let h = <B as JambaBackend>::linear(y, out_weight, out_bias);
+                    dt_proj: a.take(),
+                    a: a.take(),
+                    d: a.take(),
+                    delta_bias: a.take_opt(*delta_bias),
+                    out_proj: a.take(),
+                    out_bias: a.take_opt(*out_bias),
+                };
+                let (h, ssm_state) = ssm_step(xc, z, ssm_state, weights);
                 (h, MixerState::Mamba(conv_state, ssm_state))
             }
             MixerStep::Attention {
@@ -274,6 +265,7 @@ pub(crate) fn decode_step<B: JambaBackend>(
             a.push(conv_state);
             a.push(c.conv_weight);
             a.push_opt(c.conv_bias);
+            a.push(ssm_state);
             a.push(m.x_proj.weight.val());
             a.push(m.dt_layernorm.weight.val());
             a.push(m.b_layernorm.weight.val());
@@ -282,7 +274,6 @@ pub(crate) fn decode_step<B: JambaBackend>(
             a.push(c.a);
             a.push(c.d);
             a.push_opt(c.delta_bias);
-            a.push(ssm_state);
             a.push(m.out_proj.weight.val());
             a.push_opt(out_bias);
             step
